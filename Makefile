@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Each creates (or reuses) the local virtual environment and installs what it needs.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch's CPU build; the tests run real gloo all-to-all collectives with it.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.epwatch-installed
+
+.PHONY: demo test lint protos venv system-deps bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e '.[test,torch]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian's prometheus (promtool + server) and alertmanager for the integration tests.
+# Installed when absent and we are root; otherwise those tests skip and say how.
+system-deps:
+	@deploy/install-system-deps.sh
+
+demo: $(STAMP)
+	$(VENV)/bin/epwatch demo
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+protos: $(STAMP)
+	$(PY) -m protos.generate
+
+bench: $(STAMP)
+	$(PY) bench/simulate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

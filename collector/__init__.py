@@ -1,0 +1,1 @@
+"""The per-EP-group collector: ingest, sliding windows, estimators, /metrics."""

@@ -1,0 +1,54 @@
+"""The ``epwatch`` command: one subcommand per job, each in its own module.
+
+Subcommand modules are imported only when chosen, so ``epwatch agent`` never pays for
+(or needs) the collector's pandas, and ``epwatch model`` starts instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "model": ("epwatch.cmd_model", "Wide-EP cost model: payload, bytes/s, t_comm, regime."),
+    "fit": ("epwatch.cmd_fit", "Robust Hockney fit t = L + V/BW_eff of a bytes,seconds CSV."),
+    "simulate": ("simulator.cli", "Run a simulated EP cluster scenario through the estimators."),
+    "collector": ("collector.cli", "Run the collector: gRPC ingest, estimators, /metrics."),
+    "agent": ("agent.cli", "Run the node agent: hook records and node samples to the collector."),
+    "demo": ("epwatch.demo", "A simulated EP cluster through the real agent and collector."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="epwatch",
+        description="Find the straggler in a Wide Expert-Parallel MoE cluster and say why.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser.parse_args(argv)  # prints usage or the unknown-command error and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f"epwatch {name}", description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Codec between :mod:`epwatch.schema` columns and the protobuf wire messages.
+
+Array columns travel as little-endian bytes; decoding is ``np.frombuffer`` (no copy),
+which is what keeps the collector's ingest loop cheap. Needs numpy and protobuf only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from epwatch.schema import (
+    ENTERED_DTYPES,
+    PEER_KEY_DTYPES,
+    PEER_SEND_DTYPE,
+    PEER_WAIT_DTYPE,
+    RECORD_DTYPES,
+    Entered,
+    PeerRows,
+    RecordColumns,
+    RecordError,
+)
+from protos import epwatch_pb2 as pb
+
+
+def _column(raw: bytes, dtype: str, count: int, name: str) -> np.ndarray:
+    itemsize = np.dtype(dtype).itemsize
+    if len(raw) != count * itemsize:
+        raise RecordError(
+            "length_mismatch",
+            f"column {name!r} holds {len(raw) // itemsize if itemsize else 0} values "
+            f"({len(raw)} bytes), batch count is {count}",
+        )
+    return np.frombuffer(raw, dtype=dtype)
+
+
+def encode_records(
+    ep_group: str,
+    world_size: int,
+    records: RecordColumns,
+    peer_rows: PeerRows | None = None,
+    entered: Entered | None = None,
+) -> pb.RecordBatch:
+    """Pack columns into a :class:`RecordBatch` message."""
+    batch = pb.RecordBatch(ep_group=ep_group, world_size=world_size, count=len(records))
+    for name, dtype in RECORD_DTYPES.items():
+        setattr(batch, name, np.ascontiguousarray(getattr(records, name), dtype=dtype).tobytes())
+    if peer_rows is not None and len(peer_rows):
+        rows = batch.peer_rows
+        rows.count = len(peer_rows)
+        for name, dtype in PEER_KEY_DTYPES.items():
+            setattr(rows, name, np.ascontiguousarray(getattr(peer_rows, name), dtype).tobytes())
+        rows.wait_s = np.ascontiguousarray(peer_rows.wait_s, PEER_WAIT_DTYPE).tobytes()
+        rows.send_bytes = np.ascontiguousarray(peer_rows.send_bytes, PEER_SEND_DTYPE).tobytes()
+    if entered is not None and len(entered):
+        hb = batch.entered
+        hb.count = len(entered)
+        for name, dtype in ENTERED_DTYPES.items():
+            setattr(hb, name, np.ascontiguousarray(getattr(entered, name), dtype).tobytes())
+    return batch
+
+
+def decode_records(batch: pb.RecordBatch) -> RecordColumns:
+    """Columns of a batch, zero-copy. Raises :class:`RecordError` on length mismatch."""
+    n = batch.count
+    return RecordColumns(
+        **{
+            name: _column(getattr(batch, name), dtype, n, name)
+            for name, dtype in RECORD_DTYPES.items()
+        }
+    )
+
+
+def _matrix(raw: bytes, dtype: str, rows: int, world_size: int, name: str) -> np.ndarray:
+    if not raw:
+        return np.empty((rows, 0), dtype=dtype)
+    flat = _column(raw, dtype, rows * world_size, name)
+    return flat.reshape(rows, world_size)
+
+
+def decode_peer_rows(batch: pb.RecordBatch) -> PeerRows:
+    rows = batch.peer_rows
+    n, p = rows.count, batch.world_size
+    keys = {name: _column(getattr(rows, name), d, n, name) for name, d in PEER_KEY_DTYPES.items()}
+    return PeerRows(
+        **keys,
+        wait_s=_matrix(rows.wait_s, PEER_WAIT_DTYPE, n, p, "wait_s"),
+        send_bytes=_matrix(rows.send_bytes, PEER_SEND_DTYPE, n, p, "send_bytes"),
+    )
+
+
+def decode_entered(batch: pb.RecordBatch) -> Entered:
+    hb = batch.entered
+    return Entered(
+        **{name: _column(getattr(hb, name), d, hb.count, name) for name, d in ENTERED_DTYPES.items()}
+    )

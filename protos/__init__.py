@@ -1,0 +1,1 @@
+"""Wire schema (protos/epwatch.proto) and its generated Python stubs."""

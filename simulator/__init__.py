@@ -1,0 +1,1 @@
+"""A deterministic, vectorised simulator of a Wide-EP cluster's hook records."""
