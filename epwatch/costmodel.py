@@ -88,7 +88,9 @@ def regime(per_peer_bytes: float, latency_s: float, bandwidth_bps: float) -> str
 def batch_for_bandwidth_bound(w: Workload, latency_s: float, bandwidth_bps: float) -> float:
     """Smallest global batch B whose per-peer message reaches the crossover size."""
     bytes_per_token = w.topk * w.hidden * w.bytes_per_elem * (1.0 + w.epsilon)
-    return crossover_bytes(latency_s, bandwidth_bps) * max(w.ranks - 1, 1) * w.ranks / bytes_per_token
+    return (
+        crossover_bytes(latency_s, bandwidth_bps) * max(w.ranks - 1, 1) * w.ranks / bytes_per_token
+    )
 
 
 def straggler_seconds_per_step(max_compute_s: list[float], mean_compute_s: list[float]) -> float:

@@ -91,5 +91,8 @@ def decode_peer_rows(batch: pb.RecordBatch) -> PeerRows:
 def decode_entered(batch: pb.RecordBatch) -> Entered:
     hb = batch.entered
     return Entered(
-        **{name: _column(getattr(hb, name), d, hb.count, name) for name, d in ENTERED_DTYPES.items()}
+        **{
+            name: _column(getattr(hb, name), d, hb.count, name)
+            for name, d in ENTERED_DTYPES.items()
+        }
     )

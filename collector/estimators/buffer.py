@@ -1,0 +1,76 @@
+"""Dense assembly of one EP group's records, step by step.
+
+Records of one step arrive from many agents in any order. We scatter them into a ring
+of dense ``[slot, layer, phase, rank]`` arrays with one vectorised assignment per
+column (no per-record Python), and hand a step to the estimators once every cell is
+filled. Memory is bounded by the number of slots.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from epwatch.schema import RecordColumns
+
+_FIELDS = ("enter_ns", "exit_ns", "send_bytes", "recv_bytes", "recv_tokens")
+
+
+class StepBuffer:
+    def __init__(self, world_size: int, slots: int) -> None:
+        self.P = world_size
+        self.slots = slots
+        self.layers = 0  # layers seen so far (max layer + 1)
+        self._cap = 0
+        self.slot_step = np.full(slots, -1, dtype=np.int64)
+        self._alloc(8)
+
+    def _alloc(self, cap: int) -> None:
+        old = getattr(self, "cols", None)
+        shape = (self.slots, cap, 2, self.P)
+        cols = {f: np.zeros(shape, dtype=np.int64) for f in _FIELDS}
+        filled = np.zeros(shape, dtype=bool)
+        if old is not None:
+            for f in _FIELDS:
+                cols[f][:, : self._cap] = old[f]
+            filled[:, : self._cap] = self.filled
+        self.cols, self.filled, self._cap = cols, filled, cap
+
+    def bytes_per_step(self, layers: int) -> int:
+        return layers * 2 * self.P * (8 * len(_FIELDS) + 1)
+
+    def pending_steps(self) -> list[int]:
+        return sorted(int(s) for s in self.slot_step if s >= 0)
+
+    def add(self, rec: RecordColumns) -> None:
+        """Scatter records into their steps' slots. Callers make room first: every
+        step in ``rec`` must have a free slot or already own one."""
+        top = int(rec.layer.max()) + 1
+        if top > self._cap:
+            self._alloc(max(top, 2 * self._cap))
+        self.layers = max(self.layers, top)
+        slot = rec.step % self.slots
+        for s in np.unique(rec.step):
+            i = int(s % self.slots)
+            if self.slot_step[i] != s:
+                if self.slot_step[i] >= 0:
+                    raise RuntimeError(f"slot of step {s} still holds step {self.slot_step[i]}")
+                self.slot_step[i] = s
+        flat = ((slot * self._cap + rec.layer) * 2 + rec.phase) * self.P + rec.rank
+        for f in _FIELDS:
+            self.cols[f].reshape(-1)[flat] = getattr(rec, f)
+        self.filled.reshape(-1)[flat] = True
+
+    def complete(self, step: int) -> bool:
+        i = step % self.slots
+        return bool(self.slot_step[i] == step and self.filled[i, : self.layers].all())
+
+    def take(self, step: int) -> dict[str, np.ndarray] | None:
+        """The step's ``[layer, phase, rank]`` arrays if complete (copies), freeing its
+        slot either way."""
+        i = step % self.slots
+        out = None
+        if self.complete(step):
+            out = {f: self.cols[f][i, : self.layers].copy() for f in _FIELDS}
+        self.filled[i] = False
+        self.slot_step[i] = -1
+        return out

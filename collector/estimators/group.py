@@ -1,0 +1,336 @@
+"""One EP group's estimators: assemble steps, compute their statistics, keep the
+sliding windows, fit Hockney per phase and flag stragglers with a cause.
+
+The same object serves the live collector (records arrive from many agents, ``update``
+runs about once a second) and the offline ``simulate`` command (records arrive in
+step order, ``update(final=True)`` at the end).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from collector.estimators.buffer import StepBuffer
+from collector.estimators.config import EstimatorConfig
+from collector.estimators.network import rank_link_slowdown
+from collector.estimators.report import GroupReport, PhaseReport, StragglerReport
+from collector.estimators.stats import StepStats, _quiet_nanmedian, step_stats
+from collector.estimators.tracker import CauseTracker, Flag
+from epwatch import costmodel, hockney
+from epwatch.schema import PHASE_NAMES, Entered, PeerRows, Phase, RecordColumns
+
+EvidenceFn = Callable[[str, str, int], list[str]]
+_LAYER_BITS = 17  # heartbeat key: step << 17 | layer << 1 | phase
+_MAX_EVIDENCE = 4
+
+
+def _entered_key(step: np.ndarray, layer: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    return (step.astype(np.int64) << _LAYER_BITS) | (layer.astype(np.int64) << 1) | phase
+
+
+class GroupEstimator:
+    def __init__(
+        self,
+        ep_group: str,
+        world_size: int,
+        config: EstimatorConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.ep_group = ep_group
+        self.P = world_size
+        self.cfg = cfg = config or EstimatorConfig()
+        self._clock = clock
+        self.buffer = StepBuffer(world_size, cfg.max_slots)
+        self.nodes = np.array([""] * world_size, dtype=object)
+        self.local_device = np.full(world_size, -1, dtype=np.int64)
+        self._known = np.zeros(world_size, dtype=bool)
+        self.finalized_upto = -1
+        self.newest_step = -1
+        self.steps_done = 0
+        self.incomplete_steps = 0
+        self.late_records = 0
+        self.window: deque[StepStats] = deque(maxlen=cfg.window_steps)
+        self._peer: dict[int, list[PeerRows]] = {}
+        self.trackers = {
+            "compute": CauseTracker(
+                "compute",
+                world_size,
+                cfg.compute_threshold,
+                cfg.evidence_steps,
+                cfg.confirm_steps,
+                noise_z=cfg.compute_noise_z,
+            ),
+            "routing": CauseTracker(
+                "routing",
+                world_size,
+                cfg.routing_threshold,
+                cfg.evidence_steps,
+                cfg.confirm_steps,
+            ),
+            "network": CauseTracker(
+                "network",
+                world_size,
+                cfg.network_threshold,
+                cfg.network_evidence_samples,
+                cfg.network_confirm_samples,
+            ),
+        }
+        self._entered = np.full(world_size, -1, dtype=np.int64)
+        self._last_progress = clock()
+        self._stalled_s = 0.0
+        self.hangs: dict[int, Flag] = {}
+        self._closed_hangs: list[Flag] = []
+        self._fits: dict[str, PhaseReport] = {}
+
+    # -- ingest ----------------------------------------------------------------------
+    def set_nodes(self, nodes: Mapping[int, str]) -> None:
+        """Name each rank's node up front (offline runs); live ingest learns it."""
+        for rank, node in nodes.items():
+            self.nodes[rank] = node
+            self._known[rank] = True
+
+    def _slots(self, layers: int) -> int:
+        per_step = self.buffer.bytes_per_step(max(layers, 1))
+        return int(min(self.cfg.max_slots, max(4, self.cfg.buffer_bytes // per_step)))
+
+    def ingest(self, records: RecordColumns, node: str | None = None) -> None:
+        """Accept validated records (any ranks, any steps) of this group."""
+        if not len(records):
+            return
+        late = records.step <= self.finalized_upto
+        if late.any():
+            self.late_records += int(late.sum())
+            records = records.take(~late)
+            if not len(records):
+                return
+        newest = int(records.step.max())
+        # Make room: steps too far behind the newest are finalised (or dropped) now.
+        for step in self.buffer.pending_steps():
+            if newest - step < self.buffer.slots:
+                break
+            self._finalize(step)
+        self.buffer.add(records)
+        self.newest_step = max(self.newest_step, newest)
+        if node is not None or not self._known[records.rank].all():
+            self.nodes[records.rank] = node or ""
+            self.local_device[records.rank] = records.local_device
+            self._known[records.rank] = True
+        self._last_progress = self._clock()
+
+    def ingest_peer_rows(self, rows: PeerRows) -> None:
+        if not len(rows) or not rows.wait_s.size:
+            return
+        for step in np.unique(rows.step):
+            if step > self.finalized_upto:
+                sel = rows.step == step
+                self._peer.setdefault(int(step), []).append(
+                    PeerRows(
+                        rank=rows.rank[sel],
+                        step=rows.step[sel],
+                        layer=rows.layer[sel],
+                        phase=rows.phase[sel],
+                        wait_s=rows.wait_s[sel],
+                        send_bytes=rows.send_bytes[sel]
+                        if rows.send_bytes.size
+                        else rows.send_bytes,
+                    )
+                )
+
+    def ingest_entered(
+        self, entered: Entered, node: str | None = None, now_s: float | None = None
+    ) -> None:
+        """Heartbeats: the last collective each rank entered."""
+        if not len(entered):
+            return
+        key = _entered_key(entered.step, entered.layer, entered.phase)
+        before = self._entered.max()
+        np.maximum.at(self._entered, entered.rank, key)
+        if self._entered.max() > before:
+            self._last_progress = self._clock() if now_s is None else now_s
+
+    # -- finalising steps ----------------------------------------------------------------
+    def _finalize(self, step: int) -> None:
+        arrays = self.buffer.take(step)
+        peers = self._peer.pop(step, [])
+        for stale in [s for s in self._peer if s < step]:
+            del self._peer[stale]
+        self.finalized_upto = max(self.finalized_upto, step)
+        if arrays is None:
+            self.incomplete_steps += 1
+            return
+        stats = step_stats(step, arrays)
+        self.window.append(stats)
+        self.steps_done += 1
+        self.trackers["compute"].push(step, stats.compute_ratio)
+        self.trackers["routing"].push(step, stats.load_ratio)
+        if peers:
+            net = self._network(stats, peers)
+            if net is not None:
+                self.trackers["network"].push(step, net)
+
+    def _network(self, stats: StepStats, peers: list[PeerRows]) -> np.ndarray | None:
+        layer = int(peers[0].layer[0])
+        matrices: dict[int, np.ndarray] = {}
+        durations: dict[int, np.ndarray] = {}
+        for rows in peers:
+            for phase in np.unique(rows.phase):
+                sel = (rows.phase == phase) & (rows.layer == layer)
+                if not sel.any() or layer >= stats.duration_s.shape[0]:
+                    continue
+                m = matrices.setdefault(int(phase), np.full((self.P, self.P), np.nan))
+                m[rows.rank[sel]] = rows.wait_s[sel]
+                durations[int(phase)] = stats.duration_s[layer, int(phase)]
+        if not matrices:
+            return None
+        return rank_link_slowdown(matrices, durations)
+
+    def update(self, now_s: float | None = None, final: bool = False) -> None:
+        """Finalise complete steps in order, refit, and check for a hang."""
+        now = self._clock() if now_s is None else now_s
+        for step in self.buffer.pending_steps():
+            if self.buffer.complete(step) and (step < self.newest_step or final):
+                self._finalize(step)
+            elif final or self.newest_step - step >= max(2, self.buffer.slots // 2):
+                self._finalize(step)  # incomplete and left behind: dropped
+            else:
+                break
+        self._fit()
+        self._check_hang(now, final)
+
+    # -- windows -------------------------------------------------------------------------
+    def _fit(self) -> None:
+        if not self.window:
+            return
+        vol = np.stack(
+            [
+                s.volume_bytes
+                for s in self.window
+                if s.volume_bytes.shape == self.window[-1].volume_bytes.shape
+            ]
+        )
+        xfer = np.stack(
+            [
+                s.transfer_s
+                for s in self.window
+                if s.transfer_s.shape == self.window[-1].transfer_s.shape
+            ]
+        )
+        for phase in (Phase.DISPATCH, Phase.COMBINE):
+            v, t = vol[:, :, phase].ravel(), xfer[:, :, phase].ravel()
+            if len(v) > self.cfg.max_fit_points:  # keep the newest points
+                v, t = v[-self.cfg.max_fit_points :], t[-self.cfg.max_fit_points :]
+            per_peer = costmodel.per_peer_message_bytes(float(np.median(v)), self.P)
+            transfer = float(np.median(t))
+            try:
+                f = hockney.fit(v, t)
+            except hockney.FitError:
+                self._fits[PHASE_NAMES[phase]] = PhaseReport(
+                    per_peer_message_bytes=per_peer, transfer_s=transfer, n=len(v)
+                )
+                continue
+            self._fits[PHASE_NAMES[phase]] = PhaseReport(
+                latency_s=f.latency_s,
+                bandwidth_Bps=f.bandwidth_Bps,
+                r2=f.r2,
+                n=f.n,
+                regime=costmodel.regime(per_peer, max(f.latency_s, 0.0), f.bandwidth_Bps),
+                crossover_bytes=f.crossover_bytes,
+                per_peer_message_bytes=per_peer,
+                transfer_s=transfer,
+            )
+
+    def _check_hang(self, now: float, final: bool) -> None:
+        entered = self._entered
+        self._stalled_s = max(0.0, now - self._last_progress)
+        stalled = final or self._stalled_s >= self.cfg.hang_after_s
+        known = entered >= 0
+        laggards: list[int] = []
+        if stalled and known.all():
+            laggards = [int(r) for r in np.flatnonzero(entered < entered.max())]
+        if not final and self._stalled_s < self.cfg.hang_after_s:
+            self._stalled_s = 0.0 if self._stalled_s < 1.0 else self._stalled_s
+        step_s = float(np.median([s.step_s for s in self.window])) if self.window else math.nan
+        for rank in laggards:
+            flag = self.hangs.get(rank)
+            if flag is None:
+                flag = self.hangs[rank] = Flag(
+                    rank,
+                    "hang",
+                    int(entered[rank] >> _LAYER_BITS),
+                    int(entered[rank] >> _LAYER_BITS),
+                )
+            flag.values.clear()
+            if not final and step_s > 0:
+                flag.values.append(self._stalled_s / step_s)
+        for rank in [r for r in self.hangs if r not in laggards]:
+            flag = self.hangs.pop(rank)
+            flag.active = False
+            self._closed_hangs.append(flag)
+
+    # -- report --------------------------------------------------------------------------
+    def report(
+        self, evidence: EvidenceFn | None = None, include_closed: bool = False
+    ) -> GroupReport:
+        """The diagnosis: window statistics, fits and stragglers (active ones, or every
+        flag raised during the run with ``include_closed``)."""
+        flags: list[Flag] = list(self.hangs.values())
+        if include_closed:
+            flags += self._closed_hangs
+        for tracker in self.trackers.values():
+            flags += tracker.flags(include_closed)
+        stragglers = []
+        for f in sorted(flags, key=lambda f: (f.first_step, f.rank, f.cause)):
+            node, dev = str(self.nodes[f.rank]), int(self.local_device[f.rank])
+            ev = evidence(f.cause, node, dev)[:_MAX_EVIDENCE] if evidence else []
+            stragglers.append(
+                StragglerReport(
+                    rank=f.rank,
+                    node=node,
+                    cause=f.cause,
+                    slowdown=f.slowdown,
+                    first_step=f.first_step,
+                    last_step=f.last_step,
+                    active=f.active,
+                    local_device=dev,
+                    evidence=tuple(ev),
+                )
+            )
+        kw: dict = {}
+        if self.window:
+            w = list(self.window)
+            gamma = np.concatenate([s.gamma for s in w])
+            skew = np.concatenate([s.skew for s in w])
+            kw = dict(
+                gamma_median=float(_quiet_nanmedian(gamma)),
+                gamma_p99=float(np.nanpercentile(gamma, 99))
+                if np.isfinite(gamma).any()
+                else math.nan,
+                skew_median=float(_quiet_nanmedian(skew)),
+                skew_max=float(np.nanmax(skew)) if np.isfinite(skew).any() else math.nan,
+                time_lost_per_step_s=float(np.median([s.lost_s for s in w])),
+                compute_slowdown=tuple(self.trackers["compute"].evidence.tolist()),
+                load_ratio=tuple(self.trackers["routing"].evidence.tolist()),
+                arrival_lag_s=tuple(
+                    _quiet_nanmedian(np.stack([s.arrival_lag_s for s in w]), 0).tolist()
+                ),
+            )
+        return GroupReport(
+            ep_group=self.ep_group,
+            ranks=self.P,
+            steps=self.steps_done,
+            last_step=self.finalized_upto,
+            phases=dict(self._fits),
+            stragglers=tuple(stragglers),
+            stalled_s=self._stalled_s,
+            nodes=tuple(str(n) for n in self.nodes),
+            incomplete_steps=self.incomplete_steps,
+            late_records=self.late_records,
+            **kw,
+        )

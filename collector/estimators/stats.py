@@ -1,0 +1,73 @@
+"""What one complete step says (DESIGN section 4), computed from its dense arrays.
+
+No estimator compares clocks across ranks: every quantity is a difference of two
+times on the same rank (durations, expert compute) or a ratio across ranks of such
+differences.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from epwatch.schema import Phase
+
+D, C = int(Phase.DISPATCH), int(Phase.COMBINE)
+
+
+def _quiet_nanmedian(a: np.ndarray, axis: int | None = None) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(a, axis=axis)
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    step: int
+    gamma: np.ndarray  # [L] max_r x / mean_r x
+    skew: np.ndarray  # [L] max_r n / mean_r n
+    transfer_s: np.ndarray  # [L, 2] t_xfer = min_r d
+    volume_bytes: np.ndarray  # [L, 2] V = max_r max(send, recv)
+    compute_ratio: np.ndarray  # [P] median_l c_r / median_r' (median_l c_r')
+    load_ratio: np.ndarray  # [P] median_l n_r / mean_r n
+    arrival_lag_s: np.ndarray  # [P] median over layers and phases of max d - d_r
+    duration_s: np.ndarray  # [L, 2, P] d = exit - enter (kept for peer attribution)
+    lost_s: float  # sum_l (max_r x - mean_r x)
+    step_s: float  # median over ranks of the step's span on the rank's own clock
+
+
+def step_stats(step: int, a: dict[str, np.ndarray]) -> StepStats:
+    """Estimator inputs of one step from its ``[layer, phase, rank]`` arrays."""
+    enter, exit_ = a["enter_ns"], a["exit_ns"]
+    d = (exit_ - enter) * 1e-9
+    x = (enter[:, C, :] - exit_[:, D, :]) * 1e-9
+    x = np.where(x >= 0, x, np.nan)  # a negative gap is bad data, not fast compute
+    n = a["recv_tokens"][:, D, :].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        x_mean = np.nanmean(x, axis=1)
+        gamma = np.nanmax(x, axis=1) / x_mean
+        n_mean = n.mean(axis=1)
+        skew = n.max(axis=1) / n_mean
+        cost = np.where(n > 0, x / n, np.nan)
+        cost_rank = _quiet_nanmedian(cost, axis=0)
+        compute_ratio = cost_rank / _quiet_nanmedian(cost_rank)
+        load_ratio = np.median(n / n_mean[:, None], axis=0)
+        lost = float(np.nansum(np.nanmax(x, axis=1) - x_mean))
+    lag = d.max(axis=2, keepdims=True) - d
+    span = (exit_[-1, C, :] - enter[0, D, :]) * 1e-9
+    return StepStats(
+        step=step,
+        gamma=gamma,
+        skew=skew,
+        transfer_s=d.min(axis=2),
+        volume_bytes=np.maximum(a["send_bytes"], a["recv_bytes"]).max(axis=2).astype(np.float64),
+        compute_ratio=compute_ratio,
+        load_ratio=load_ratio,
+        arrival_lag_s=np.median(lag.reshape(-1, lag.shape[-1]), axis=0),
+        duration_s=d,
+        lost_s=lost,
+        step_s=float(np.median(span)),
+    )

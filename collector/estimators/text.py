@@ -1,0 +1,52 @@
+"""Readable rendering of a :class:`GroupReport` for terminals."""
+
+from __future__ import annotations
+
+import math
+
+from collector.estimators.report import GroupReport, StragglerReport
+
+_CAUSE_TEXT = {
+    "compute": "per-token expert compute {slowdown:.3f}x the group median (slow GPU)",
+    "routing": "receives {slowdown:.2f}x the mean routed load (hot expert)",
+    "network": "its links are {slowdown:.2f}x slower than the group's (slow NIC or link)",
+    "hang": "never entered the collective the others are waiting in (hang)",
+}
+
+
+def _f(v: float, fmt: str, scale: float = 1.0, unit: str = "") -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v * scale:{fmt}}{unit}"
+
+
+def explain(s: StragglerReport) -> str:
+    """One line saying which rank, since when, how much and why."""
+    slowdown = s.slowdown if math.isfinite(s.slowdown) else 0.0
+    why = _CAUSE_TEXT.get(s.cause, s.cause).format(slowdown=slowdown)
+    state = "" if s.active else f" (cleared after step {s.last_step})"
+    line = f"rank {s.rank} on {s.node or '?'}: {s.cause}, since step {s.first_step}: {why}{state}"
+    return line + "".join(f"\n      evidence: {e}" for e in s.evidence)
+
+
+def format_report(r: GroupReport) -> str:
+    lines = [
+        f"EP group {r.ep_group}: {r.ranks} ranks, {r.steps} steps analysed (last step {r.last_step})",
+        f"  straggler factor gamma  median {_f(r.gamma_median, '.3f')}  p99 {_f(r.gamma_p99, '.3f')}",
+        f"  routing skew            median {_f(r.skew_median, '.3f')}  max {_f(r.skew_max, '.3f')}"
+        f"  balancedness {_f(r.balancedness, '.3f')}",
+        f"  time lost to stragglers {_f(r.time_lost_per_step_s, '.3f', 1e3, ' ms')} per forward pass",
+    ]
+    for name, p in r.phases.items():
+        lines.append(
+            f"  {name:<8} L {_f(p.latency_s, '.1f', 1e6, ' us')}  BW_eff "
+            f"{_f(p.bandwidth_Bps, '.2f', 1e-9, ' GB/s')}  R^2 {_f(p.r2, '.3f')} (n={p.n})  "
+            f"per-peer {_f(p.per_peer_message_bytes, '.1f', 1e-3, ' KB')} vs crossover "
+            f"{_f(p.crossover_bytes, '.1f', 1e-3, ' KB')}: {p.regime}"
+        )
+    if r.stalled_s > 0:
+        lines.append(f"  group stalled for {r.stalled_s:.1f} s")
+    if r.stragglers:
+        lines.append("  stragglers:")
+        lines += [f"    {explain(s)}" for s in r.stragglers]
+    else:
+        lines.append("  stragglers: none")
+    return "\n".join(lines)

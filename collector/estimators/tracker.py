@@ -1,0 +1,97 @@
+"""Turning per-step evidence into straggler flags.
+
+A rank is flagged once its windowed evidence has held for ``confirm`` consecutive
+updates, and unflagged once it has failed for as many; one noisy step neither raises
+nor clears a page. The flag keeps the first step its evidence held and the raw values
+since, whose median is the reported slowdown.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from collector.estimators.stats import _quiet_nanmedian
+
+_KEEP_VALUES = 4096
+
+
+@dataclass
+class Flag:
+    rank: int
+    cause: str
+    first_step: int
+    last_step: int
+    active: bool = True
+    values: deque[float] = field(default_factory=lambda: deque(maxlen=_KEEP_VALUES))
+
+    @property
+    def slowdown(self) -> float:
+        return float(np.median(np.fromiter(self.values, float))) if self.values else float("nan")
+
+
+class CauseTracker:
+    """Flags for one cause over ``P`` ranks from a stream of per-rank values."""
+
+    def __init__(
+        self,
+        cause: str,
+        world_size: int,
+        threshold: float,
+        window: int,
+        confirm: int,
+        noise_z: float = 0.0,
+    ) -> None:
+        self.cause = cause
+        self.threshold = threshold
+        self.noise_z = noise_z
+        self.confirm = confirm
+        self._hist = np.full((window, world_size), np.nan)
+        self._steps = np.full(window, -1, dtype=np.int64)
+        self._n = 0
+        self._above = np.zeros(world_size, dtype=np.int64)
+        self._below = np.zeros(world_size, dtype=np.int64)
+        self._run_start = np.zeros(world_size, dtype=np.int64)
+        self.active: dict[int, Flag] = {}
+        self.closed: list[Flag] = []
+        self.evidence = np.full(world_size, np.nan)
+
+    def effective_threshold(self, evidence: np.ndarray) -> float:
+        """The fixed threshold, or ``noise_z`` robust spreads above 1 when the group's
+        evidence is noisier than the threshold allows for."""
+        if self.noise_z <= 0:
+            return self.threshold
+        finite = evidence[np.isfinite(evidence)]
+        if len(finite) < 3:
+            return self.threshold
+        spread = 1.4826 * np.median(np.abs(finite - np.median(finite)))
+        return max(self.threshold, 1.0 + self.noise_z * spread)
+
+    def push(self, step: int, values: np.ndarray) -> None:
+        i = self._n % len(self._hist)
+        self._hist[i] = values
+        self._steps[i] = step
+        self._n += 1
+        self.evidence = _quiet_nanmedian(self._hist[: min(self._n, len(self._hist))], axis=0)
+        above = self.evidence > self.effective_threshold(self.evidence)
+        starting = above & (self._above == 0)
+        self._run_start[starting] = step
+        self._above = np.where(above, self._above + 1, 0)
+        self._below = np.where(above, 0, self._below + 1)
+        for rank in np.flatnonzero(self._above >= self.confirm):
+            rank = int(rank)
+            if rank not in self.active:
+                self.active[rank] = Flag(rank, self.cause, int(self._run_start[rank]), step)
+        for rank, flag in list(self.active.items()):
+            if np.isfinite(values[rank]):
+                flag.values.append(float(values[rank]))
+            flag.last_step = step
+            if self._below[rank] >= self.confirm:
+                flag.active = False
+                self.closed.append(self.active.pop(rank))
+
+    def flags(self, include_closed: bool) -> list[Flag]:
+        flags = list(self.active.values())
+        return flags + self.closed if include_closed else flags
