@@ -29,11 +29,14 @@ def explain(s: StragglerReport) -> str:
 
 def format_report(r: GroupReport) -> str:
     lines = [
-        f"EP group {r.ep_group}: {r.ranks} ranks, {r.steps} steps analysed (last step {r.last_step})",
-        f"  straggler factor gamma  median {_f(r.gamma_median, '.3f')}  p99 {_f(r.gamma_p99, '.3f')}",
+        f"EP group {r.ep_group}: {r.ranks} ranks, {r.steps} steps analysed "
+        f"(last step {r.last_step})",
+        f"  straggler factor gamma  median {_f(r.gamma_median, '.3f')}  "
+        f"p99 {_f(r.gamma_p99, '.3f')}",
         f"  routing skew            median {_f(r.skew_median, '.3f')}  max {_f(r.skew_max, '.3f')}"
         f"  balancedness {_f(r.balancedness, '.3f')}",
-        f"  time lost to stragglers {_f(r.time_lost_per_step_s, '.3f', 1e3, ' ms')} per forward pass",
+        f"  time lost to stragglers {_f(r.time_lost_per_step_s, '.3f', 1e3, ' ms')} "
+        "per forward pass",
     ]
     for name, p in r.phases.items():
         lines.append(
