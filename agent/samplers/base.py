@@ -1,0 +1,292 @@
+"""The sampler interface, the metric catalogue and the runner.
+
+Modelled on Prometheus node_exporter: every source is one small class with a
+``name`` and a ``collect()``; the runner times each one, turns any exception into a
+``epwatch_sampler_up 0`` with a reason, and never lets one source abort the others.
+Only names from the "Node samples" table of docs/contracts.md may be emitted, so the
+catalogue below is the single place that knows kinds and help strings.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Kind(enum.IntEnum):
+    """Same numbers as ``MetricPoint.Kind`` on the wire."""
+
+    GAUGE = 0
+    COUNTER = 1
+
+
+G, C = Kind.GAUGE, Kind.COUNTER
+
+# name -> (kind, help). Mirrors the "Node samples" table of docs/contracts.md.
+METRICS: dict[str, tuple[Kind, str]] = {
+    "epwatch_sampler_up": (G, "1 if the sampler's last round succeeded, else 0"),
+    "epwatch_sampler_duration_seconds": (G, "Time the sampler's last round took"),
+    "epwatch_gpu_sm_clock_hertz": (G, "SM clock"),
+    "epwatch_gpu_clock_event_active": (G, "1 while that clock-event (throttle) reason is active"),
+    "epwatch_gpu_power_watts": (G, "Power draw"),
+    "epwatch_gpu_energy_joules_total": (C, "Energy since driver load"),
+    "epwatch_gpu_temperature_celsius": (G, "GPU temperature"),
+    "epwatch_gpu_utilization_ratio": (G, "SM utilisation 0..1"),
+    "epwatch_gpu_memory_used_bytes": (G, "Framebuffer used"),
+    "epwatch_gpu_pcie_transmit_bytes_per_second": (G, "PCIe transmit throughput"),
+    "epwatch_gpu_pcie_receive_bytes_per_second": (G, "PCIe receive throughput"),
+    "epwatch_gpu_nvlink_transmit_bytes_total": (C, "NVLink data transmitted"),
+    "epwatch_gpu_nvlink_receive_bytes_total": (C, "NVLink data received"),
+    "epwatch_gpu_nvlink_errors_total": (C, "NVLink CRC/replay/recovery errors"),
+    "epwatch_gpu_pcie_replays_total": (C, "PCIe replay counter"),
+    "epwatch_gpu_ecc_errors_total": (C, "ECC errors"),
+    "epwatch_gpu_remapped_rows": (G, "Row remapping"),
+    "epwatch_gpu_xid_errors_total": (C, "XID events seen"),
+    "epwatch_gpu_lost": (G, "1 when the GPU fell off the bus / is unreachable"),
+    "epwatch_gpu_local_rank": (G, "The local rank mapped to the GPU"),
+    "epwatch_nic_transmit_bytes_total": (C, "Bytes transmitted"),
+    "epwatch_nic_receive_bytes_total": (C, "Bytes received"),
+    "epwatch_nic_transmit_packets_total": (C, "Packets transmitted"),
+    "epwatch_nic_receive_packets_total": (C, "Packets received"),
+    "epwatch_nic_errors_total": (C, "NIC error counters"),
+    "epwatch_nic_transmit_wait_total": (C, "IB port_xmit_wait: ticks with data but no credits"),
+    "epwatch_nic_cnp_sent_total": (C, "RoCE congestion notifications sent (np_cnp_sent)"),
+    "epwatch_nic_cnp_handled_total": (C, "RoCE congestion notifications handled (rp_cnp_handled)"),
+    "epwatch_nic_ecn_marked_packets_total": (C, "RoCE packets received ECN-marked"),
+    "epwatch_nic_retransmissions_total": (C, "Out-of-sequence, sequence errors, retries, timeouts"),
+    "epwatch_nic_link_up": (G, "1 when the IB state is ACTIVE / the Ethernet operstate is up"),
+    "epwatch_nic_physical_state": (G, "IB phys_state code (5 = LinkUp, 2 = Polling, 3 = Disabled)"),
+    "epwatch_nic_link_rate_bytes_per_second": (G, "Link rate"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One sample value; converts to the wire's ``MetricPoint``."""
+
+    name: str
+    labels: Mapping[str, str]
+    value: float
+    kind: Kind = Kind.GAUGE
+    help: str = ""
+
+    def to_proto(self) -> Any:
+        from protos import epwatch_pb2 as pb
+
+        return pb.MetricPoint(
+            name=self.name,
+            labels=dict(self.labels),
+            value=float(self.value),
+            kind=int(self.kind),
+            help=self.help,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "labels": dict(self.labels),
+            "value": self.value,
+            "kind": self.kind.name.lower(),
+        }
+
+
+def metric(name: str, value: float, **labels: str) -> Point:
+    """A point of a catalogued metric; an unknown name is a bug and raises KeyError."""
+    kind, help_text = METRICS[name]
+    return Point(name, {k: str(v) for k, v in labels.items()}, float(value), kind, help_text)
+
+
+class SamplerUnavailable(Exception):
+    """The source cannot be read on this node (no library, no driver): a state, not a bug."""
+
+
+class Sampler(ABC):
+    """One source of node samples.
+
+    ``collect`` returns what it could read; it raises only when nothing useful could be
+    read at all. Per-series problems (one unreadable file) go to ``skipped`` instead.
+    """
+
+    name: str = "sampler"
+
+    def __init__(self) -> None:
+        self.skipped: list[str] = []
+
+    @abstractmethod
+    def collect(self) -> list[Point]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release library handles (NVML, amdsmi); default: nothing to release."""
+
+    def skip(self, what: str, err: BaseException | str) -> None:
+        """Record a series dropped this round (bounded; shown by ``--sample-once``)."""
+        if len(self.skipped) < 64:
+            self.skipped.append(f"{what}: {err}")
+
+
+@dataclass(slots=True)
+class SamplerResult:
+    """Outcome of one sampler in one round."""
+
+    name: str
+    ok: bool
+    duration_s: float
+    error: str = ""
+    points: list[Point] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def to_proto(self) -> Any:
+        from protos import epwatch_pb2 as pb
+
+        return pb.SamplerStatus(
+            name=self.name, ok=self.ok, duration_s=self.duration_s, error=self.error
+        )
+
+
+_logged: set[tuple[str, str]] = set()
+_logged_lock = threading.Lock()
+
+
+def _log_once(sampler: str, message: str, exc: BaseException | None) -> None:
+    """Log a sampler failure the first time we see it; repeats go to debug."""
+    key = (sampler, message)
+    with _logged_lock:
+        first = key not in _logged
+        if first:
+            _logged.add(key)
+    if not first:
+        log.debug("sampler %s: %s", sampler, message)
+    elif isinstance(exc, SamplerUnavailable) or exc is None:
+        log.warning("sampler %s unavailable: %s", sampler, message)
+    else:
+        log.warning("sampler %s failed: %s", sampler, message, exc_info=exc)
+
+
+def run_sampler(sampler: Sampler, clock: Callable[[], float] = time.perf_counter) -> SamplerResult:
+    """Run one sampler, timing it and turning every exception into a failed status."""
+    sampler.skipped = []
+    start = clock()
+    try:
+        points = list(sampler.collect())
+    except Exception as exc:  # one failing source never aborts the others
+        message = str(exc) or type(exc).__name__
+        if not isinstance(exc, SamplerUnavailable):
+            message = f"{type(exc).__name__}: {message}"
+        _log_once(sampler.name, message, exc)
+        return SamplerResult(sampler.name, False, clock() - start, message, [], sampler.skipped)
+    return SamplerResult(sampler.name, True, clock() - start, "", points, list(sampler.skipped))
+
+
+def status_points(result: SamplerResult) -> list[Point]:
+    """``epwatch_sampler_up`` and ``epwatch_sampler_duration_seconds`` for one result."""
+    return [
+        metric("epwatch_sampler_up", 1.0 if result.ok else 0.0, sampler=result.name),
+        metric("epwatch_sampler_duration_seconds", result.duration_s, sampler=result.name),
+    ]
+
+
+class _Inflight:
+    """A sampler still running in a worker thread after its round's deadline."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.result: SamplerResult | None = None
+        self.started = time.monotonic()
+        self.thread = threading.Thread(
+            target=self._run, name=f"epwatch-sampler-{sampler.name}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.result = run_sampler(self.sampler)
+
+
+class RoundRunner:
+    """Runs every sampler each round, in parallel threads with a deadline.
+
+    A sampler that overruns (an NVML call hanging on a GPU that fell off the bus is
+    the classic case) is reported failed for that round and not started again until
+    its previous call returns, so it can neither stall the round nor pile up threads.
+    """
+
+    def __init__(self, samplers: Iterable[Sampler], timeout_s: float) -> None:
+        self.samplers = list(samplers)
+        self.timeout_s = timeout_s
+        self._inflight: dict[str, _Inflight] = {}
+
+    def run(self) -> list[SamplerResult]:
+        started: dict[str, _Inflight] = {}
+        busy: dict[str, float] = {}
+        for sampler in self.samplers:
+            previous = self._inflight.get(sampler.name)
+            if previous is not None and previous.thread.is_alive():
+                busy[sampler.name] = time.monotonic() - previous.started
+                continue
+            self._inflight.pop(sampler.name, None)
+            started[sampler.name] = _Inflight(sampler)
+        deadline = time.monotonic() + self.timeout_s
+        for job in started.values():
+            job.thread.join(max(0.0, deadline - time.monotonic()))
+        results: list[SamplerResult] = []
+        for sampler in self.samplers:
+            job = started.get(sampler.name)
+            if sampler.name in busy:
+                message = f"previous round still running after {busy[sampler.name]:.1f} s"
+                _log_once(sampler.name, "still running from an earlier round", None)
+                results.append(SamplerResult(sampler.name, False, busy[sampler.name], message))
+            elif job is not None and job.result is not None:
+                results.append(job.result)
+            elif job is not None:
+                self._inflight[sampler.name] = job
+                message = f"timed out after {self.timeout_s:g} s"
+                _log_once(sampler.name, message, None)
+                results.append(SamplerResult(sampler.name, False, self.timeout_s, message))
+        return results
+
+
+def collect_round(
+    samplers: Iterable[Sampler], timeout_s: float | None = None
+) -> tuple[list[Point], list[SamplerResult]]:
+    """One round of every sampler: all points (status gauges included) and statuses.
+
+    With ``timeout_s`` the samplers run in parallel threads and an overrunning one is
+    reported failed; the daemon should keep a :class:`RoundRunner` instead so that an
+    overrunning sampler is not started again while still stuck.
+    """
+    samplers = list(samplers)
+    if timeout_s is None:
+        results = [run_sampler(s) for s in samplers]
+    else:
+        results = RoundRunner(samplers, timeout_s).run()
+    points: list[Point] = []
+    for result in results:
+        points.extend(result.points)
+        points.extend(status_points(result))
+    return points, results
+
+
+# --- sysfs helpers -------------------------------------------------------------------
+
+FileReader = Callable[[Path], str]
+
+
+def read_sysfs(path: Path) -> str:
+    """Text of one sysfs attribute, without the trailing newline the kernel adds."""
+    with open(path, "rb") as fh:
+        return fh.read(4096).decode("ascii", "replace").strip()
+
+
+def describe_os_error(exc: OSError) -> str:
+    """Short reason for a failed read (EINVAL from a counter the HCA does not support...)."""
+    name = errno.errorcode.get(exc.errno or 0, "") if exc.errno else ""
+    return f"{name} {exc.strerror}".strip() if exc.strerror else (name or str(exc))

@@ -1,0 +1,239 @@
+"""InfiniBand / RoCE HCA counters from ``/sys/class/infiniband``.
+
+Layout (kernel rdma core)::
+
+    <dev>/ports/<port>/state          "4: ACTIVE"
+    <dev>/ports/<port>/phys_state     "5: LinkUp"
+    <dev>/ports/<port>/rate           "400 Gb/sec (4X NDR)"
+    <dev>/ports/<port>/counters/*     IBA PortCounters(Ext); *_data count 4-byte words
+    <dev>/ports/<port>/hw_counters/*  driver counters (mlx5: CNP, ECN, retransmissions)
+    <dev>/hw_counters/*               the same kind, device-wide, reported as port "0"
+                                      (mlx5 in switchdev mode has only these)
+
+Some files cannot be read on some HCAs (ConnectX-7 answers EINVAL for
+``VL15_dropped``) and some devices have no ``counters`` at all: each unreadable file
+drops only its own series. AWS EFA devices have only ``hw_counters`` (tx_bytes,
+rx_bytes, retrans_pkts...); those fill the same series.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from agent.samplers.base import (
+    FileReader,
+    Point,
+    Sampler,
+    SamplerUnavailable,
+    describe_os_error,
+    metric,
+    read_sysfs,
+)
+
+# counters/ file -> (metric, multiplier)
+_COUNTERS: dict[str, tuple[str, int]] = {
+    "port_xmit_data": ("epwatch_nic_transmit_bytes_total", 4),  # 4-byte words
+    "port_rcv_data": ("epwatch_nic_receive_bytes_total", 4),
+    "port_xmit_packets": ("epwatch_nic_transmit_packets_total", 1),
+    "port_rcv_packets": ("epwatch_nic_receive_packets_total", 1),
+    "port_xmit_wait": ("epwatch_nic_transmit_wait_total", 1),
+}
+# counters/ files that count errors (kind label = lower-cased file name)
+_COUNTER_ERRORS = frozenset(
+    {
+        "symbol_error",
+        "link_downed",
+        "link_error_recovery",
+        "port_rcv_errors",
+        "port_rcv_remote_physical_errors",
+        "port_rcv_switch_relay_errors",
+        "port_xmit_discards",
+        "port_xmit_constraint_errors",
+        "port_rcv_constraint_errors",
+        "local_link_integrity_errors",
+        "excessive_buffer_overrun_errors",
+        "VL15_dropped",
+    }
+)
+# hw_counters/ files
+_HW_SINGLE = {
+    "np_cnp_sent": "epwatch_nic_cnp_sent_total",
+    "rp_cnp_handled": "epwatch_nic_cnp_handled_total",
+    "np_ecn_marked_roce_packets": "epwatch_nic_ecn_marked_packets_total",
+}
+_HW_RETRANSMISSIONS = frozenset(
+    {
+        "out_of_sequence",
+        "packet_seq_err",
+        "duplicate_request",
+        "implied_nak_seq_err",
+        "local_ack_timeout_err",
+        "rnr_nak_retry_err",
+        "roce_adp_retrans",
+        "roce_adp_retrans_to",
+        "roce_slow_restart",
+        "req_rnr_retries_exceeded",
+        "req_transport_retries_exceeded",
+        "retrans_pkts",  # EFA (SRD)
+        "retrans_timeout_events",  # EFA
+        "unresponsive_remote_events",  # EFA
+    }
+)
+# Traffic in hw_counters/ (EFA has no counters/ directory); used only when counters/
+# did not already give the same series, so nothing is counted twice.
+_HW_TRAFFIC = {
+    "tx_bytes": "epwatch_nic_transmit_bytes_total",
+    "rx_bytes": "epwatch_nic_receive_bytes_total",
+    "tx_pkts": "epwatch_nic_transmit_packets_total",
+    "rx_pkts": "epwatch_nic_receive_packets_total",
+}
+_HW_ERRORS = frozenset(
+    {
+        "out_of_buffer",  # receive WQEs exhausted: the receiver drops (slow consumer)
+        "rx_drops",  # EFA
+        "req_cqe_error",
+        "resp_cqe_error",
+        "req_remote_access_errors",
+        "req_remote_invalid_request",
+        "resp_remote_access_errors",
+        "resp_local_length_error",
+        "rx_icrc_encapsulated",
+    }
+)
+
+_ACTIVE = 4  # IB PortState ACTIVE
+_RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*Gb/sec")
+DEVICE_PORT = "0"
+
+
+def parse_state(text: str) -> tuple[int | None, str]:
+    """``"4: ACTIVE"`` -> ``(4, "ACTIVE")``; tolerant of a missing code."""
+    code, _, name = text.partition(":")
+    if not name:
+        return None, text.strip()
+    try:
+        return int(code.strip()), name.strip()
+    except ValueError:
+        return None, name.strip()
+
+
+def parse_rate(text: str) -> float | None:
+    """``"400 Gb/sec (4X NDR)"`` -> 5e10 bytes/s."""
+    match = _RATE.match(text)
+    return float(match.group(1)) * 1e9 / 8 if match else None
+
+
+class InfinibandSampler(Sampler):
+    """Every HCA port under ``<sysfs_root>/class/infiniband``."""
+
+    name = "infiniband"
+
+    def __init__(self, sysfs_root: str | Path = "/sys", reader: FileReader = read_sysfs) -> None:
+        super().__init__()
+        self.base = Path(sysfs_root) / "class" / "infiniband"
+        self.read = reader
+
+    def collect(self) -> list[Point]:
+        try:
+            devices = sorted(os.listdir(self.base))
+        except FileNotFoundError as exc:
+            raise SamplerUnavailable(f"no InfiniBand/RoCE devices ({self.base} absent)") from exc
+        except OSError as exc:
+            raise SamplerUnavailable(f"cannot list {self.base}: {describe_os_error(exc)}") from exc
+        points: list[Point] = []
+        for dev in devices:
+            ports_dir = self.base / dev / "ports"
+            for port in self._listdir(ports_dir):
+                points.extend(self._port(dev, port, ports_dir / port))
+            points.extend(self._hw_counters(dev, DEVICE_PORT, self.base / dev / "hw_counters"))
+        return points
+
+    def _listdir(self, path: Path) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            self.skip(str(path), describe_os_error(exc))
+            return []
+
+    def _value(self, path: Path) -> str | None:
+        try:
+            return self.read(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # EINVAL, EISDIR, EACCES...: drop this series only
+            self.skip(str(path), describe_os_error(exc))
+            return None
+
+    def _number(self, path: Path) -> int | None:
+        text = self._value(path)
+        if text is None:
+            return None
+        try:
+            return int(text, 10)
+        except ValueError:
+            self.skip(str(path), f"not a number: {text!r}")
+            return None
+
+    def _port(self, dev: str, port: str, root: Path) -> list[Point]:
+        labels = {"device": dev, "port": port}
+        points: list[Point] = []
+        state = self._value(root / "state")
+        if state is not None:
+            code, name = parse_state(state)
+            active = code == _ACTIVE if code is not None else name.upper() == "ACTIVE"
+            points.append(metric("epwatch_nic_link_up", 1.0 if active else 0.0, **labels))
+        phys = self._value(root / "phys_state")
+        if phys is not None:
+            code, _ = parse_state(phys)
+            if code is not None:
+                points.append(metric("epwatch_nic_physical_state", code, **labels))
+        rate_text = self._value(root / "rate")
+        if rate_text is not None:
+            rate = parse_rate(rate_text)
+            if rate is None:
+                self.skip(str(root / "rate"), f"unparsable rate {rate_text!r}")
+            else:
+                points.append(metric("epwatch_nic_link_rate_bytes_per_second", rate, **labels))
+        counters = root / "counters"
+        for filename in self._listdir(counters):
+            if filename in _COUNTERS:
+                name, scale = _COUNTERS[filename]
+                value = self._number(counters / filename)
+                if value is not None:
+                    points.append(metric(name, value * scale, **labels))
+            elif filename in _COUNTER_ERRORS:
+                value = self._number(counters / filename)
+                if value is not None:
+                    points.append(
+                        metric("epwatch_nic_errors_total", value, kind=filename.lower(), **labels)
+                    )
+        have = {p.name for p in points}
+        points.extend(self._hw_counters(dev, port, root / "hw_counters", have))
+        return points
+
+    def _hw_counters(
+        self, dev: str, port: str, root: Path, have: set[str] | None = None
+    ) -> list[Point]:
+        labels = {"device": dev, "port": port}
+        points: list[Point] = []
+        for filename in self._listdir(root):
+            if filename in _HW_TRAFFIC:
+                if have is not None and _HW_TRAFFIC[filename] in have:
+                    continue
+                name, extra = _HW_TRAFFIC[filename], {}
+            elif filename in _HW_SINGLE:
+                name, extra = _HW_SINGLE[filename], {}
+            elif filename in _HW_RETRANSMISSIONS:
+                name, extra = "epwatch_nic_retransmissions_total", {"kind": filename}
+            elif filename in _HW_ERRORS:
+                name, extra = "epwatch_nic_errors_total", {"kind": filename}
+            else:
+                continue  # unknown driver counters stay out: bounded cardinality
+            value = self._number(root / filename)
+            if value is not None:
+                points.append(metric(name, value, **extra, **labels))
+        return points

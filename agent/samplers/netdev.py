@@ -1,0 +1,138 @@
+"""Ethernet (and any netdev) counters from ``/sys/class/net/<if>/``.
+
+Like node_exporter's netdev collector it reads ``statistics/*`` plus ``operstate`` and
+``speed``. A RoCE NIC shows up here too (its bytes include RDMA traffic on most
+drivers); its RDMA-specific counters come from the infiniband sampler. One unreadable
+file drops only its own series: ``speed`` of a down link answers EINVAL, for example.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+
+from agent.samplers.base import (
+    FileReader,
+    Point,
+    Sampler,
+    SamplerUnavailable,
+    describe_os_error,
+    metric,
+    read_sysfs,
+)
+
+# statistics file -> metric (all counters); error files go to epwatch_nic_errors_total.
+_TRAFFIC = {
+    "tx_bytes": "epwatch_nic_transmit_bytes_total",
+    "rx_bytes": "epwatch_nic_receive_bytes_total",
+    "tx_packets": "epwatch_nic_transmit_packets_total",
+    "rx_packets": "epwatch_nic_receive_packets_total",
+}
+_ERRORS = (
+    "rx_errors",
+    "tx_errors",
+    "rx_dropped",
+    "tx_dropped",
+    "rx_crc_errors",
+    "rx_frame_errors",
+    "rx_length_errors",
+    "rx_missed_errors",
+    "rx_over_errors",
+    "rx_fifo_errors",
+    "tx_fifo_errors",
+    "tx_carrier_errors",
+    "tx_aborted_errors",
+)
+# Ethernet interfaces expose one "port" each; the label keeps NIC series uniform.
+PORT = "1"
+DEFAULT_EXCLUDE = r"^lo$"
+
+
+class NetdevSampler(Sampler):
+    """Counters of every interface under ``<sysfs_root>/class/net``."""
+
+    name = "netdev"
+
+    def __init__(
+        self,
+        sysfs_root: str | Path = "/sys",
+        device_exclude: str | None = DEFAULT_EXCLUDE,
+        reader: FileReader = read_sysfs,
+    ) -> None:
+        super().__init__()
+        self.base = Path(sysfs_root) / "class" / "net"
+        self.exclude = re.compile(device_exclude) if device_exclude else None
+        self.read = reader
+
+    def collect(self) -> list[Point]:
+        try:
+            devices = sorted(os.listdir(self.base))
+        except OSError as exc:
+            raise SamplerUnavailable(f"cannot list {self.base}: {describe_os_error(exc)}") from exc
+        points: list[Point] = []
+        for dev in devices:
+            if self.exclude is not None and self.exclude.search(dev):
+                continue
+            points.extend(self._device(dev))
+        return points
+
+    def _value(self, path: Path, quiet: tuple[int, ...] = ()) -> str | None:
+        """The file's text; None (and a note unless absent or expected) if unreadable."""
+        try:
+            return self.read(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno not in quiet:
+                self.skip(str(path), describe_os_error(exc))
+            return None
+
+    def _device(self, dev: str) -> list[Point]:
+        root = self.base / dev
+        points: list[Point] = []
+        stats = root / "statistics"
+        try:
+            present = set(os.listdir(stats))
+        except OSError as exc:
+            self.skip(str(stats), describe_os_error(exc))
+            present = set()
+        for filename in sorted(present):
+            name = _TRAFFIC.get(filename)
+            if name is None and filename not in _ERRORS:
+                continue
+            text = self._value(stats / filename)
+            value = _int(text)
+            if value is None:
+                if text is not None:
+                    self.skip(str(stats / filename), f"not a number: {text!r}")
+                continue
+            if name is not None:
+                points.append(metric(name, value, device=dev, port=PORT))
+            else:
+                points.append(
+                    metric("epwatch_nic_errors_total", value, device=dev, port=PORT, kind=filename)
+                )
+        state = self._value(root / "operstate")
+        if state is not None:
+            up = state == "up"
+            if state == "unknown":  # virtual and some tunnel devices: trust the carrier
+                up = self._value(root / "carrier") == "1"
+            points.append(metric("epwatch_nic_link_up", 1.0 if up else 0.0, device=dev, port=PORT))
+        speed = _int(self._value(root / "speed", quiet=(errno.EINVAL,)))
+        if speed is not None and speed > 0:  # Mb/s; -1 or EINVAL when unknown / down
+            rate = speed * 1e6 / 8
+            points.append(
+                metric("epwatch_nic_link_rate_bytes_per_second", rate, device=dev, port=PORT)
+            )
+        return points
+
+
+def _int(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text, 10)
+    except ValueError:
+        return None
