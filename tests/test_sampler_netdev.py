@@ -59,9 +59,11 @@ def test_one_bad_file_drops_only_its_series():
     full = _index(NetdevSampler(SYSFS).collect())
     missing = set(full) - set(idx)
     assert _key("epwatch_nic_errors_total", kind="tx_errors", device="eth0", port="1") in missing
-    assert all(name == "epwatch_nic_link_rate_bytes_per_second" for name, _ in missing - {
-        _key("epwatch_nic_errors_total", kind="tx_errors", device="eth0", port="1")
-    })
+    assert all(
+        name == "epwatch_nic_link_rate_bytes_per_second"
+        for name, _ in missing
+        - {_key("epwatch_nic_errors_total", kind="tx_errors", device="eth0", port="1")}
+    )
     assert idx[_key("epwatch_nic_errors_total", kind="rx_errors", device="eth0", port="1")] == 3
     # EIO is worth a note; EINVAL on speed is the normal answer of a link without one
     assert any("tx_errors" in s and "EIO" in s for s in result.skipped)

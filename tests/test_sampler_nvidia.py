@@ -1,0 +1,367 @@
+"""NVIDIA sampler with an injected NVML backend: there is no GPU here.
+
+The backend answers from tests/fixtures/gpu/nvml_hgx_h100.json (hand-written in the
+types and units of nvidia-ml-py's answers) using the real ``pynvml`` module's
+constants, error classes and ctypes structures (``c_nvmlFieldValue_t``,
+``c_nvmlEventData_t``, ``c_nvmlMemory_t``...): importing pynvml works without a GPU,
+only ``nvmlInit`` fails (see test_sampler_registry for that path).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import pynvml
+import pytest
+
+from agent.samplers.base import run_sampler
+from agent.samplers.gpumap import LocalRankMap, parse_local_ranks
+from agent.samplers.nvidia import NvidiaSampler, decode_reasons, reason_bits
+
+RECORDING = Path(__file__).parent / "fixtures" / "gpu" / "nvml_hgx_h100.json"
+
+
+class RecordedNvml:
+    """NVML functions answering from a recording; constants come from real pynvml.
+
+    Only non-callables and classes are delegated to pynvml, so a function the fake does
+    not define raises AttributeError rather than reaching for libnvidia-ml.
+    """
+
+    def __init__(self, recording: dict[str, Any], field_values: bool = True) -> None:
+        self.rec = recording
+        self.gpus = {g["index"]: g for g in recording["gpus"]}
+        self._structs = {i: pynvml.struct_c_nvmlDevice_t() for i in self.gpus}
+        self.handles = {i: pynvml.c_nvmlDevice_t(s) for i, s in self._structs.items()}
+        self.events: list[tuple[int, int]] = [(e["gpu"], e["xid"]) for e in recording["xid_events"]]
+        self.registered: dict[int, int] = {}
+        self.init_calls = 0
+        self.field_calls = 0
+        if not field_values:
+            self.nvmlDeviceGetFieldValues = self._no_field_values
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(pynvml, name)
+        if callable(attr) and not isinstance(attr, type):
+            raise AttributeError(name)
+        return attr
+
+    # --- helpers -----------------------------------------------------------------
+    def _gpu(self, handle: Any) -> dict[str, Any]:
+        address = ctypes.addressof(handle.contents)
+        for index, struct in self._structs.items():
+            if ctypes.addressof(struct) == address:
+                gpu = self.gpus[index]
+                if gpu.get("lost"):
+                    raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+                return gpu
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    def _no_field_values(self, handle: Any, field_ids: list[Any]) -> Any:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+    # --- the NVML surface the sampler uses ----------------------------------------
+    def nvmlInit(self) -> None:
+        self.init_calls += 1
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
+        return self.handles[index]
+
+    def nvmlDeviceGetIndex(self, handle: Any) -> int:
+        address = ctypes.addressof(handle.contents)
+        for index, struct in self._structs.items():
+            if ctypes.addressof(struct) == address:
+                return index
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    def nvmlDeviceGetUUID(self, handle: Any) -> str:
+        return self.gpus[self.nvmlDeviceGetIndex(handle)]["uuid"]
+
+    def nvmlDeviceGetClockInfo(self, handle: Any, clock: int) -> int:
+        assert clock == pynvml.NVML_CLOCK_SM
+        return self._gpu(handle)["clock_sm_mhz"]
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int:
+        return self._gpu(handle)["clocks_event_reasons"]
+
+    def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
+        return self._gpu(handle)["power_mw"]
+
+    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
+        assert sensor == pynvml.NVML_TEMPERATURE_GPU
+        return self._gpu(handle)["temperature_c"]
+
+    def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any:
+        u = pynvml.c_nvmlUtilization_t()
+        u.gpu = self._gpu(handle)["utilization"]["gpu"]
+        u.memory = self._gpu(handle)["utilization"]["memory"]
+        return u
+
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Any:
+        m = pynvml.c_nvmlMemory_t()
+        rec = self._gpu(handle)["memory"]
+        m.total, m.used, m.free = rec["total"], rec["used"], rec["free"]
+        return m
+
+    def nvmlDeviceGetPcieThroughput(self, handle: Any, counter: int) -> int:
+        rec = self._gpu(handle)["pcie_throughput_kbps"]
+        return rec["tx"] if counter == pynvml.NVML_PCIE_UTIL_TX_BYTES else rec["rx"]
+
+    def nvmlDeviceGetFieldValues(self, handle: Any, field_ids: list[Any]) -> Any:
+        self.field_calls += 1
+        gpu = self._gpu(handle)
+        values = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
+        for i, request in enumerate(field_ids):
+            fid, scope = request if isinstance(request, tuple) else (request, None)
+            values[i].fieldId = fid
+            values[i].scopeId = scope or 0
+            key = str(fid) if scope is None else f"{fid}@{scope}"
+            rec = gpu["field_values"].get(key)
+            if rec is None:
+                values[i].nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+                continue
+            values[i].nvmlReturn = rec["nvmlReturn"]
+            values[i].valueType = rec["valueType"]
+            member = {1: "uiVal", 3: "ullVal", 0: "dVal"}[rec["valueType"]]
+            setattr(values[i].value, member, rec["value"])
+        return values
+
+    # per-call fallbacks (old drivers without nvmlDeviceGetFieldValues)
+    def _field(self, handle: Any, key: str) -> int:
+        rec = self._gpu(handle)["field_values"][key]
+        if rec["nvmlReturn"] != pynvml.NVML_SUCCESS:
+            raise pynvml.NVMLError(rec["nvmlReturn"])
+        return rec["value"]
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any) -> int:
+        return self._field(handle, "83")
+
+    def nvmlDeviceGetPcieReplayCounter(self, handle: Any) -> int:
+        return self._field(handle, "94")
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: Any, error_type: int, counter: int) -> int:
+        assert counter == pynvml.NVML_VOLATILE_ECC
+        corrected = error_type == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED
+        return self._field(handle, "3" if corrected else "4")
+
+    def nvmlDeviceGetRemappedRows(self, handle: Any) -> tuple[int, int, int, int]:
+        return tuple(self._field(handle, k) for k in ("142", "143", "144", "145"))
+
+    # XID events
+    def nvmlEventSetCreate(self) -> Any:
+        return pynvml.c_nvmlEventSet_t()
+
+    def nvmlEventSetFree(self, event_set: Any) -> None:
+        pass
+
+    def nvmlDeviceRegisterEvents(self, handle: Any, types_mask: int, event_set: Any) -> None:
+        self._gpu(handle)
+        self.registered[self.nvmlDeviceGetIndex(handle)] = types_mask
+
+    def nvmlEventSetWait(self, event_set: Any, timeout_ms: int) -> Any:
+        if not self.events:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT)
+        gpu, xid = self.events.pop(0)
+        data = pynvml.c_nvmlEventData_t()
+        data.device = self.handles[gpu]
+        data.eventType = pynvml.nvmlEventTypeXidCriticalError
+        data.eventData = xid
+        return data
+
+
+def _recording() -> dict[str, Any]:
+    return json.loads(RECORDING.read_text())
+
+
+def _index(points):
+    return {(p.name, tuple(sorted(p.labels.items()))): p.value for p in points}
+
+
+def _key(name: str, **labels: str):
+    return (name, tuple(sorted(labels.items())))
+
+
+@pytest.fixture
+def backend() -> RecordedNvml:
+    return RecordedNvml(_recording())
+
+
+def test_reason_bitmask_decodes_with_real_constants():
+    mask = pynvml.nvmlClocksEventReasonHwThermalSlowdown | pynvml.nvmlClocksEventReasonSwPowerCap
+    decoded = decode_reasons(mask, pynvml)
+    assert {r for r, on in decoded.items() if on} == {"hw_thermal_slowdown", "sw_power_cap"}
+    assert len(decoded) == 9
+    # every bit of nvmlClocksEventReasonAll has a name
+    assert all(decode_reasons(pynvml.nvmlClocksEventReasonAll, pynvml).values())
+    assert not any(decode_reasons(pynvml.nvmlClocksEventReasonNone, pynvml).values())
+
+
+def test_reason_bitmask_with_pre_12_535_constant_names():
+    old = types.SimpleNamespace(
+        **{n: getattr(pynvml, n) for n in dir(pynvml) if n.startswith("nvmlClocksThrottleReason")}
+    )
+    assert not hasattr(old, "nvmlClocksEventReasonHwThermalSlowdown")
+    assert dict(reason_bits(old)) == dict(reason_bits(pynvml))
+    mask = pynvml.nvmlClocksThrottleReasonHwSlowdown | pynvml.nvmlClocksThrottleReasonGpuIdle
+    on = {r for r, active in decode_reasons(mask, old).items() if active}
+    assert on == {"hw_slowdown", "gpu_idle"}
+
+
+def test_values_and_units(backend):
+    idx = _index(NvidiaSampler(nvml=backend).collect())
+    assert idx[_key("epwatch_gpu_sm_clock_hertz", gpu="0")] == 1980e6
+    assert idx[_key("epwatch_gpu_power_watts", gpu="0")] == 612.0  # from mW
+    assert idx[_key("epwatch_gpu_temperature_celsius", gpu="0")] == 58
+    assert idx[_key("epwatch_gpu_utilization_ratio", gpu="0")] == pytest.approx(0.97)
+    assert idx[_key("epwatch_gpu_memory_used_bytes", gpu="0")] == 79870001152
+    assert idx[_key("epwatch_gpu_pcie_transmit_bytes_per_second", gpu="0")] == 21000 * 1024
+    assert idx[_key("epwatch_gpu_pcie_receive_bytes_per_second", gpu="0")] == 19000 * 1024
+    assert idx[_key("epwatch_gpu_energy_joules_total", gpu="0")] == pytest.approx(412345678.901)
+    assert idx[_key("epwatch_gpu_nvlink_transmit_bytes_total", gpu="0")] == 9876543210 * 1024
+    assert idx[_key("epwatch_gpu_nvlink_receive_bytes_total", gpu="0")] == 9876500000 * 1024
+    assert idx[_key("epwatch_gpu_nvlink_errors_total", gpu="0", kind="crc_flit")] == 0
+    assert idx[_key("epwatch_gpu_pcie_replays_total", gpu="0")] == 0
+    assert idx[_key("epwatch_gpu_local_rank", gpu="7")] == 7
+    assert idx[_key("epwatch_gpu_lost", gpu="0")] == 0
+
+
+def test_throttled_gpu_reports_its_reasons(backend):
+    idx = _index(NvidiaSampler(nvml=backend).collect())
+    active = {
+        labels[1][1]
+        for (name, labels), value in idx.items()
+        if name == "epwatch_gpu_clock_event_active" and dict(labels)["gpu"] == "3" and value
+    }
+    assert active == {"hw_thermal_slowdown", "sw_thermal_slowdown"}
+    assert idx[_key("epwatch_gpu_clock_event_active", gpu="1", reason="sw_power_cap")] == 1
+    assert idx[_key("epwatch_gpu_clock_event_active", gpu="0", reason="hw_thermal_slowdown")] == 0
+    assert idx[_key("epwatch_gpu_sm_clock_hertz", gpu="3")] == 1410e6
+    assert idx[_key("epwatch_gpu_ecc_errors_total", gpu="3", kind="corrected")] == 12
+    assert idx[_key("epwatch_gpu_remapped_rows", gpu="3", kind="correctable")] == 3
+    assert idx[_key("epwatch_gpu_remapped_rows", gpu="3", kind="pending")] == 1
+
+
+def test_lost_gpu_is_a_state_not_a_failure(backend):
+    result = run_sampler(NvidiaSampler(nvml=backend))
+    assert result.ok
+    idx = _index(result.points)
+    assert idx[_key("epwatch_gpu_lost", gpu="5")] == 1.0
+    keep = {"epwatch_gpu_lost", "epwatch_gpu_local_rank", "epwatch_gpu_xid_errors_total"}
+    gpu5 = {name for name, labels in idx if dict(labels).get("gpu") == "5"}
+    assert gpu5 == keep  # nothing else is made up for a lost GPU
+    assert idx[_key("epwatch_gpu_local_rank", gpu="5")] == 5
+    # the neighbours are unaffected
+    assert idx[_key("epwatch_gpu_sm_clock_hertz", gpu="4")] == 1980e6
+    assert idx[_key("epwatch_gpu_sm_clock_hertz", gpu="6")] == 345e6
+
+
+def test_gpu_lost_before_its_handle_was_taken():
+    class LostAtStart(RecordedNvml):
+        def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
+            if index == 2:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+            return super().nvmlDeviceGetHandleByIndex(index)
+
+    result = run_sampler(NvidiaSampler(nvml=LostAtStart(_recording())))
+    assert result.ok
+    idx = _index(result.points)
+    assert idx[_key("epwatch_gpu_lost", gpu="2")] == 1.0
+    assert idx[_key("epwatch_gpu_lost", gpu="1")] == 0.0
+    assert _key("epwatch_gpu_sm_clock_hertz", gpu="2") not in idx
+
+
+def test_unsupported_field_drops_only_that_series(backend):
+    idx = _index(NvidiaSampler(nvml=backend).collect())
+    assert _key("epwatch_gpu_ecc_errors_total", gpu="6", kind="corrected") not in idx
+    assert _key("epwatch_gpu_ecc_errors_total", gpu="7", kind="corrected") in idx
+    assert _key("epwatch_gpu_energy_joules_total", gpu="6") in idx
+
+
+def test_counters_are_batched_in_one_field_values_call_per_gpu(backend):
+    NvidiaSampler(nvml=backend).collect()
+    assert backend.field_calls == 7  # 8 GPUs, one lost before its counters are read
+
+
+def test_per_call_fallback_without_field_values_api():
+    batched = _index(NvidiaSampler(nvml=RecordedNvml(_recording())).collect())
+    backend = RecordedNvml(_recording(), field_values=False)
+    sampler = NvidiaSampler(nvml=backend)
+    result = run_sampler(sampler)
+    assert result.ok
+    fallback = _index(result.points)
+    for name in (
+        "epwatch_gpu_energy_joules_total",
+        "epwatch_gpu_pcie_replays_total",
+    ):
+        assert fallback[_key(name, gpu="3")] == batched[_key(name, gpu="3")]
+    for kind in ("correctable", "pending"):
+        key = _key("epwatch_gpu_remapped_rows", gpu="3", kind=kind)
+        assert fallback[key] == batched[key]
+    key = _key("epwatch_gpu_ecc_errors_total", gpu="3", kind="corrected")
+    assert fallback[key] == batched[key]
+    assert any("FieldValues" in s for s in result.skipped)  # said once, then remembered
+    assert not any("FieldValues" in s for s in run_sampler(sampler).skipped)
+
+
+def test_xid_events_are_counted_per_gpu_and_code(backend):
+    sampler = NvidiaSampler(nvml=backend)
+    idx = _index(sampler.collect())
+    assert idx[_key("epwatch_gpu_xid_errors_total", gpu="3", xid="48")] == 1
+    assert idx[_key("epwatch_gpu_xid_errors_total", gpu="3", xid="94")] == 1
+    assert idx[_key("epwatch_gpu_xid_errors_total", gpu="5", xid="79")] == 1
+    assert backend.registered[0] & pynvml.nvmlEventTypeXidCriticalError
+    # counters keep their value and grow with new events
+    backend.events.append((3, 48))
+    idx = _index(sampler.collect())
+    assert idx[_key("epwatch_gpu_xid_errors_total", gpu="3", xid="48")] == 2
+    assert idx[_key("epwatch_gpu_xid_errors_total", gpu="5", xid="79")] == 1
+
+
+def test_explicit_local_rank_mapping(backend):
+    ranks = parse_local_ranks("4,5,6,7")
+    idx = _index(NvidiaSampler(nvml=backend, local_ranks=ranks).collect())
+    assert idx[_key("epwatch_gpu_local_rank", gpu="4")] == 0
+    assert idx[_key("epwatch_gpu_local_rank", gpu="7")] == 3
+    assert _key("epwatch_gpu_local_rank", gpu="0") not in idx
+
+
+def test_uuid_mapping_and_env():
+    backend = RecordedNvml(_recording())
+    uuid2 = backend.gpus[2]["uuid"]
+    ranks = parse_local_ranks(f"{uuid2[:12]},3")
+    idx = _index(NvidiaSampler(nvml=backend, local_ranks=ranks).collect())
+    assert idx[_key("epwatch_gpu_local_rank", gpu="2")] == 0
+    assert idx[_key("epwatch_gpu_local_rank", gpu="3")] == 1
+    env = parse_local_ranks("env", {"CUDA_VISIBLE_DEVICES": "6,7,-1,0"})
+    assert env == LocalRankMap(("6", "7"))  # CUDA stops at the first invalid entry
+    assert parse_local_ranks("env", {}) == LocalRankMap()
+    with pytest.raises(ValueError):
+        parse_local_ranks("0,one")
+
+
+def test_init_failure_is_unavailable_and_retried_later():
+    class NoLibrary(RecordedNvml):
+        def nvmlInit(self) -> None:
+            self.init_calls += 1
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+
+    backend = NoLibrary(_recording())
+    now = [0.0]
+    sampler = NvidiaSampler(nvml=backend, retry_init_s=60.0, clock=lambda: now[0])
+    first = run_sampler(sampler)
+    assert not first.ok and first.error == "NVML unavailable: NVIDIA driver not loaded"
+    assert not run_sampler(sampler).ok
+    assert backend.init_calls == 1  # not retried before retry_init_s
+    now[0] = 61.0
+    run_sampler(sampler)
+    assert backend.init_calls == 2
