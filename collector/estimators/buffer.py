@@ -35,8 +35,9 @@ class StepBuffer:
             filled[:, : self._cap] = self.filled
         self.cols, self.filled, self._cap = cols, filled, cap
 
-    def bytes_per_step(self, layers: int) -> int:
-        return layers * 2 * self.P * (8 * len(_FIELDS) + 1)
+    @staticmethod
+    def bytes_per_step_for(world_size: int, layers: int) -> int:
+        return layers * 2 * world_size * (8 * len(_FIELDS) + 1)
 
     def pending_steps(self) -> list[int]:
         return sorted(int(s) for s in self.slot_step if s >= 0)

@@ -47,7 +47,7 @@ class GroupEstimator:
         self.P = world_size
         self.cfg = cfg = config or EstimatorConfig()
         self._clock = clock
-        self.buffer = StepBuffer(world_size, cfg.max_slots)
+        self.buffer = StepBuffer(world_size, self._slots(world_size, cfg))
         self.nodes = np.array([""] * world_size, dtype=object)
         self.local_device = np.full(world_size, -1, dtype=np.int64)
         self._known = np.zeros(world_size, dtype=bool)
@@ -96,9 +96,11 @@ class GroupEstimator:
             self.nodes[rank] = node
             self._known[rank] = True
 
-    def _slots(self, layers: int) -> int:
-        per_step = self.buffer.bytes_per_step(max(layers, 1))
-        return int(min(self.cfg.max_slots, max(4, self.cfg.buffer_bytes // per_step)))
+    @staticmethod
+    def _slots(world_size: int, cfg: EstimatorConfig) -> int:
+        """Steps assembled at once, sized for a 61-layer model within the budget."""
+        per_step = StepBuffer.bytes_per_step_for(world_size, layers=61)
+        return int(min(cfg.max_slots, max(4, cfg.buffer_bytes // per_step)))
 
     def ingest(self, records: RecordColumns, node: str | None = None) -> None:
         """Accept validated records (any ranks, any steps) of this group."""
@@ -110,6 +112,26 @@ class GroupEstimator:
             records = records.take(~late)
             if not len(records):
                 return
+        span = self.buffer.slots // 2
+        if int(records.step.max()) - int(records.step.min()) >= span:
+            # A batch spanning more steps than we assemble at once goes in step order.
+            records = records.take(np.argsort(records.step, kind="stable"))
+            cuts = np.searchsorted(records.step, np.arange(records.step[0], records.step[-1], span))
+            bounds = [*np.unique(cuts[1:]).tolist(), len(records)]
+            start = 0
+            for end in bounds:
+                self._add(records.take(slice(start, end)))
+                self._finalize_ready()
+                start = end
+        else:
+            self._add(records)
+        if node is not None or not self._known[records.rank].all():
+            self.nodes[records.rank] = node or ""
+            self.local_device[records.rank] = records.local_device
+            self._known[records.rank] = True
+        self._last_progress = self._clock()
+
+    def _add(self, records: RecordColumns) -> None:
         newest = int(records.step.max())
         # Make room: steps too far behind the newest are finalised (or dropped) now.
         for step in self.buffer.pending_steps():
@@ -118,11 +140,6 @@ class GroupEstimator:
             self._finalize(step)
         self.buffer.add(records)
         self.newest_step = max(self.newest_step, newest)
-        if node is not None or not self._known[records.rank].all():
-            self.nodes[records.rank] = node or ""
-            self.local_device[records.rank] = records.local_device
-            self._known[records.rank] = True
-        self._last_progress = self._clock()
 
     def ingest_peer_rows(self, rows: PeerRows) -> None:
         if not len(rows) or not rows.wait_s.size:
@@ -194,6 +211,11 @@ class GroupEstimator:
     def update(self, now_s: float | None = None, final: bool = False) -> None:
         """Finalise complete steps in order, refit, and check for a hang."""
         now = self._clock() if now_s is None else now_s
+        self._finalize_ready(final)
+        self._fit()
+        self._check_hang(now, final)
+
+    def _finalize_ready(self, final: bool = False) -> None:
         for step in self.buffer.pending_steps():
             if self.buffer.complete(step) and (step < self.newest_step or final):
                 self._finalize(step)
@@ -201,8 +223,6 @@ class GroupEstimator:
                 self._finalize(step)  # incomplete and left behind: dropped
             else:
                 break
-        self._fit()
-        self._check_hang(now, final)
 
     # -- windows -------------------------------------------------------------------------
     def _fit(self) -> None:

@@ -26,6 +26,19 @@ def link_times(wait_s: np.ndarray, lag_s: np.ndarray) -> np.ndarray:
     return t
 
 
+_MIN_COVERAGE = 0.5
+
+
+def _covered_median(t: np.ndarray, axis: int) -> np.ndarray:
+    """Median link time per row or column, NaN where fewer than half of the cells
+    carry a wait. A rank that entered late sees only the latest senders' data still
+    in flight; the median of those few cells would call it a slow receiver."""
+    med = _quiet_nanmedian(t, axis=axis)
+    count = np.isfinite(t).sum(axis=axis)
+    med[count < max(2, _MIN_COVERAGE * (t.shape[axis] - 1))] = np.nan
+    return med
+
+
 def _relative(medians: np.ndarray) -> np.ndarray:
     ref = _quiet_nanmedian(medians)
     return medians / ref if ref and np.isfinite(ref) else np.full_like(medians, np.nan)
@@ -44,9 +57,9 @@ def rank_link_slowdown(
         d = durations[phase]
         t = link_times(wait, d.max() - d)
         if phase == D:  # column j: everyone waiting for j's sends
-            ratio = _relative(_quiet_nanmedian(t, axis=0))
+            ratio = _relative(_covered_median(t, axis=0))
         elif phase == C:  # row i: i waiting for everyone's sends
-            ratio = _relative(_quiet_nanmedian(t, axis=1))
+            ratio = _relative(_covered_median(t, axis=1))
         else:
             continue
         out = ratio if out is None else np.fmax(out, ratio)

@@ -1,0 +1,156 @@
+"""The streaming estimators as the live collector drives them: records from many
+agents in any order, late and partial steps, and a hang seen through heartbeats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from collector.estimators import EstimatorConfig, GroupEstimator
+from epwatch.schema import Entered
+from simulator.engine import Simulation
+from simulator.scenario import load_scenario
+
+SCENARIO = {
+    "seed": 11,
+    "steps": 120,
+    "cluster": {"ranks": 16, "ranks_per_node": 4},
+    "model": {"layers": 8},
+    "faults": [{"kind": "slow_gpu", "rank": 6, "start_step": 30, "factor": 1.25}],
+}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def by_node(sim: Simulation, shuffle: bool, seed: int = 0):
+    """Per-node batches of each chunk, as four agents would ship them."""
+    rng = np.random.default_rng(seed)
+    for chunk in sim.chunks():
+        batches = []
+        for node in range(4):
+            ranks = np.arange(node * 4, node * 4 + 4)
+            rec = sim.records(chunk, ranks)
+            if shuffle:
+                rec = rec.take(rng.permutation(len(rec)))
+            batches.append((f"node-{node}", rec))
+        if shuffle:
+            batches = [batches[i] for i in rng.permutation(4)]
+        yield chunk, batches
+
+
+def run_live(shuffle: bool) -> GroupEstimator:
+    sim = Simulation(load_scenario(SCENARIO))
+    est = GroupEstimator("ep0", 16, EstimatorConfig(window_steps=200), clock=FakeClock())
+    for chunk, batches in by_node(sim, shuffle):
+        for node, rec in batches:
+            est.ingest(rec, node)
+        est.ingest_peer_rows(chunk.peer_rows)
+        est.update()
+    est.update(final=True)
+    return est
+
+
+def test_arrival_order_does_not_change_the_diagnosis() -> None:
+    ordered, shuffled = run_live(False).report(), run_live(True).report()
+    assert ordered.steps == shuffled.steps == 120
+    assert ordered.gamma_median == pytest.approx(shuffled.gamma_median, rel=1e-12)
+    assert [(s.rank, s.cause, s.first_step) for s in ordered.stragglers] == [
+        (s.rank, s.cause, s.first_step) for s in shuffled.stragglers
+    ]
+    assert [(s.rank, s.node, s.cause) for s in shuffled.stragglers] == [(6, "node-1", "compute")]
+    assert shuffled.nodes[6] == "node-1"
+
+
+def test_late_records_are_counted_not_applied() -> None:
+    sim = Simulation(load_scenario({**SCENARIO, "steps": 40, "faults": []}))
+    est = GroupEstimator("ep0", 16, clock=FakeClock())
+    chunks = list(sim.chunks())
+    for c in chunks:
+        est.ingest(sim.records(c), "n")
+    est.update(final=True)
+    steps = est.report().steps
+    est.ingest(sim.records(chunks[0]), "n")  # a resend of long-finalised steps
+    est.update(final=True)
+    assert est.report().steps == steps
+    assert est.late_records == len(sim.records(chunks[0]))
+
+
+def test_a_step_missing_a_rank_is_dropped_once_left_behind() -> None:
+    sim = Simulation(load_scenario({**SCENARIO, "steps": 48, "faults": []}))
+    est = GroupEstimator("ep0", 16, EstimatorConfig(max_slots=8), clock=FakeClock())
+    for chunk in sim.chunks():
+        rec = sim.records(chunk)
+        lost = (rec.step == 5) & (rec.rank == 3) & (rec.layer == 2)
+        est.ingest(rec.take(~lost), "n")
+        est.update()
+    est.update(final=True)
+    assert est.incomplete_steps == 1
+    assert est.report().steps == 47
+
+
+def test_hang_is_reported_after_the_timeout_and_clears_on_progress() -> None:
+    clock = FakeClock()
+    sim = Simulation(load_scenario({**SCENARIO, "faults": []}))
+    est = GroupEstimator("ep0", 16, EstimatorConfig(hang_after_s=5.0), clock=clock)
+    chunk = next(sim.chunks())
+    est.ingest(sim.records(chunk), "n")
+    est.update()
+    last = int(chunk.steps[-1])
+    # Everyone but rank 9 entered the next step's first dispatch.
+    step = np.full(16, last + 1)
+    layer = np.zeros(16, dtype=np.int64)
+    phase = np.zeros(16, dtype=np.int64)
+    step[9], layer[9], phase[9] = last, 7, 1
+    clock.t = 1.0
+    est.ingest_entered(Entered(np.arange(16), step, layer, phase))
+    clock.t = 4.0
+    est.update()
+    assert est.report().stragglers == ()  # not yet: under hang_after_s
+    clock.t = 7.0
+    est.update()
+    (hang,) = est.report().stragglers
+    assert (hang.rank, hang.cause, hang.first_step) == (9, "hang", last)
+    assert hang.slowdown > 1  # seconds stalled over a step's time
+    assert est.report().stalled_s == pytest.approx(6.0)
+    # Rank 9 arrives; the group moves on.
+    step[9], layer[9], phase[9] = last + 1, 0, 0
+    est.ingest_entered(Entered(np.arange(16), step, layer, phase))
+    est.update()
+    assert est.report().stragglers == ()
+    assert [s.cause for s in est.report(include_closed=True).stragglers] == ["hang"]
+
+
+def test_a_group_that_simply_went_idle_is_not_a_hang() -> None:
+    clock = FakeClock()
+    sim = Simulation(load_scenario({**SCENARIO, "steps": 16, "faults": []}))
+    est = GroupEstimator("ep0", 16, clock=clock)
+    chunk = next(sim.chunks())
+    est.ingest(sim.records(chunk), "n")
+    est.ingest_entered(chunk.entered)
+    clock.t = 60.0
+    est.update()
+    assert est.report().stragglers == ()
+
+
+def test_evidence_callback_is_attached_and_bounded() -> None:
+    est = run_live(False)
+    calls = []
+
+    def evidence(cause: str, node: str, device: int) -> list[str]:
+        calls.append((cause, node, device))
+        return [f"line {i}" for i in range(10)]
+
+    (s,) = est.report(evidence=evidence).stragglers
+    assert calls == [("compute", "node-1", 2)]
+    assert len(s.evidence) == 4
+
+
+def test_world_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="world_size"):
+        GroupEstimator("ep0", 0)

@@ -1,0 +1,190 @@
+"""The simulator: scenario validation, determinism, and records that look like a real
+probe's (so the estimators cannot tell them apart)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from epwatch.schema import RecordColumns
+from simulator.engine import Simulation
+from simulator.scenario import ScenarioError, load_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = {
+    "seed": 5,
+    "steps": 40,
+    "cluster": {"ranks": 8, "ranks_per_node": 4},
+    "model": {"layers": 4, "experts": 32},
+}
+
+
+def all_records(sim: Simulation) -> RecordColumns:
+    return RecordColumns.concat([sim.records(c) for c in sim.chunks()])
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"cluster": {"rank": 8}}, "[cluster] unknown key 'rank'"),
+        ({"stepz": 3}, "unknown key 'stepz'"),
+        ({"cluster": {"ranks": 1}}, "[cluster] ranks must be >= 2"),
+        ({"model": {"experts": 100}, "cluster": {"ranks": 16}}, "multiple of [cluster] ranks"),
+        ({"workload": {"routing": "pareto"}}, "[workload] routing must be one of"),
+        ({"workload": {"batch_jitter": 1.5}}, "batch_jitter must be in [0, 1)"),
+        ({"network": {"bandwidth_gbps": 0}}, "[network] bandwidth_gbps must be > 0"),
+        ({"compute": {"ns_per_token": "fast"}}, "[compute] ns_per_token must be a number"),
+        ({"faults": [{"kind": "slow_cpu"}]}, "kind must be one of"),
+        ({"faults": [{"kind": "slow_gpu", "rank": 99}]}, "rank must be in [0, 16)"),
+        ({"faults": [{"kind": "slow_gpu", "rank": 1, "factor": 0.5}]}, "factor must be >= 1"),
+        (
+            {"faults": [{"kind": "hot_expert", "expert": 3, "share": 1.5}]},
+            "share must be in (0, 1)",
+        ),
+        ({"faults": [{"kind": "slow_gpu", "rank": 1, "speed": 2}]}, "unknown key 'speed'"),
+        ({"steps": 10, "faults": [{"kind": "hang", "rank": 1, "start_step": 10}]}, "start_step"),
+    ],
+)
+def test_bad_scenarios_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ScenarioError) as err:
+        load_scenario({"cluster": {"ranks": 16}, **data} if "cluster" not in data else data)
+    assert message in str(err.value)
+
+
+def test_scenario_file_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cluster]\nranks = = 3\n")
+    with pytest.raises(ScenarioError, match=r"bad\.toml: not valid TOML"):
+        load_scenario(bad)
+    with pytest.raises(ScenarioError, match="cannot read"):
+        load_scenario(tmp_path / "missing.toml")
+
+
+def test_same_seed_same_records_other_seed_other_records() -> None:
+    a = all_records(Simulation(load_scenario(SMALL)))
+    b = all_records(Simulation(load_scenario(SMALL)))
+    c = all_records(Simulation(load_scenario({**SMALL, "seed": 6})))
+    for name, col in a.as_dict().items():
+        np.testing.assert_array_equal(col, getattr(b, name), err_msg=name)
+    assert not np.array_equal(a.exit_ns, c.exit_ns)
+
+
+def test_records_follow_the_schema_and_cover_every_collective() -> None:
+    s = load_scenario(SMALL)
+    rec = all_records(Simulation(s))
+    rec.validate(world_size=8)
+    assert len(rec) == 40 * 4 * 2 * 8
+    keys = set(
+        zip(
+            rec.step.tolist(),
+            rec.layer.tolist(),
+            rec.phase.tolist(),
+            rec.rank.tolist(),
+            strict=True,
+        )
+    )
+    assert len(keys) == len(rec)
+    dispatch = rec.phase == 0
+    assert (rec.recv_tokens[~dispatch] == 0).all()
+    # Every dispatch routes T*k slots in total.
+    per_call = np.bincount((rec.step * 4 + rec.layer)[dispatch], weights=rec.recv_tokens[dispatch])
+    tokens_per_rank = per_call / (8 * 8)
+    assert np.allclose(tokens_per_rank, np.round(tokens_per_rank))
+
+
+def test_each_rank_has_its_own_clock_yet_all_leave_together() -> None:
+    sim = Simulation(load_scenario(SMALL))
+    chunk = next(sim.chunks())
+    rec = sim.records(chunk)
+    first = (rec.step == 0) & (rec.layer == 0) & (rec.phase == 0)
+    local_exit = rec.exit_ns[first]
+    # On the ranks' own clocks exits differ by the clock offsets (seconds to hours)...
+    assert np.ptp(local_exit) > 1e9
+    # ... while in true time every rank leaves the all-to-all at the same instant.
+    assert np.ptp(chunk.exit_s[0, 0, 0]) == 0
+    # The last arriver has the shortest duration.
+    d = chunk.exit_s[0, 0, 1] - chunk.enter_s[0, 0, 1]
+    assert np.argmin(d) == np.argmax(chunk.enter_s[0, 0, 1])
+
+
+def test_peer_waits_are_sampled_every_n_steps_on_one_layer() -> None:
+    sim = Simulation(load_scenario({**SMALL, "probe": {"peer_sample_every": 10}}))
+    rows = [c.peer_rows for c in sim.chunks()]
+    steps = sorted({int(s) for r in rows for s in r.step})
+    assert steps == [0, 10, 20, 30]
+    r = rows[0]
+    assert r.wait_s.shape == (len(r), 8) and r.send_bytes.shape == (len(r), 8)
+    assert (r.wait_s >= 0).all()
+    r.validate(world_size=8)
+
+
+def test_hang_stops_the_records_and_pins_the_heartbeat() -> None:
+    data = {**SMALL, "faults": [{"kind": "hang", "rank": 3, "start_step": 20, "layer": 2}]}
+    sim = Simulation(load_scenario(data))
+    chunks = list(sim.chunks())
+    rec = RecordColumns.concat([sim.records(c) for c in chunks])
+    assert rec.step.max() == 20
+    last = rec.step == 20
+    assert set(rec.layer[last].tolist()) == {0, 1}
+    hb = chunks[-1].entered
+    assert hb.layer[3] == 1 and hb.phase[3] == 1  # rank 3 finished layer 1's combine
+    others = np.arange(8) != 3
+    assert (hb.layer[others] == 2).all() and (hb.phase[others] == 0).all()
+
+
+def simulate_cli(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "epwatch.cli", "simulate", str(path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+def test_simulate_cli_json_and_text(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(
+        "seed = 2\nsteps = 150\n[cluster]\nranks = 16\n[model]\nlayers = 12\n"
+        '[[faults]]\nkind = "slow_gpu"\nrank = 9\nstart_step = 40\nfactor = 1.2\n'
+    )
+    out = simulate_cli(scenario, "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    g = doc["groups"][0]
+    assert {
+        "ep_group",
+        "ranks",
+        "steps",
+        "gamma",
+        "skew",
+        "balancedness",
+        "dispatch",
+        "combine",
+        "stragglers",
+    } <= set(g)
+    assert set(g["dispatch"]) >= {"latency_s", "bandwidth_Bps", "r2", "regime"}
+    assert [(s["rank"], s["cause"]) for s in g["stragglers"]] == [(9, "compute")]
+    assert set(g["stragglers"][0]) >= {"rank", "node", "cause", "slowdown", "first_step"}
+    text = simulate_cli(scenario)
+    assert "rank 9 on node-1: compute, since step" in text.stdout
+    assert "slow GPU" in text.stdout
+
+
+def test_simulate_cli_rejects_a_bad_scenario(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[network]\nbandwith_gbps = 10\n")
+    out = simulate_cli(bad)
+    assert out.returncode == 2
+    assert "unknown key 'bandwith_gbps'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "simulator" / "scenarios").glob("*.toml")))
+def test_shipped_example_scenarios_load(path: Path) -> None:
+    assert load_scenario(path).faults
