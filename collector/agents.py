@@ -1,0 +1,126 @@
+"""What the agents report about themselves, mirrored for /metrics.
+
+Every message carries the sending agent's ``AgentStats`` (running totals). The table
+keeps the newest per agent and sums them per node at scrape time; a restarted agent is
+a new ``agent_id`` and its predecessor's totals stay in the sum, so the per-node
+counters keep increasing. Agents with no open stream are forgotten LRU past a bound.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from protos import epwatch_pb2 as pb
+
+SPOOL_STALE_S = 300.0
+
+
+@dataclass(slots=True)
+class _Agent:
+    node: str
+    records_dropped: int = 0
+    hook_records_dropped: int = 0
+    spool_records: int = 0
+    streams: int = 0
+    seen_s: float = 0.0
+
+
+class AgentTable(Collector):
+    """Agent stats and open streams; a prometheus-client custom collector."""
+
+    def __init__(self, max_agents: int = 10_000) -> None:
+        self._max_agents = max_agents
+        self._agents: OrderedDict[str, _Agent] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _get(self, agent_id: str, node: str) -> _Agent:
+        a = self._agents.get(agent_id)
+        if a is None:
+            a = self._agents[agent_id] = _Agent(node)
+            self._evict()
+        else:
+            self._agents.move_to_end(agent_id)
+            if node:
+                a.node = node
+        return a
+
+    def _evict(self) -> None:
+        if len(self._agents) <= self._max_agents:
+            return
+        for agent_id in [k for k, a in self._agents.items() if a.streams == 0]:
+            del self._agents[agent_id]
+            if len(self._agents) <= self._max_agents:
+                return
+
+    def observe(self, agent_id: str, node: str, stats: pb.AgentStats | None) -> None:
+        """Record the stats a message carried."""
+        with self._lock:
+            a = self._get(agent_id, node)
+            a.seen_s = time.monotonic()
+            if stats is not None:
+                a.records_dropped = max(a.records_dropped, stats.records_dropped)
+                a.hook_records_dropped = max(a.hook_records_dropped, stats.hook_records_dropped)
+                a.spool_records = stats.spool_records
+
+    def stream_opened(self, agent_id: str, node: str) -> None:
+        with self._lock:
+            self._get(agent_id, node).streams += 1
+
+    def stream_closed(self, agent_id: str) -> None:
+        with self._lock:
+            a = self._agents.get(agent_id)
+            if a is not None:
+                a.streams = max(0, a.streams - 1)
+
+    def connected(self) -> int:
+        with self._lock:
+            return sum(1 for a in self._agents.values() if a.streams > 0)
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        now = time.monotonic()
+        dropped: dict[str, int] = {}
+        hook_dropped: dict[str, int] = {}
+        spool: dict[str, int] = {}
+        with self._lock:
+            agents = list(self._agents.values())
+        for a in agents:
+            if not a.node:
+                continue
+            dropped[a.node] = dropped.get(a.node, 0) + a.records_dropped
+            hook_dropped[a.node] = hook_dropped.get(a.node, 0) + a.hook_records_dropped
+            if a.streams > 0 or now - a.seen_s < SPOOL_STALE_S:
+                spool[a.node] = spool.get(a.node, 0) + a.spool_records
+        connected = GaugeMetricFamily("epwatch_agents_connected", "Agents with an open stream")
+        connected.add_metric([], sum(1 for a in agents if a.streams > 0))
+        yield connected
+        fam = CounterMetricFamily(
+            "epwatch_agent_records_dropped_total",
+            "Records agents dropped beyond their spool bound (as reported)",
+            labels=["node"],
+        )
+        for node in sorted(dropped):
+            fam.add_metric([node], dropped[node])
+        yield fam
+        fam = CounterMetricFamily(
+            "epwatch_agent_hook_records_dropped_total",
+            "Records hooks dropped (agent absent or slow), as agents report",
+            labels=["node"],
+        )
+        for node in sorted(hook_dropped):
+            fam.add_metric([node], hook_dropped[node])
+        yield fam
+        g = GaugeMetricFamily(
+            "epwatch_agent_spool_records",
+            "Records waiting for an ack in the agents",
+            labels=["node"],
+        )
+        for node in sorted(spool):
+            g.add_metric([node], spool[node])
+        yield g

@@ -1,0 +1,157 @@
+"""Per-EP-group state: the estimator (an injected dependency), its lock and the newest
+report, plus the rules that tie a group to one world size.
+
+The estimator is created by a factory so the service runs and is tested without the
+real estimators (``NullEstimator``) and the real ones plug in unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from epwatch.schema import Entered, PeerRows, RecordColumns, RecordError
+
+log = logging.getLogger(__name__)
+
+EvidenceFn = Callable[[str, str, int], list[str]]
+
+
+class Report(Protocol):
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class Estimator(Protocol):
+    """What the collector needs from ``collector.estimators.GroupEstimator``."""
+
+    def ingest(self, records: RecordColumns, node: str) -> None: ...
+    def ingest_peer_rows(self, rows: PeerRows) -> None: ...
+    def ingest_entered(self, entered: Entered, node: str, now_s: float) -> None: ...
+    def update(self, now_s: float, final: bool = False) -> None: ...
+    def report(self, evidence: EvidenceFn | None = None) -> Report: ...
+
+
+EstimatorFactory = Callable[[str, int], Estimator]
+
+
+class _NullReport:
+    def __init__(self, ep_group: str, ranks: int) -> None:
+        self._json = {"ep_group": ep_group, "ranks": ranks, "steps": 0, "stragglers": []}
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self._json)
+
+
+class NullEstimator:
+    """Accepts everything, estimates nothing: for ingest tests and estimator-less runs."""
+
+    def __init__(self, ep_group: str, world_size: int) -> None:
+        self.ep_group, self.world_size = ep_group, world_size
+
+    def ingest(self, records: RecordColumns, node: str) -> None:
+        pass
+
+    def ingest_peer_rows(self, rows: PeerRows) -> None:
+        pass
+
+    def ingest_entered(self, entered: Entered, node: str, now_s: float) -> None:
+        pass
+
+    def update(self, now_s: float, final: bool = False) -> None:
+        pass
+
+    def report(self, evidence: EvidenceFn | None = None) -> Report:
+        return _NullReport(self.ep_group, self.world_size)
+
+
+def default_factory() -> EstimatorFactory:
+    """The real estimators when installed, else :class:`NullEstimator` (with a warning)."""
+    try:
+        from collector.estimators import GroupEstimator
+    except ImportError as exc:
+        log.warning("estimators unavailable (%s): ingest and /metrics only", exc)
+        return NullEstimator
+    return lambda group, ws: GroupEstimator(group, ws)
+
+
+@dataclass
+class Group:
+    ep_group: str
+    world_size: int
+    estimator: Estimator
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_ingest_s: float = field(default_factory=time.monotonic)
+    report: dict[str, Any] | None = None  # newest report.to_json(), set by the analyzer
+    report_obj: Any = None
+
+
+class GroupTable:
+    """Groups by name, created on first use; a group idle for ``expire_after_s`` is
+    forgotten (its series vanish and it may come back with another world size)."""
+
+    def __init__(
+        self, factory: EstimatorFactory, max_groups: int = 64, expire_after_s: float = 600.0
+    ) -> None:
+        self._factory = factory
+        self._max_groups = max_groups
+        self._expire_after_s = expire_after_s
+        self._groups: dict[str, Group] = {}
+        self._lock = threading.Lock()
+
+    def get(self, ep_group: str, world_size: int) -> Group:
+        """The group for a batch; RecordError if its world size disagrees."""
+        g = self._groups.get(ep_group)
+        if g is not None and g.world_size == world_size:
+            return g
+        with self._lock:
+            g = self._groups.get(ep_group)
+            if g is None:
+                if len(self._groups) >= self._max_groups:
+                    raise RecordError(
+                        "too_many_groups",
+                        f"already {self._max_groups} EP groups; {ep_group!r} refused",
+                    )
+                g = self._groups[ep_group] = Group(
+                    ep_group, world_size, self._factory(ep_group, world_size)
+                )
+                log.info("new EP group %s with world_size %d", ep_group, world_size)
+                return g
+        if g.world_size != world_size:
+            raise RecordError(
+                "world_size_changed",
+                f"EP group {ep_group!r} has world_size {g.world_size}, batch says {world_size}",
+            )
+        return g
+
+    def groups(self) -> list[Group]:
+        with self._lock:
+            return list(self._groups.values())
+
+    def expire(self, now_s: float) -> list[str]:
+        with self._lock:
+            gone = [
+                name
+                for name, g in self._groups.items()
+                if now_s - g.last_ingest_s > self._expire_after_s
+            ]
+            for name in gone:
+                del self._groups[name]
+        for name in gone:
+            log.info("EP group %s expired after %.0f s without data", name, self._expire_after_s)
+        return gone
+
+
+def finite(value: Any) -> float | None:
+    """A JSON number worth exposing, or None (unknown, NaN)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None

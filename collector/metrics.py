@@ -1,0 +1,267 @@
+"""The collector's Prometheus surface (names and labels: docs/contracts.md).
+
+Ingest health uses ordinary prometheus-client counters (the collector owns those
+values). Everything the estimators compute is read from each group's newest report at
+scrape time by :class:`GroupMetrics`, a custom collector, so straggler series appear
+and disappear with the flags and a scrape never sees a half-updated group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from collector.groups import Group, finite
+
+MAX_EVIDENCE = 4
+PHASES = ("dispatch", "combine")
+
+# Every family name the collector itself exposes; node samples may not reuse them.
+OWN_NAMES = frozenset(
+    {
+        "epwatch_straggler_factor_ratio",
+        "epwatch_routing_skew_ratio",
+        "epwatch_routing_balancedness_ratio",
+        "epwatch_collective_latency_seconds",
+        "epwatch_collective_bandwidth_bytes_per_second",
+        "epwatch_collective_fit_r2_ratio",
+        "epwatch_collective_fit_points",
+        "epwatch_collective_crossover_bytes",
+        "epwatch_collective_per_peer_message_bytes",
+        "epwatch_collective_latency_bound",
+        "epwatch_collective_transfer_seconds",
+        "epwatch_straggler_seconds_per_step",
+        "epwatch_rank_compute_slowdown_ratio",
+        "epwatch_rank_load_ratio",
+        "epwatch_rank_arrival_lag_seconds",
+        "epwatch_straggler",
+        "epwatch_straggler_first_step",
+        "epwatch_straggler_evidence",
+        "epwatch_group_steps",
+        "epwatch_group_steps_total",
+        "epwatch_group_last_step",
+        "epwatch_group_world_size",
+        "epwatch_group_stalled_seconds",
+        "epwatch_ingest_records",
+        "epwatch_ingest_records_total",
+        "epwatch_ingest_batches",
+        "epwatch_ingest_batches_total",
+        "epwatch_ingest_duplicates",
+        "epwatch_ingest_duplicates_total",
+        "epwatch_ingest_rejected",
+        "epwatch_ingest_rejected_total",
+        "epwatch_agents_connected",
+        "epwatch_agent_records_dropped",
+        "epwatch_agent_records_dropped_total",
+        "epwatch_agent_hook_records_dropped",
+        "epwatch_agent_hook_records_dropped_total",
+        "epwatch_agent_spool_records",
+        "epwatch_estimator_duration_seconds",
+        "epwatch_recorder_records_dropped",
+        "epwatch_recorder_records_dropped_total",
+    }
+)
+
+
+class IngestMetrics:
+    """Counters the ingest path increments (once per message, never per record)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.records = Counter(
+            "epwatch_ingest_records",
+            "Hook records accepted",
+            ["ep_group"],
+            registry=registry,
+        )
+        self.batches = Counter("epwatch_ingest_batches", "Messages accepted", registry=registry)
+        self.duplicates = Counter(
+            "epwatch_ingest_duplicates",
+            "Messages already seen (not counted again)",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "epwatch_ingest_rejected", "Messages rejected, by reason", ["reason"], registry=registry
+        )
+        self.estimator_duration = Gauge(
+            "epwatch_estimator_duration_seconds",
+            "Wall time of the last estimator pass",
+            registry=registry,
+        )
+        self.recorder_dropped = Counter(
+            "epwatch_recorder_records_dropped",
+            "Records the Parquet recorder could not keep up with",
+            registry=registry,
+        )
+
+
+def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+class GroupMetrics(Collector):
+    """Per-group estimator series, from each group's newest report JSON."""
+
+    def __init__(
+        self, groups: Callable[[], list[Group]], stalled: Callable[[Group], float]
+    ) -> None:
+        self._groups = groups
+        self._stalled = stalled
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        g = ["ep_group"]
+        fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "gamma": _gauge(
+                "epwatch_straggler_factor_ratio",
+                "Straggler factor: max over mean expert compute time, window quantile",
+                [*g, "quantile"],
+            ),
+            "skew": _gauge(
+                "epwatch_routing_skew_ratio",
+                "Per-layer routed load max over mean, window quantile",
+                [*g, "quantile"],
+            ),
+            "balancedness": _gauge(
+                "epwatch_routing_balancedness_ratio", "1 / median routing skew", g
+            ),
+            "latency_s": _gauge(
+                "epwatch_collective_latency_seconds", "Hockney fixed latency L", [*g, "phase"]
+            ),
+            "bandwidth_Bps": _gauge(
+                "epwatch_collective_bandwidth_bytes_per_second",
+                "Hockney effective bandwidth BW_eff",
+                [*g, "phase"],
+            ),
+            "r2": _gauge(
+                "epwatch_collective_fit_r2_ratio", "R^2 of the Hockney fit", [*g, "phase"]
+            ),
+            "n": _gauge(
+                "epwatch_collective_fit_points", "Points in the Hockney fit", [*g, "phase"]
+            ),
+            "crossover_bytes": _gauge(
+                "epwatch_collective_crossover_bytes", "Crossover n_1/2 = L * BW_eff", [*g, "phase"]
+            ),
+            "per_peer_message_bytes": _gauge(
+                "epwatch_collective_per_peer_message_bytes",
+                "Median per-peer message V / (P-1)",
+                [*g, "phase"],
+            ),
+            "latency_bound": _gauge(
+                "epwatch_collective_latency_bound",
+                "1 when the per-peer message is below the crossover",
+                [*g, "phase"],
+            ),
+            "transfer_s": _gauge(
+                "epwatch_collective_transfer_seconds",
+                "Median transfer time min_r d_r",
+                [*g, "phase"],
+            ),
+            "lost": _gauge(
+                "epwatch_straggler_seconds_per_step",
+                "Time lost per forward pass to stragglers",
+                g,
+            ),
+            "compute_slowdown": _gauge(
+                "epwatch_rank_compute_slowdown_ratio",
+                "Per-token compute cost over the group median",
+                [*g, "rank", "node"],
+            ),
+            "load_ratio": _gauge(
+                "epwatch_rank_load_ratio", "Routed load over the mean load", [*g, "rank", "node"]
+            ),
+            "arrival_lag_s": _gauge(
+                "epwatch_rank_arrival_lag_seconds", "Median arrival lag", [*g, "rank", "node"]
+            ),
+            "straggler": _gauge(
+                "epwatch_straggler",
+                "Present while the rank is flagged; value = slowdown",
+                [*g, "rank", "node", "cause"],
+            ),
+            "first_step": _gauge(
+                "epwatch_straggler_first_step",
+                "First step the flag's evidence held",
+                [*g, "rank", "node", "cause"],
+            ),
+            "evidence": _gauge(
+                "epwatch_straggler_evidence",
+                "1 per evidence line of a flagged rank",
+                [*g, "rank", "node", "cause", "evidence"],
+            ),
+            "steps": CounterMetricFamily(
+                "epwatch_group_steps", "Steps finalised by the estimators", labels=g
+            ),
+            "last_step": _gauge("epwatch_group_last_step", "Newest finalised step", g),
+            "world_size": _gauge("epwatch_group_world_size", "P", g),
+            "stalled": _gauge(
+                "epwatch_group_stalled_seconds",
+                "Seconds since the group last completed a collective (0 when moving)",
+                g,
+            ),
+        }
+        for group in sorted(self._groups(), key=lambda x: x.ep_group):
+            _add_group(fams, group, group.report or {}, self._stalled(group))
+        yield from fams.values()
+
+
+def _add(fam: Any, labels: list[str], value: Any) -> None:
+    v = finite(value)
+    if v is not None:
+        fam.add_metric(labels, v)
+
+
+def _add_group(fams: dict[str, Any], group: Group, rep: dict[str, Any], stalled: float) -> None:
+    name = group.ep_group
+    gamma = rep.get("gamma") or {}
+    _add(fams["gamma"], [name, "0.5"], gamma.get("median"))
+    _add(fams["gamma"], [name, "0.99"], gamma.get("p99"))
+    skew = rep.get("skew") or {}
+    _add(fams["skew"], [name, "0.5"], skew.get("median"))
+    _add(fams["skew"], [name, "1"], skew.get("max"))
+    _add(fams["balancedness"], [name], rep.get("balancedness"))
+    for phase in PHASES:
+        fit = rep.get(phase) or {}
+        for key in (
+            "latency_s",
+            "bandwidth_Bps",
+            "r2",
+            "crossover_bytes",
+            "per_peer_message_bytes",
+            "transfer_s",
+        ):
+            _add(fams[key], [name, phase], fit.get(key))
+        if fit.get("n"):
+            _add(fams["n"], [name, phase], fit.get("n"))
+        regime = fit.get("regime")
+        if regime in ("latency-bound", "bandwidth-bound"):
+            fams["latency_bound"].add_metric(
+                [name, phase], 1.0 if regime == "latency-bound" else 0.0
+            )
+    _add(fams["lost"], [name], rep.get("time_lost_per_step_s"))
+    per_rank = rep.get("per_rank") or {}
+    nodes = per_rank.get("node") or []
+    for key in ("compute_slowdown", "load_ratio", "arrival_lag_s"):
+        for rank, value in enumerate(per_rank.get(key) or []):
+            node = nodes[rank] if rank < len(nodes) else ""
+            _add(fams[key], [name, str(rank), node], value)
+    seen: set[tuple[str, str, str]] = set()
+    for s in rep.get("stragglers") or []:
+        if s.get("active") is False:
+            continue
+        key = (str(s.get("rank")), str(s.get("node", "")), str(s.get("cause", "")))
+        if key in seen:
+            continue
+        seen.add(key)
+        slowdown = finite(s.get("slowdown"))
+        fams["straggler"].add_metric([name, *key], slowdown if slowdown is not None else 1.0)
+        _add(fams["first_step"], [name, *key], s.get("first_step"))
+        for line in list(dict.fromkeys(s.get("evidence") or []))[:MAX_EVIDENCE]:
+            fams["evidence"].add_metric([name, *key, str(line)], 1.0)
+    _add(fams["steps"], [name], rep.get("steps", 0))
+    last = rep.get("last_step")
+    if last is not None and last >= 0:
+        _add(fams["last_step"], [name], last)
+    fams["world_size"].add_metric([name], float(group.world_size))
+    fams["stalled"].add_metric([name], stalled)

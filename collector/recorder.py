@@ -1,0 +1,154 @@
+"""``--record DIR``: accepted raw hook records appended to Parquet for post-mortems.
+
+The ingest path only puts columns on a bounded queue (never blocks; what does not fit
+is counted); a writer thread accumulates row groups and rotates files by size and age.
+Files being written end in ``.parquet.partial`` and are renamed when closed, so a
+reader never opens a file without its footer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from epwatch.schema import RECORD_DTYPES, RecordColumns
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema(
+    [
+        ("ep_group", pa.dictionary(pa.int32(), pa.string())),
+        ("node", pa.dictionary(pa.int32(), pa.string())),
+        ("world_size", pa.int32()),
+        ("received_unix_ns", pa.int64()),
+        *[(name, pa.from_numpy_dtype(np.dtype(dt))) for name, dt in RECORD_DTYPES.items()],
+    ]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RecorderConfig:
+    directory: str
+    max_file_bytes: int = 256 << 20
+    max_file_seconds: float = 3600.0
+    row_group_records: int = 256 * 1024
+    flush_seconds: float = 5.0
+    queue_records: int = 4 << 20
+
+
+def _table(group: str, node: str, ws: int, t_ns: int, r: RecordColumns) -> pa.Table:
+    n = len(r)
+    cols = {
+        "ep_group": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [group]),
+        "node": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [node]),
+        "world_size": pa.array(np.full(n, ws, np.int32)),
+        "received_unix_ns": pa.array(np.full(n, t_ns, np.int64)),
+    }
+    cols.update({name: pa.array(arr) for name, arr in r.as_dict().items()})
+    return pa.table(cols, schema=SCHEMA)
+
+
+class Recorder:
+    """Background Parquet writer; ``put`` is safe and cheap on the ingest path."""
+
+    def __init__(self, config: RecorderConfig, on_drop: Callable[[int], None]) -> None:
+        self.config = config
+        self._on_drop = on_drop
+        os.makedirs(config.directory, exist_ok=True)
+        self._queue: queue.Queue[tuple[str, str, int, int, RecordColumns] | None] = queue.Queue()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._writer: pq.ParquetWriter | None = None
+        self._path = ""
+        self._opened_s = 0.0
+        self._seq = 0
+        self.files: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, group: str, node: str, world_size: int, records: RecordColumns) -> None:
+        n = len(records)
+        with self._lock:
+            if self._queued + n > self.config.queue_records:
+                self._on_drop(n)
+                return
+            self._queued += n
+        self._queue.put((group, node, world_size, time.time_ns(), records))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        pending: list[pa.Table] = []
+        rows = 0
+        last_flush = time.monotonic()
+        while True:
+            try:
+                item = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                item = ()  # type: ignore[assignment]
+            if item is None:
+                break
+            if item:
+                group, node, ws, t_ns, records = item
+                with self._lock:
+                    self._queued -= len(records)
+                pending.append(_table(group, node, ws, t_ns, records))
+                rows += len(records)
+            now = time.monotonic()
+            if pending and (
+                rows >= self.config.row_group_records
+                or now - last_flush >= self.config.flush_seconds
+            ):
+                self._write(pa.concat_tables(pending).unify_dictionaries())
+                pending, rows, last_flush = [], 0, now
+        if pending:
+            self._write(pa.concat_tables(pending).unify_dictionaries())
+        self._close()
+
+    def _write(self, table: pa.Table) -> None:
+        try:
+            if self._writer is not None and self._due():
+                self._close()
+            if self._writer is None:
+                self._open()
+            assert self._writer is not None
+            self._writer.write_table(table)
+        except (OSError, pa.ArrowException):
+            log.exception("recording %d records failed", table.num_rows)
+            self._on_drop(table.num_rows)
+
+    def _due(self) -> bool:
+        too_big = os.path.getsize(self._path) >= self.config.max_file_bytes
+        too_old = time.monotonic() - self._opened_s >= self.config.max_file_seconds
+        return too_big or too_old
+
+    def _open(self) -> None:
+        self._seq += 1
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        name = f"records-{stamp}-{os.getpid()}-{self._seq:04d}.parquet.partial"
+        self._path = os.path.join(self.config.directory, name)
+        self._writer = pq.ParquetWriter(self._path, SCHEMA, compression="zstd")
+        self._opened_s = time.monotonic()
+
+    def _close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        final = self._path.removesuffix(".partial")
+        os.replace(self._path, final)
+        self.files.append(final)
+        log.info("recorded %s", final)
+        self._writer = None

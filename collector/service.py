@@ -1,0 +1,129 @@
+"""The collector assembled: gRPC ingest, estimator loop, /metrics, optional recorder.
+
+``CollectorService`` is what ``epwatch collector`` runs and what tests, the demo and
+the benchmark start in-process; ports may be 0 (the bound ports are reported).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+
+from collector.agents import AgentTable
+from collector.analyzer import Analyzer
+from collector.dedup import SeqDeduper
+from collector.groups import EstimatorFactory, Group, GroupTable, default_factory, finite
+from collector.ingest import Ingestor
+from collector.metrics import OWN_NAMES, GroupMetrics, IngestMetrics
+from collector.recorder import Recorder, RecorderConfig
+from collector.samples import NodeSampleStore
+from collector.server import CollectorHandlers, build_server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    grpc_listen: str = "127.0.0.1:50051"
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9401)
+    update_interval_s: float = 1.0
+    max_message_bytes: int = 64 << 20
+    max_groups: int = 64
+    group_expire_s: float = 600.0
+    max_streams: int = 256
+    record: RecorderConfig | None = None
+
+
+def _node_evidence() -> Any | None:
+    """``collector.evidence.NodeEvidence`` when present (GPU/NIC corroboration)."""
+    try:
+        from collector.evidence import NodeEvidence
+    except ImportError:
+        return None
+    return NodeEvidence()
+
+
+class CollectorService:
+    def __init__(
+        self, config: CollectorConfig, estimator_factory: EstimatorFactory | None = None
+    ) -> None:
+        self.config = config
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.metrics = IngestMetrics(self.registry)
+        self.groups = GroupTable(
+            estimator_factory or default_factory(), config.max_groups, config.group_expire_s
+        )
+        self.agents = AgentTable()
+        self.samples = NodeSampleStore(OWN_NAMES)
+        self.evidence = _node_evidence()
+        self.recorder = (
+            Recorder(config.record, self.metrics.recorder_dropped.inc) if config.record else None
+        )
+        self.ingestor = Ingestor(
+            self.groups,
+            SeqDeduper(),
+            self.agents,
+            self.samples,
+            self.metrics,
+            max_message_bytes=config.max_message_bytes,
+            recorder=self.recorder,
+            evidence_update=self.evidence.update if self.evidence is not None else None,
+        )
+        self.analyzer = Analyzer(
+            self.groups,
+            self.metrics,
+            config.update_interval_s,
+            evidence=self.evidence.evidence_for if self.evidence is not None else None,
+        )
+        for c in (GroupMetrics(self.groups.groups, self._stalled_s), self.agents, self.samples):
+            self.registry.register(c)
+        self._server, self.grpc_port, self._health = build_server(
+            CollectorHandlers(self.ingestor, self.agents),
+            config.grpc_listen,
+            max_message_bytes=config.max_message_bytes,
+            max_workers=config.max_streams,
+        )
+        self._http: Any = None
+        self.metrics_port = 0
+
+    def _stalled_s(self, group: Group) -> float:
+        reported = finite((group.report or {}).get("stalled_s"))
+        if reported is not None:
+            return reported
+        idle = time.monotonic() - group.last_ingest_s
+        return idle if idle > 2 * self.config.update_interval_s else 0.0
+
+    def start(self) -> None:
+        if self.recorder is not None:
+            self.recorder.start()
+        self._server.start()
+        self.analyzer.start()
+        if self.config.metrics_listen is not None:
+            host, port = self.config.metrics_listen
+            self._http, _ = start_http_server(port, host, registry=self.registry)
+            self.metrics_port = self._http.server_port
+        log.info(
+            "collector: gRPC on port %d, /metrics on port %d", self.grpc_port, self.metrics_port
+        )
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Refuse new work, finish what is in flight, flush the recorder."""
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait(grace_s + 1)
+        self.analyzer.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    def metrics_text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def reports(self) -> list[dict[str, Any]]:
+        """Newest report JSON of every group (after at least one estimator pass)."""
+        return [g.report for g in self.groups.groups() if g.report is not None]
