@@ -1,0 +1,134 @@
+"""Merge hook frames from the node's ranks into few, large messages per EP group.
+
+Each rank sends small frames; the collector's ingest is cheap per message and per
+column, not per record, so the agent concatenates columns until ``batch_records`` (or
+the flush interval) and serializes the batch once, straight into the spool.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent.spool import Spool
+from epwatch import wire
+from epwatch.schema import RECORD_DTYPES, Entered, PeerRows, RecordColumns
+from protos import epwatch_pb2 as pb
+
+# A message must stay well below the collector's size limit whatever the peer rows add.
+MAX_PENDING_BYTES = 8 << 20
+RECORD_BYTES = sum(np.dtype(d).itemsize for d in RECORD_DTYPES.values())
+
+
+@dataclass
+class _Pending:
+    records: list[RecordColumns] = field(default_factory=list)
+    peer_rows: list[PeerRows] = field(default_factory=list)
+    entered: list[Entered] = field(default_factory=list)
+    n_records: int = 0
+    n_bytes: int = 0
+
+    def empty(self) -> bool:
+        return not (self.records or self.peer_rows or self.entered)
+
+
+def _concat_peer_rows(parts: list[PeerRows]) -> PeerRows | None:
+    if not parts:
+        return None
+    cols = {
+        name: np.concatenate([getattr(p, name) for p in parts])
+        for name in ("rank", "step", "layer", "phase")
+    }
+    mats = {}
+    for name in ("wait_s", "send_bytes"):
+        present = [getattr(p, name) for p in parts if getattr(p, name).size]
+        if len(present) == len(parts):
+            mats[name] = np.concatenate(present)
+        else:  # keep rows aligned: a matrix travels only if every part has it
+            mats[name] = np.empty((len(cols["rank"]), 0), dtype=getattr(parts[0], name).dtype)
+    return PeerRows(**cols, **mats)
+
+
+def _latest_entered(parts: list[Entered]) -> Entered | None:
+    """Only the newest heartbeat per rank matters."""
+    if not parts:
+        return None
+    cols = {
+        n: np.concatenate([getattr(p, n) for p in parts])
+        for n in ("rank", "step", "layer", "phase")
+    }
+    rev = cols["rank"][::-1]
+    _, first = np.unique(rev, return_index=True)
+    keep = np.sort(len(rev) - 1 - first)
+    return Entered(**{n: a[keep] for n, a in cols.items()})
+
+
+class Batcher:
+    """Pending hook data per (ep_group, world_size); thread-safe."""
+
+    def __init__(self, spool: Spool, batch_records: int) -> None:
+        if batch_records < 1:
+            raise ValueError(f"batch_records must be >= 1, got {batch_records}")
+        self._spool = spool
+        self._batch_records = min(batch_records, MAX_PENDING_BYTES // RECORD_BYTES)
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, int], _Pending] = {}
+
+    def add(
+        self,
+        ep_group: str,
+        world_size: int,
+        records: RecordColumns,
+        peer_rows: PeerRows | None,
+        entered: Entered | None,
+    ) -> None:
+        with self._lock:
+            p = self._pending.setdefault((ep_group, world_size), _Pending())
+            if len(records):
+                p.records.append(records)
+                p.n_records += len(records)
+                p.n_bytes += len(records) * RECORD_BYTES
+            if peer_rows is not None and len(peer_rows):
+                p.peer_rows.append(peer_rows)
+                p.n_bytes += peer_rows.wait_s.nbytes + peer_rows.send_bytes.nbytes
+            if entered is not None and len(entered):
+                p.entered.append(entered)
+            if p.n_records >= self._batch_records:
+                self._emit(ep_group, world_size, p, keep_remainder=True)
+            elif p.n_bytes >= MAX_PENDING_BYTES:
+                self._emit(ep_group, world_size, p, keep_remainder=False)
+
+    def flush(self) -> None:
+        """Ship everything pending (called every flush interval and at shutdown)."""
+        with self._lock:
+            for (group, ws), p in self._pending.items():
+                if not p.empty():
+                    self._emit(group, ws, p, keep_remainder=False)
+
+    def pending_records(self) -> int:
+        with self._lock:
+            return sum(p.n_records for p in self._pending.values())
+
+    def _emit(self, group: str, ws: int, p: _Pending, keep_remainder: bool) -> None:
+        records = RecordColumns.concat(p.records)
+        peer_rows = _concat_peer_rows(p.peer_rows)
+        entered = _latest_entered(p.entered)
+        size = self._batch_records
+        n_full = len(records) // size if keep_remainder else -(-len(records) // size)
+        chunks = [records.take(slice(i * size, (i + 1) * size)) for i in range(n_full)]
+        if not chunks:
+            chunks = [records.take(slice(0, 0))]
+        for i, chunk in enumerate(chunks):
+            first = i == 0
+            batch = wire.encode_records(
+                group, ws, chunk, peer_rows if first else None, entered if first else None
+            )
+            payload = pb.AgentMessage(batch=batch).SerializeToString()
+            self._spool.put(payload, len(chunk))
+        rest = records.take(slice(n_full * size, None)) if keep_remainder else None
+        p.records = [rest] if rest is not None and len(rest) else []
+        p.n_records = len(rest) if rest is not None else 0
+        p.n_bytes = p.n_records * RECORD_BYTES
+        p.peer_rows, p.entered = [], []

@@ -1,0 +1,132 @@
+"""The agent process: receiver -> batcher -> spool -> shipper, plus node samplers.
+
+Everything the agent counts is kept in plain attributes of these parts; the
+:class:`Agent` only wires them, runs the flush and sampling loops, and reports
+``AgentStats`` (shipped with every message) and its own /metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.batcher import Batcher
+from agent.receiver import Receiver, ReceiverCounters
+from agent.shipper import Shipper
+from agent.spool import Spool
+from protos import epwatch_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# One round of node samplers: () -> (points with .to_proto(), statuses with .to_proto()).
+SampleRound = Callable[[], tuple[Sequence[Any], Sequence[Any]]]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    collector: str
+    node: str
+    socket_path: str
+    spool_records: int = 1_000_000
+    batch_records: int = 16_384
+    flush_interval_s: float = 0.2
+    sample_interval_s: float = 1.0
+    backoff_base_s: float = 0.1
+    backoff_max_s: float = 5.0
+    window: int = 32
+
+
+def new_agent_id(node: str) -> str:
+    """Unique per process: a restarted agent starts a fresh seq space."""
+    return f"{node}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class Agent:
+    """A running agent; ``start()``/``stop()`` from the CLI, tests and the demo."""
+
+    def __init__(self, config: AgentConfig, sample_round: SampleRound | None = None) -> None:
+        self.config = config
+        self.agent_id = new_agent_id(config.node)
+        self.spool = Spool(config.spool_records)
+        self.batcher = Batcher(self.spool, config.batch_records)
+        self.receiver_counters = ReceiverCounters()
+        self.receiver = Receiver(config.socket_path, self.batcher, self.receiver_counters)
+        self.shipper = Shipper(
+            config.collector,
+            self.agent_id,
+            config.node,
+            self.spool,
+            self.stats,
+            window=config.window,
+            backoff_base=config.backoff_base_s,
+            backoff_max=config.backoff_max_s,
+        )
+        self._sample_round = sample_round
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._flush_loop, name="flush", daemon=True)]
+        if sample_round is not None:
+            self._threads.append(
+                threading.Thread(target=self._sample_loop, name="sampler", daemon=True)
+            )
+
+    def stats(self) -> pb.AgentStats:
+        c = self.spool.counters
+        return pb.AgentStats(
+            records_received=self.receiver_counters.records_received,
+            records_dropped=c.records_dropped,
+            spool_records=self.spool.records + self.batcher.pending_records(),
+            hook_records_dropped=self.receiver_counters.hook_records_dropped,
+        )
+
+    def start(self) -> None:
+        self.receiver.start()
+        self.shipper.start()
+        for t in self._threads:
+            t.start()
+        log.info(
+            "agent %s: hooks on %s, shipping to %s",
+            self.agent_id,
+            self.config.socket_path,
+            self.config.collector,
+        )
+
+    def stop(self, drain_timeout: float = 2.0) -> None:
+        """Stop taking frames, ship what is pending for a moment, then stop."""
+        self.receiver.stop()
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self.batcher.flush()
+        self.shipper.stop(drain_timeout)
+        if self.spool.records:
+            log.warning("exiting with %d records unacknowledged", self.spool.records)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.config.flush_interval_s):
+            try:
+                self.batcher.flush()
+            except Exception:  # keep flushing whatever one bad batch did
+                log.exception("flush failed")
+
+    def _sample_loop(self) -> None:
+        assert self._sample_round is not None
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                points, statuses = self._sample_round()
+                sample = pb.NodeSample(
+                    time_unix_ns=time.time_ns(),
+                    points=[p.to_proto() for p in points],
+                    samplers=[s.to_proto() for s in statuses],
+                )
+                self.spool.put(pb.AgentMessage(sample=sample).SerializeToString(), 0)
+            except Exception:
+                log.exception("sampling round failed")
+            next_at += self.config.sample_interval_s
+            self._stop.wait(max(0.0, next_at - time.monotonic()))

@@ -1,0 +1,118 @@
+"""Hook -> agent framing on the Unix socket (docs/contracts.md).
+
+A frame is a 4-byte little-endian length and that many bytes of a serialized
+``AgentMessage``. Both ends (the agent's receiver, hook clients, the demo's simulated
+ranks, tests) share this one module so the framing is written down exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import tempfile
+
+from epwatch import wire
+from epwatch.schema import Entered, PeerRows, RecordColumns
+from protos import epwatch_pb2 as pb
+
+MAX_FRAME_BYTES = 64 << 20
+HEADER = struct.Struct("<I")
+RUN_DIR = "/run/epwatch"
+
+
+class FrameError(ValueError):
+    """A frame the agent refuses; ``reason`` is the counter label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def default_socket_path() -> str:
+    """``$EPWATCH_AGENT_SOCKET``, else /run/epwatch/agent.sock, else $TMPDIR's."""
+    env = os.environ.get("EPWATCH_AGENT_SOCKET")
+    if env:
+        return env
+    if os.path.isdir(RUN_DIR) and os.access(RUN_DIR, os.W_OK):
+        return os.path.join(RUN_DIR, "agent.sock")
+    return os.path.join(tempfile.gettempdir(), "epwatch-agent.sock")
+
+
+def encode_frame(payload: bytes) -> bytes:
+    if len(payload) > MAX_FRAME_BYTES:
+        raise FrameError("oversized", f"frame of {len(payload)} bytes > {MAX_FRAME_BYTES}")
+    return HEADER.pack(len(payload)) + payload
+
+
+def hook_frame(
+    ep_group: str,
+    world_size: int,
+    records: RecordColumns,
+    peer_rows: PeerRows | None = None,
+    entered: Entered | None = None,
+    *,
+    pid: int | None = None,
+    hook_records_dropped: int = 0,
+) -> bytes:
+    """One framed hook message, as a hook (or a simulated rank) sends it."""
+    msg = pb.AgentMessage(
+        agent_id=f"hook:{os.getpid() if pid is None else pid}",
+        seq=0,
+        batch=wire.encode_records(ep_group, world_size, records, peer_rows, entered),
+        stats=pb.AgentStats(hook_records_dropped=hook_records_dropped),
+    )
+    return encode_frame(msg.SerializeToString())
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """Exactly n bytes, or None on EOF before the first byte."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            if got == 0:
+                return None
+            raise FrameError("truncated", f"connection closed after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def read_frame(sock: socket.socket, max_bytes: int = MAX_FRAME_BYTES) -> bytes | None:
+    """The next frame's payload, or None at a clean end of stream."""
+    header = _recv_exact(sock, HEADER.size)
+    if header is None:
+        return None
+    (length,) = HEADER.unpack(header)
+    if length > max_bytes:
+        raise FrameError("oversized", f"frame of {length} bytes > {max_bytes}")
+    if length == 0:
+        return b""
+    payload = _recv_exact(sock, length)
+    if payload is None:
+        raise FrameError("truncated", "connection closed before the frame's payload")
+    return payload
+
+
+class FrameSender:
+    """A blocking hook-side client: connect once, send frames. For tests and the demo;
+    the engine-side hooks have their own non-blocking sender."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._sock.connect(path)
+
+    def send(self, frame: bytes) -> None:
+        self._sock.sendall(frame)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> FrameSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,183 @@
+"""The agent's Unix socket: hook frames in, validated columns out to the batcher.
+
+Frames are validated here, one rank's frame at a time, because one bad frame merged
+into a node-wide batch would make the collector reject the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+import threading
+from collections import Counter, OrderedDict
+
+from google.protobuf.message import DecodeError
+
+from agent.batcher import Batcher
+from agent.frames import FrameError, read_frame
+from epwatch import wire
+from epwatch.schema import RecordError
+from protos import epwatch_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+MAX_HOOKS_TRACKED = 4096
+
+
+class ReceiverCounters:
+    """What the receiver saw, for the agent's metrics and AgentStats."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.records_received = 0
+        self.frames_received = 0
+        self.frames_rejected: Counter[str] = Counter()
+        self._hook_drops: OrderedDict[str, int] = OrderedDict()
+        self._hook_drops_retired = 0  # totals of hooks evicted from the table
+
+    def received(self, records: int) -> None:
+        with self._lock:
+            self.frames_received += 1
+            self.records_received += records
+
+    def rejected(self, reason: str) -> None:
+        with self._lock:
+            self.frames_rejected[reason] += 1
+
+    def hook_dropped(self, hook_id: str, total: int) -> None:
+        """A hook's running count of records it dropped (agent absent or slow)."""
+        with self._lock:
+            self._hook_drops[hook_id] = max(total, self._hook_drops.get(hook_id, 0))
+            self._hook_drops.move_to_end(hook_id)
+            while len(self._hook_drops) > MAX_HOOKS_TRACKED:
+                _, old = self._hook_drops.popitem(last=False)
+                self._hook_drops_retired += old
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.frames_rejected)
+
+    @property
+    def hook_records_dropped(self) -> int:
+        with self._lock:
+            return self._hook_drops_retired + sum(self._hook_drops.values())
+
+
+def _prepare_path(path: str) -> None:
+    """Remove a stale socket file (no listener), refuse to clobber anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(f"another agent is listening on {path}")
+
+
+class Receiver:
+    """Accepts hook connections; one thread per connected rank."""
+
+    def __init__(self, path: str, batcher: Batcher, counters: ReceiverCounters) -> None:
+        self.path = path
+        self._batcher = batcher
+        self.counters = counters
+        self._stop = threading.Event()
+        _prepare_path(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(256)
+        self._listener.settimeout(0.2)
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept_loop, name="receiver", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._listener.close()
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            with self._lock:
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="hook", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    frame = read_frame(conn)
+                except FrameError as exc:
+                    self.counters.rejected(exc.reason)
+                    log.warning("closing hook connection: %s", exc)
+                    return
+                except OSError:
+                    return
+                if frame is None:
+                    return
+                if not self.handle_frame(frame):
+                    return
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def handle_frame(self, frame: bytes) -> bool:
+        """Validate one frame and pass it on; False means close the connection."""
+        try:
+            msg = pb.AgentMessage.FromString(frame)
+        except DecodeError:
+            self.counters.rejected("garbage")
+            log.warning("closing hook connection: frame is not an AgentMessage")
+            return False
+        if msg.HasField("stats") and msg.agent_id:
+            self.counters.hook_dropped(msg.agent_id, msg.stats.hook_records_dropped)
+        if msg.WhichOneof("payload") != "batch":
+            return True  # stats-only frames are fine; hooks do not send samples
+        batch = msg.batch
+        try:
+            if not batch.ep_group:
+                raise RecordError("missing_group", "batch has no ep_group")
+            records = wire.decode_records(batch)
+            records.validate(batch.world_size)
+            peer_rows = wire.decode_peer_rows(batch) if batch.HasField("peer_rows") else None
+            if peer_rows is not None:
+                peer_rows.validate(batch.world_size)
+            entered = wire.decode_entered(batch) if batch.HasField("entered") else None
+            if entered is not None:
+                entered.validate(batch.world_size)
+        except RecordError as exc:
+            self.counters.rejected(exc.reason)
+            log.warning("dropping hook frame from %s: %s", msg.agent_id or "?", exc)
+            return True
+        self.counters.received(len(records))
+        self._batcher.add(batch.ep_group, batch.world_size, records, peer_rows, entered)
+        return True

@@ -1,0 +1,189 @@
+"""Ship the spool to the collector over one long gRPC stream, at least once.
+
+Messages go out in seq order with up to ``window`` in flight; each ``Ack`` removes one
+from the spool. When the stream breaks, everything unacknowledged is resent in order
+on the next one (the collector de-duplicates by (agent_id, seq)). Reconnects back off
+exponentially with jitter so a restarted collector is not hit by every agent at once.
+The big batch bytes are serialized once, in the batcher; here only a small header
+(agent_id, node, seq, current stats) is serialized and prepended, which protobuf
+merges into one message.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from agent.spool import Spool
+from protos import epwatch_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+STREAM_METHOD = "/epwatch.v1.Collector/Stream"
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with 'equal jitter': half fixed, half random."""
+    d = min(cap, base * (2 ** min(attempt, 30)))
+    return d / 2 + rng.uniform(0, d / 2)
+
+
+class Shipper:
+    """The sender thread and its connection state."""
+
+    def __init__(
+        self,
+        target: str,
+        agent_id: str,
+        node: str,
+        spool: Spool,
+        stats: Callable[[], pb.AgentStats],
+        *,
+        window: int = 32,
+        backoff_base: float = 0.1,
+        backoff_max: float = 5.0,
+        heartbeat_s: float = 2.0,
+        ack_timeout_s: float = 30.0,
+        connect_timeout_s: float = 2.0,
+    ) -> None:
+        self.target = target
+        self.agent_id = agent_id
+        self.node = node
+        self._spool = spool
+        self._stats = stats
+        self._window = window
+        self._backoff = (backoff_base, backoff_max)
+        self._heartbeat_s = heartbeat_s
+        self._ack_timeout_s = ack_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._rng = random.Random()
+        self._stop = threading.Event()
+        self._call: grpc.Future | None = None
+        self._thread = threading.Thread(target=self._run, name="shipper", daemon=True)
+        self.connected = False
+        self.reconnects = 0
+        self.rejections = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        """Stop after the spool drains or ``drain_timeout`` passes."""
+        if drain_timeout > 0 and self.connected:
+            self._spool.wait_empty(drain_timeout)
+        self._stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        self._thread.join(timeout=5)
+
+    def _header(self, seq: int) -> bytes:
+        msg = pb.AgentMessage(agent_id=self.agent_id, node=self.node, seq=seq, stats=self._stats())
+        return msg.SerializeToString()
+
+    def _requests(self, closed: threading.Event, taking: threading.Lock) -> Iterator[bytes]:
+        yield self._header(0)  # identifies the agent to the collector at once
+        last = time.monotonic()
+        while not closed.is_set() and not self._stop.is_set():
+            with taking:  # the connection's end waits for this before it requeues
+                if closed.is_set():
+                    return
+                entry = self._spool.take(self._window, timeout=0.2)
+            now = time.monotonic()
+            if entry is not None:
+                yield self._header(entry.seq) + entry.payload
+                last = now
+                continue
+            if self._spool.oldest_inflight_age(now) > self._ack_timeout_s:
+                log.warning("no ack for %.0f s; reconnecting", self._ack_timeout_s)
+                call = self._call
+                if call is not None:
+                    call.cancel()
+                return
+            if now - last >= self._heartbeat_s:
+                yield self._header(0)
+                last = now
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            if self._stream_once():
+                attempt = 0
+            if self._stop.is_set():
+                break
+            self.reconnects += 1
+            delay = backoff_delay(attempt, *self._backoff, self._rng)
+            attempt += 1
+            self._stop.wait(delay)
+
+    def _stream_once(self) -> bool:
+        """One connection; True if it carried at least one ack."""
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", int(self._backoff[1] * 1000)),
+        ]
+        channel = grpc.insecure_channel(self.target, options=options)
+        closed = threading.Event()
+        taking = threading.Lock()
+        acked = False
+        try:
+            self._wait_ready(channel)
+            stream = channel.stream_stream(STREAM_METHOD, response_deserializer=pb.Ack.FromString)
+            self._call = stream(self._requests(closed, taking))
+            self.connected = True
+            log.info("connected to collector %s", self.target)
+            for ack in self._call:
+                acked = True
+                self._on_ack(ack)
+        except grpc.FutureTimeoutError:
+            log.debug("collector %s not reachable", self.target)
+        except grpc.RpcError as exc:
+            if not self._stop.is_set():
+                log.warning("stream to %s ended: %s", self.target, _describe(exc))
+        finally:
+            closed.set()
+            self.connected = False
+            self._call = None
+            with taking:
+                self._spool.requeue()
+            channel.close()
+        return acked
+
+    def _wait_ready(self, channel: grpc.Channel) -> None:
+        """Like channel_ready_future().result(timeout), but stop() interrupts it."""
+        ready = grpc.channel_ready_future(channel)
+        deadline = time.monotonic() + self._connect_timeout_s
+        try:
+            while not self._stop.is_set():
+                try:
+                    ready.result(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+                    return
+                except grpc.FutureTimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise
+            raise grpc.FutureTimeoutError()
+        finally:
+            ready.cancel()
+
+    def _on_ack(self, ack: pb.Ack) -> None:
+        ok = ack.code == 0
+        if ack.seq:
+            self._spool.ack(ack.seq, ok)
+        if not ok:
+            self.rejections += 1
+            log.warning("collector rejected seq %d: %s", ack.seq, ack.message)
+
+
+def _describe(exc: grpc.RpcError) -> str:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    return f"{code.name if code else '?'}: {details}"

@@ -1,0 +1,187 @@
+"""The agent in-process against an in-process collector: frames in, records out."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from agent.daemon import Agent, AgentConfig
+from agent.frames import FrameSender, encode_frame, hook_frame
+from collector.groups import NullEstimator
+from collector.service import CollectorConfig, CollectorService
+from tests.conftest import free_port, make_records, value
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="epw")  # short: Unix socket paths are limited to 107 bytes
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def start_collector(grpc_port: int) -> CollectorService:
+    svc = CollectorService(
+        CollectorConfig(grpc_listen=f"127.0.0.1:{grpc_port}", metrics_listen=None),
+        estimator_factory=NullEstimator,
+    )
+    svc.start()
+    return svc
+
+
+def make_agent(grpc_port: int, path: str, **kw) -> Agent:
+    config = AgentConfig(
+        collector=f"127.0.0.1:{grpc_port}",
+        node="n0",
+        socket_path=path,
+        flush_interval_s=0.05,
+        backoff_base_s=0.05,
+        backoff_max_s=0.2,
+        **kw,
+    )
+    return Agent(config)
+
+
+def records_total(svc: CollectorService) -> float:
+    return value(svc.metrics_text(), "epwatch_ingest_records_total", ep_group="g") or 0.0
+
+
+def test_frames_from_ranks_reach_the_collector(sockdir: str) -> None:
+    port = free_port()
+    svc = start_collector(port)
+    agent = make_agent(port, f"{sockdir}/a.sock")
+    agent.start()
+    try:
+        senders = [FrameSender(f"{sockdir}/a.sock") for _ in range(2)]
+        for _ in range(20):
+            for r, s in enumerate(senders):
+                s.send(hook_frame("g", 16, make_records(50, 16, ranks=[r]), pid=100 + r))
+        wait_for(lambda: records_total(svc) == 2000)
+        wait_for(lambda: agent.spool.counters.records_delivered == 2000)
+        assert agent.receiver_counters.records_received == 2000
+        assert value(svc.metrics_text(), "epwatch_agents_connected") == 1
+        for s in senders:
+            s.close()
+    finally:
+        agent.stop()
+        svc.stop(grace_s=0.2)
+
+
+def test_bad_frames_are_counted(sockdir: str) -> None:
+    port = free_port()
+    svc = start_collector(port)
+    agent = make_agent(port, f"{sockdir}/a.sock")
+    agent.start()
+    try:
+        good = hook_frame("g", 16, make_records(10, 16))
+        bad = hook_frame("g", 4, make_records(10, 16))  # ranks beyond world_size 4
+        with FrameSender(f"{sockdir}/a.sock") as s:
+            s.send(bad + good)
+            wait_for(lambda: agent.receiver_counters.records_received == 10)
+            s.send(encode_frame(b"\xff\xff\xff\xff"))  # not a message: connection closed
+            s._sock.settimeout(5)
+            assert s._sock.recv(1) == b""
+        rejected = agent.receiver_counters.rejected_by_reason()
+        assert rejected == {"rank_out_of_range": 1, "garbage": 1}
+        wait_for(lambda: records_total(svc) == 10)
+    finally:
+        agent.stop()
+        svc.stop(grace_s=0.2)
+
+
+def test_agent_spools_while_collector_is_down_and_delivers_after(sockdir: str) -> None:
+    port = free_port()
+    agent = make_agent(port, f"{sockdir}/a.sock")
+    agent.start()
+    svc = None
+    try:
+        with FrameSender(f"{sockdir}/a.sock") as s:
+            for _ in range(10):
+                s.send(hook_frame("g", 16, make_records(100, 16)))
+            wait_for(lambda: agent.spool.records == 1000)
+            assert not agent.shipper.connected
+            svc = start_collector(port)
+            wait_for(lambda: records_total(svc) == 1000)
+            svc.stop(grace_s=0.2)  # a graceful stop, then a fresh collector on the same port
+            s.send(hook_frame("g", 16, make_records(100, 16)))
+            svc = start_collector(port)
+            wait_for(lambda: records_total(svc) == 100)
+        assert agent.spool.counters.records_delivered == 1100
+        assert agent.shipper.reconnects >= 1
+    finally:
+        agent.stop()
+        if svc is not None:
+            svc.stop(grace_s=0.2)
+
+
+class _Point:
+    def __init__(self, name: str, value: float) -> None:
+        self.name, self.value = name, value
+
+    def to_proto(self) -> object:
+        from protos import epwatch_pb2 as pb
+
+        return pb.MetricPoint(name=self.name, labels={"gpu": "0"}, value=self.value)
+
+
+def test_sample_rounds_are_shipped_and_reexposed(sockdir: str) -> None:
+    port = free_port()
+    svc = start_collector(port)
+    config = AgentConfig(
+        collector=f"127.0.0.1:{port}",
+        node="n7",
+        socket_path=f"{sockdir}/a.sock",
+        sample_interval_s=0.1,
+    )
+    agent = Agent(config, sample_round=lambda: ([_Point("epwatch_gpu_power_watts", 700.0)], []))
+    agent.start()
+    try:
+        wait_for(
+            lambda: (
+                value(svc.metrics_text(), "epwatch_gpu_power_watts", node="n7", gpu="0") == 700.0
+            )
+        )
+    finally:
+        agent.stop()
+        svc.stop(grace_s=0.2)
+
+
+def test_agent_daemon_imports_neither_pandas_nor_the_collector() -> None:
+    code = (
+        "import argparse, sys, agent.cli, agent.daemon, agent.metrics;"
+        "agent.cli.add_arguments(argparse.ArgumentParser());"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('pandas', 'collector', 'pyarrow')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_stale_socket_file_is_replaced(sockdir: str) -> None:
+    path = f"{sockdir}/a.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()  # the file stays, nobody listens
+    agent = make_agent(free_port(), path)
+    agent.start()
+    try:
+        with FrameSender(path) as s:
+            s.send(hook_frame("g", 16, make_records(5, 16)))
+        wait_for(lambda: agent.receiver_counters.records_received == 5)
+    finally:
+        agent.stop(drain_timeout=0)
