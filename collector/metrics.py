@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from collector.groups import Group, finite
@@ -102,6 +103,19 @@ def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=labels)
 
 
+class _Quantiles(Metric):
+    """Window quantiles of a per-(step, layer) ratio, typed ``summary`` because
+    ``promtool check metrics`` refuses a ``quantile`` label on any other type. Only
+    the quantile samples are exposed: the window has no meaningful _sum/_count."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        super().__init__(name, doc, "summary")
+
+    def add_metric(self, labels: list[str], value: float) -> None:
+        group, quantile = labels
+        self.add_sample(self.name, {"ep_group": group, "quantile": quantile}, value)
+
+
 class GroupMetrics(Collector):
     """Per-group estimator series, from each group's newest report JSON."""
 
@@ -111,18 +125,16 @@ class GroupMetrics(Collector):
         self._groups = groups
         self._stalled = stalled
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         g = ["ep_group"]
-        fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
-            "gamma": _gauge(
+        fams: dict[str, Metric] = {
+            "gamma": _Quantiles(
                 "epwatch_straggler_factor_ratio",
                 "Straggler factor: max over mean expert compute time, window quantile",
-                [*g, "quantile"],
             ),
-            "skew": _gauge(
+            "skew": _Quantiles(
                 "epwatch_routing_skew_ratio",
                 "Per-layer routed load max over mean, window quantile",
-                [*g, "quantile"],
             ),
             "balancedness": _gauge(
                 "epwatch_routing_balancedness_ratio", "1 / median routing skew", g

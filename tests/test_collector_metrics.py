@@ -1,0 +1,119 @@
+"""/metrics of a collector running on simulated records: promtool-clean, with the
+straggler series and its labels."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from collector.service import CollectorConfig, CollectorService
+from epwatch import wire
+from protos import epwatch_pb2 as pb
+from simulator.engine import Simulation
+from simulator.scenario import load_scenario
+from tests.conftest import samples, scrape, value
+
+pytestmark = pytest.mark.timeout(120)
+
+SCENARIO = {
+    "seed": 3,
+    "steps": 96,
+    "cluster": {"ranks": 16, "ranks_per_node": 8, "ep_group": "ep0"},
+    "model": {"layers": 8},
+    "faults": [{"kind": "slow_gpu", "rank": 5, "start_step": 16, "factor": 1.3}],
+}
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[tuple[CollectorService, str]]:
+    svc = CollectorService(
+        CollectorConfig(grpc_listen="127.0.0.1:0", metrics_listen=("127.0.0.1", 0))
+    )
+    svc.start()
+    ch = grpc.insecure_channel(f"127.0.0.1:{svc.grpc_port}")
+    push = ch.unary_unary("/epwatch.v1.Collector/Push", response_deserializer=pb.Ack.FromString)
+    scenario = load_scenario(SCENARIO)
+    sim = Simulation(scenario)
+    seq = 0
+    for chunk in sim.chunks():
+        records = sim.records(chunk)
+        for node_index, node in enumerate(scenario.nodes):
+            mine = records.take(records.rank // 8 == node_index)
+            seq += 1
+            batch = wire.encode_records("ep0", 16, mine, chunk.peer_rows, chunk.entered)
+            msg = pb.AgentMessage(agent_id=f"a-{node}", node=node, seq=seq, batch=batch)
+            assert push(msg.SerializeToString(), timeout=10).code == 0
+    sample = pb.NodeSample(
+        points=[
+            pb.MetricPoint(name="epwatch_gpu_sm_clock_hertz", labels={"gpu": "5"}, value=1.4e9),
+            pb.MetricPoint(
+                name="epwatch_gpu_clock_event_active",
+                labels={"gpu": "5", "reason": "hw_slowdown"},
+                value=1,
+            ),
+            pb.MetricPoint(
+                name="epwatch_nic_transmit_bytes_total",
+                labels={"device": "mlx5_0", "port": "1"},
+                value=4e12,
+                kind=pb.MetricPoint.COUNTER,
+            ),
+        ]
+    )
+    msg = pb.AgentMessage(agent_id="a-node-0", node="node-0", seq=seq + 1, sample=sample)
+    push(msg.SerializeToString(), timeout=10)
+    svc.analyzer.run_once()
+    yield svc, scrape(svc.metrics_port)
+    ch.close()
+    svc.stop(grace_s=0.2)
+
+
+def test_metrics_pass_promtool(running: tuple[CollectorService, str]) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(
+            "promtool not installed: sudo apt-get install --no-install-recommends prometheus "
+            "(or make system-deps)"
+        )
+    out = subprocess.run(
+        [promtool, "check", "metrics"], input=running[1], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_straggler_series_and_labels(running: tuple[CollectorService, str]) -> None:
+    text = running[1]
+    flagged = samples(text, "epwatch_straggler")
+    assert flagged, "no straggler flagged"
+    labels = [dict(k) for k in flagged]
+    assert all(set(lab) == {"ep_group", "rank", "node", "cause"} for lab in labels)
+    assert {"ep_group": "ep0", "rank": "5", "node": "node-0", "cause": "compute"} in labels
+    slowdown = value(text, "epwatch_straggler", rank="5", cause="compute")
+    assert slowdown is not None and 1.1 < slowdown < 1.6
+    assert value(text, "epwatch_straggler_first_step", rank="5", cause="compute") >= 16
+
+
+def test_group_and_rank_series(running: tuple[CollectorService, str]) -> None:
+    text = running[1]
+    assert value(text, "epwatch_ingest_records_total", ep_group="ep0") == 96 * 8 * 2 * 16
+    assert value(text, "epwatch_group_world_size", ep_group="ep0") == 16
+    assert value(text, "epwatch_group_steps_total", ep_group="ep0") > 0
+    gamma = value(text, "epwatch_straggler_factor_ratio", ep_group="ep0", quantile="0.5")
+    assert gamma is not None and gamma > 1
+    for phase in ("dispatch", "combine"):
+        assert value(text, "epwatch_collective_bandwidth_bytes_per_second", phase=phase) > 0
+    per_rank = samples(text, "epwatch_rank_compute_slowdown_ratio")
+    assert len(per_rank) == 16
+    slow = value(text, "epwatch_rank_compute_slowdown_ratio", rank="5")
+    assert slow == pytest.approx(1.3, rel=0.1)
+    assert np.isclose(value(text, "epwatch_rank_compute_slowdown_ratio", rank="0"), 1, atol=0.1)
+
+
+def test_node_samples_reexposed_with_node(running: tuple[CollectorService, str]) -> None:
+    text = running[1]
+    assert value(text, "epwatch_gpu_sm_clock_hertz", node="node-0", gpu="5") == 1.4e9
+    assert value(text, "epwatch_nic_transmit_bytes_total", node="node-0", device="mlx5_0") == 4e12
