@@ -117,3 +117,11 @@ def test_node_samples_reexposed_with_node(running: tuple[CollectorService, str])
     text = running[1]
     assert value(text, "epwatch_gpu_sm_clock_hertz", node="node-0", gpu="5") == 1.4e9
     assert value(text, "epwatch_nic_transmit_bytes_total", node="node-0", device="mlx5_0") == 4e12
+
+
+def test_straggler_evidence_from_node_samples(running: tuple[CollectorService, str]) -> None:
+    pytest.importorskip("collector.evidence")
+    lines = samples(running[1], "epwatch_straggler_evidence")
+    mine = [dict(k) for k in lines if dict(k)["rank"] == "5"]
+    assert mine and len(mine) <= 4
+    assert any("hw_slowdown" in lab["evidence"] for lab in mine)
