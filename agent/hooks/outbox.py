@@ -1,0 +1,114 @@
+"""Resolved columns waiting for the agent, bounded, and cut into frames.
+
+While the agent is absent the outbox keeps at most ``max_records`` records and drops
+the oldest (counted): for a live view the newest evidence is worth the most. Frames
+stay far below the contract's 64 MiB whatever ``world_size`` the peer rows carry.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import numpy as np
+
+from agent.frames import hook_frame
+from agent.hooks.probe import Probe
+from epwatch.schema import Entered, PeerRows, RecordColumns
+
+FRAME_RECORDS = 16384
+FRAME_PEER_BYTES = 4 << 20
+
+
+class Outbox:
+    """One probe's unsent columns."""
+
+    def __init__(self, probe: Probe, max_records: int) -> None:
+        self.probe = probe
+        self.max_records = max_records
+        self._records: deque[RecordColumns] = deque()
+        self._peers: deque[PeerRows] = deque()
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, records: RecordColumns, peer_rows: list[PeerRows]) -> None:
+        if len(records):
+            self._records.append(records)
+            self._n += len(records)
+        self._peers.extend(p for p in peer_rows if len(p))
+        while self._n > self.max_records and self._records:
+            old = self._records.popleft()
+            self._n -= len(old)
+            self.probe.dropped_unsent += len(old)
+        max_peer_rows = max(1, self.max_records // 16)
+        while sum(len(p) for p in self._peers) > max_peer_rows:
+            self._peers.popleft()  # sampled extras: dropped, not counted as records
+
+    def has_data(self) -> bool:
+        return bool(self._records or self._peers)
+
+    def take(self) -> tuple[list[RecordColumns], list[PeerRows]]:
+        records, peers = list(self._records), list(self._peers)
+        self._records.clear()
+        self._peers.clear()
+        self._n = 0
+        return records, peers
+
+    def frames(
+        self, entered: tuple[int, int, int] | None, dropped_total: int
+    ) -> list[tuple[bytes, RecordColumns]]:
+        """Take everything as ``(frame, its records)``; the heartbeat rides on each.
+        ``dropped_total`` is the process's running drop count (the agent keys it by
+        ``hook:<pid>``, so it must cover every probe of the process)."""
+        records, peers = self.take()
+        cols = RecordColumns.concat(records)
+        hb = None
+        if entered is not None:
+            step, layer, phase = entered
+            hb = Entered(
+                rank=np.array([self.probe.rank], dtype="<i4"),
+                step=np.array([step], dtype="<i8"),
+                layer=np.array([layer], dtype="<i4"),
+                phase=np.array([phase], dtype="<u1"),
+            )
+        peer_parts = [part for p in peers for part in _split_peer_rows(p)]
+        n_frames = max(1, -(-len(cols) // FRAME_RECORDS), len(peer_parts))
+        out = []
+        for i in range(n_frames):
+            chunk = cols.take(slice(i * FRAME_RECORDS, (i + 1) * FRAME_RECORDS))
+            frame = hook_frame(
+                self.probe.ep_group,
+                self.probe.world_size,
+                chunk,
+                peer_parts[i] if i < len(peer_parts) else None,
+                hb,
+                pid=os.getpid(),
+                hook_records_dropped=dropped_total,
+            )
+            out.append((frame, chunk))
+        return out
+
+    def put_back(self, records: RecordColumns) -> None:
+        """Records of frames that could not be sent go back in front (still bounded)."""
+        if len(records):
+            self._records.appendleft(records)
+            self._n += len(records)
+            self.add(RecordColumns.empty(), [])
+
+
+def _split_peer_rows(p: PeerRows) -> list[PeerRows]:
+    row_bytes = max(1, (p.wait_s.shape[1] * 8 + p.send_bytes.shape[1] * 8))
+    per = max(1, FRAME_PEER_BYTES // row_bytes)
+    return [
+        PeerRows(
+            rank=p.rank[i : i + per],
+            step=p.step[i : i + per],
+            layer=p.layer[i : i + per],
+            phase=p.phase[i : i + per],
+            wait_s=p.wait_s[i : i + per],
+            send_bytes=p.send_bytes[i : i + per],
+        )
+        for i in range(0, len(p), per)
+    ]
