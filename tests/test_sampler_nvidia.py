@@ -41,6 +41,7 @@ class RecordedNvml:
         self.registered: dict[int, int] = {}
         self.init_calls = 0
         self.field_calls = 0
+        self.throughput_calls: list[int] = []
         if not field_values:
             self.nvmlDeviceGetFieldValues = self._no_field_values
 
@@ -114,6 +115,7 @@ class RecordedNvml:
         return m
 
     def nvmlDeviceGetPcieThroughput(self, handle: Any, counter: int) -> int:
+        self.throughput_calls.append(self.nvmlDeviceGetIndex(handle))
         rec = self._gpu(handle)["pcie_throughput_kbps"]
         return rec["tx"] if counter == pynvml.NVML_PCIE_UTIL_TX_BYTES else rec["rx"]
 
@@ -224,8 +226,8 @@ def test_values_and_units(backend):
     assert idx[_key("epwatch_gpu_temperature_celsius", gpu="0")] == 58
     assert idx[_key("epwatch_gpu_utilization_ratio", gpu="0")] == pytest.approx(0.97)
     assert idx[_key("epwatch_gpu_memory_used_bytes", gpu="0")] == 79870001152
-    assert idx[_key("epwatch_gpu_pcie_transmit_bytes_per_second", gpu="0")] == 21000 * 1024
-    assert idx[_key("epwatch_gpu_pcie_receive_bytes_per_second", gpu="0")] == 19000 * 1024
+    assert idx[_key("epwatch_gpu_pcie_transmit_bytes_per_second", gpu="1")] == 21000 * 1024
+    assert idx[_key("epwatch_gpu_pcie_receive_bytes_per_second", gpu="1")] == 19000 * 1024
     assert idx[_key("epwatch_gpu_energy_joules_total", gpu="0")] == pytest.approx(412345678.901)
     assert idx[_key("epwatch_gpu_nvlink_transmit_bytes_total", gpu="0")] == 9876543210 * 1024
     assert idx[_key("epwatch_gpu_nvlink_receive_bytes_total", gpu="0")] == 9876500000 * 1024
@@ -233,6 +235,22 @@ def test_values_and_units(backend):
     assert idx[_key("epwatch_gpu_pcie_replays_total", gpu="0")] == 0
     assert idx[_key("epwatch_gpu_local_rank", gpu="7")] == 7
     assert idx[_key("epwatch_gpu_lost", gpu="0")] == 0
+
+
+def test_pcie_rate_from_byte_counters_where_the_driver_has_them(backend):
+    now = [100.0]
+    sampler = NvidiaSampler(nvml=backend, clock=lambda: now[0])
+    first = _index(sampler.collect())
+    tx = "epwatch_gpu_pcie_transmit_bytes_per_second"
+    assert _key(tx, gpu="0") not in first  # a rate needs two rounds
+    assert 0 not in backend.throughput_calls  # and no 20 ms throughput call either
+    assert 1 in backend.throughput_calls
+    backend.gpus[0]["field_values"]["197"]["value"] += 3_000_000_000
+    backend.gpus[0]["field_values"]["198"]["value"] += 1_000_000_000
+    now[0] = 102.0
+    second = _index(sampler.collect())
+    assert second[_key(tx, gpu="0")] == 1.5e9
+    assert second[_key("epwatch_gpu_pcie_receive_bytes_per_second", gpu="0")] == 0.5e9
 
 
 def test_throttled_gpu_reports_its_reasons(backend):

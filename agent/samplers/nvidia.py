@@ -73,6 +73,10 @@ _FIELDS: tuple[tuple[str, int | None, str, dict[str, str], float], ...] = (
     ("REMAPPED_UNC", None, "remapped_rows", {"kind": "uncorrectable"}, 1.0),
     ("REMAPPED_PENDING", None, "remapped_rows", {"kind": "pending"}, 1.0),
     ("REMAPPED_FAILURE", None, "remapped_rows", {"kind": "failure"}, 1.0),
+    # byte counters (newer drivers): turned into the per-second gauges between rounds,
+    # which spares nvmlDeviceGetPcieThroughput its 20 ms sampling wait per call
+    ("PCIE_COUNT_TX_BYTES", None, "pcie_transmit_bytes_per_second", {}, 1.0),
+    ("PCIE_COUNT_RX_BYTES", None, "pcie_receive_bytes_per_second", {}, 1.0),
 )
 
 
@@ -152,6 +156,8 @@ class NvidiaSampler(Sampler):
         self._events: Any = None
         self._xids: dict[tuple[int, int], int] = {}
         self._batch = True  # field-values API usable until it says otherwise
+        self._pcie_counted: set[str] = set()  # GPUs whose PCIe rate comes from counters
+        self._pcie_prev: dict[tuple[str, str], tuple[float, float]] = {}
 
     # --- life cycle --------------------------------------------------------------
     def _ensure_init(self) -> None:
@@ -280,6 +286,9 @@ class NvidiaSampler(Sampler):
         mem = self._call(f"gpu {gpu} memory", lambda: nv.nvmlDeviceGetMemoryInfo(h))
         if mem is not None:
             out.append(metric("epwatch_gpu_memory_used_bytes", mem.used, gpu=gpu))
+        out.extend(self._counters(h, gpu))
+        if gpu in self._pcie_counted:
+            return out
         for counter, name in (
             (nv.NVML_PCIE_UTIL_TX_BYTES, "epwatch_gpu_pcie_transmit_bytes_per_second"),
             (nv.NVML_PCIE_UTIL_RX_BYTES, "epwatch_gpu_pcie_receive_bytes_per_second"),
@@ -289,8 +298,17 @@ class NvidiaSampler(Sampler):
             )
             if kbps is not None:  # NVML reports KB/s (1024 bytes)
                 out.append(metric(name, kbps * 1024.0, gpu=gpu))
-        out.extend(self._counters(h, gpu))
         return out
+
+    def _pcie_rate(self, gpu: str, name: str, count: float) -> Point | None:
+        """Bytes/s from a PCIe byte counter and the previous round's value."""
+        self._pcie_counted.add(gpu)
+        now = self.clock()
+        previous = self._pcie_prev.get((gpu, name))
+        self._pcie_prev[(gpu, name)] = (now, count)
+        if previous is None or now <= previous[0] or count < previous[1]:
+            return None  # first round, or the counter wrapped
+        return metric(name, (count - previous[1]) / (now - previous[0]), gpu=gpu)
 
     def _counters(self, h: Any, gpu: str) -> list[Point]:
         """Energy, replays, ECC, NVLink, row remapping: one batched call where possible."""
@@ -313,7 +331,13 @@ class NvidiaSampler(Sampler):
                         raise _GpuLost
                     if ret != nv.NVML_SUCCESS:
                         continue  # this field is not supported here (ECC off, no NVLink...)
-                    out.append(metric(name, field_value(nv, fv) * scale, gpu=gpu, **labels))
+                    value = field_value(nv, fv) * scale
+                    if name.endswith("_per_second"):
+                        rate = self._pcie_rate(gpu, name, value)
+                        if rate is not None:
+                            out.append(rate)
+                        continue
+                    out.append(metric(name, value, gpu=gpu, **labels))
                 return out
         return self._counters_per_call(h, gpu)
 
