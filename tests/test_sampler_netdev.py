@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
+import pytest
+
 from agent.samplers.base import read_sysfs, run_sampler
-from agent.samplers.netdev import NetdevSampler
+from agent.samplers.netdev import DEFAULT_EXCLUDE, NetdevSampler
 
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
 
@@ -68,6 +71,24 @@ def test_one_bad_file_drops_only_its_series():
     # EIO is worth a note; EINVAL on speed is the normal answer of a link without one
     assert any("tx_errors" in s and "EIO" in s for s in result.skipped)
     assert not any("speed" in s for s in result.skipped)
+
+
+@pytest.mark.parametrize(
+    ("name", "excluded"),
+    [
+        ("lo", True),
+        ("veth3f2a1b", True),
+        ("cali12ab34cd", True),
+        ("docker0", True),
+        ("ifb0", True),
+        ("eth0", False),
+        ("ens1f0np0", False),
+        ("ib0", False),
+        ("bond0", False),
+    ],
+)
+def test_default_exclude_skips_virtual_interfaces(name, excluded):
+    assert bool(re.search(DEFAULT_EXCLUDE, name)) is excluded
 
 
 def test_missing_class_net_is_unavailable(tmp_path):

@@ -47,7 +47,9 @@ _ERRORS = (
 )
 # Ethernet interfaces expose one "port" each; the label keeps NIC series uniform.
 PORT = "1"
-DEFAULT_EXCLUDE = r"^lo$"
+# Loopback and the per-container virtual interfaces of a Kubernetes/Docker host: they
+# carry no EP traffic and can number in the hundreds (bounded cardinality).
+DEFAULT_EXCLUDE = r"^(lo|veth.*|cali.*|flannel.*|cni.*|docker\d*|br-.*|virbr.*|ifb\d*|tunl\d*)$"
 
 
 class NetdevSampler(Sampler):
