@@ -1,0 +1,1 @@
+"""epwatch alert rules (prometheus/) and Grafana dashboards generated from code (grafana/)."""
