@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from collector.estimators import EstimatorConfig, GroupEstimator, GroupReport
+from collector.evidence import NodeEvidence
 from simulator.engine import Simulation
+from simulator.node_samples import NodeSampleModel
 from simulator.scenario import Scenario
 
 
@@ -44,13 +46,21 @@ def run_scenario(
     )
     est.set_nodes({r: scenario.node_of(r) for r in range(scenario.cluster.ranks)})
     truth = Truth(latency_s=sim.latency_s, bandwidth_Bps=sim.bandwidth_Bps)
+    nodes = NodeSampleModel(scenario)
+    evidence = NodeEvidence(clock=lambda: now)
+    now = 0.0
     for chunk in sim.chunks():
         est.ingest(sim.records(chunk))
         est.ingest_peer_rows(chunk.peer_rows)
         est.ingest_entered(chunk.entered, now_s=0.0)
         est.update(now_s=0.0)
+        # The agents sample their nodes about once per chunk of simulated time.
+        end = float(chunk.exit_s[chunk.valid].max())
+        for node, points in nodes.advance(int(chunk.steps[-1]), end - now).items():
+            evidence.update(node, points, end)
+        now = end
         truth.gamma.append(sim.true_gamma(chunk)[chunk.valid.all(axis=(2, 3))])
         if progress:
             progress(int(chunk.steps[-1]) + 1, sim.last_step + 1)
     est.update(now_s=0.0, final=True)
-    return est.report(include_closed=True), truth
+    return est.report(evidence=evidence.evidence_for, include_closed=True), truth

@@ -188,3 +188,26 @@ def test_simulate_cli_rejects_a_bad_scenario(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((ROOT / "simulator" / "scenarios").glob("*.toml")))
 def test_shipped_example_scenarios_load(path: Path) -> None:
     assert load_scenario(path).faults
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ({"kind": "slow_gpu", "rank": 5, "factor": 1.2}, "hw_thermal_slowdown active"),
+        ({"kind": "slow_nic", "rank": 5, "factor": 2.0}, "port_xmit_wait"),
+        ({"kind": "hang", "rank": 5, "layer": 1}, "XID 79"),
+    ],
+)
+def test_stragglers_carry_node_evidence_consistent_with_the_fault(fault, expected) -> None:
+    from simulator.run import run_scenario
+
+    data = {
+        **SMALL,
+        "steps": 80,
+        "cluster": {"ranks": 16, "ranks_per_node": 8},
+        "faults": [{**fault, "start_step": 20}],
+    }
+    report, _ = run_scenario(load_scenario(data))
+    (s,) = report.stragglers
+    assert s.rank == 5
+    assert any(expected in line for line in s.evidence), s.evidence
