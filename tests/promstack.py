@@ -367,10 +367,14 @@ def prepare_rule_files(
     for path in rule_files:
         text = Path(path).read_text()
         if for_duration is not None:
-            text = re.sub(r"(?m)^(\s+)for:\s*\S+\s*$", rf"\g<1>for: {for_duration}", text)
+            text = re.sub(
+                r"(?m)^(\s+)for:\s*(?:\d+(?:ms|[smhdwy]))+\s*$", rf"\g<1>for: {for_duration}", text
+            )
         if group_interval is not None:
             text = re.sub(
-                r"(?m)^(\s+)interval:\s*\S+\s*$", rf"\g<1>interval: {group_interval}", text
+                r"(?m)^(\s+)interval:\s*(?:\d+(?:ms|[smhdwy]))+\s*$",
+                rf"\g<1>interval: {group_interval}",
+                text,
             )
         out = dest_dir / Path(path).name
         out.write_text(text)
