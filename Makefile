@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.epwatch-installed
 
-.PHONY: demo test lint protos venv system-deps bench clean
+.PHONY: demo test lint protos dashboards venv system-deps bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,9 +33,13 @@ test: $(STAMP) system-deps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) -m dashboards.generate --check
 
 protos: $(STAMP)
 	$(PY) -m protos.generate
+
+dashboards: $(STAMP)
+	$(PY) -m dashboards.generate
 
 bench: $(STAMP)
 	$(PY) bench/simulate.py
