@@ -30,7 +30,7 @@ class Analyzer:
         self._groups = groups
         self._metrics = metrics
         self._interval_s = interval_s
-        self._evidence = evidence
+        self.evidence = evidence
         self._on_pass = on_pass
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="estimators", daemon=True)
@@ -59,7 +59,7 @@ class Analyzer:
         try:
             with group.lock:
                 group.estimator.update(now, final=final)
-                report = group.estimator.report(evidence=self._evidence)
+                report = group.estimator.report(evidence=self.evidence)
             group.report = report.to_json()
             group.report_obj = report
         except Exception:
