@@ -185,3 +185,85 @@ def test_stale_socket_file_is_replaced(sockdir: str) -> None:
         wait_for(lambda: agent.receiver_counters.records_received == 5)
     finally:
         agent.stop(drain_timeout=0)
+
+
+def test_real_hooks_through_the_agent(sockdir: str) -> None:
+    hooks = pytest.importorskip("agent.hooks")
+    port = free_port()
+    svc = start_collector(port)
+    path = f"{sockdir}/a.sock"
+    agent = make_agent(port, path)
+    agent.start()
+    try:
+        probes = [
+            hooks.get_probe("hooked", r, 2, r, socket_path=path, flush_interval_s=0.02)
+            for r in range(2)
+        ]
+        for step in range(50):
+            for layer in range(4):
+                for phase in (hooks.DISPATCH, hooks.COMBINE):
+                    for p in probes:
+                        token = p.begin(step, layer, phase)
+                        p.end(token, send_bytes=1024, recv_bytes=1024, recv_tokens=8)
+        hooks.shutdown(timeout=5)
+        wait_for(
+            lambda: (
+                value(svc.metrics_text(), "epwatch_ingest_records_total", ep_group="hooked")
+                == 2 * 50 * 4 * 2
+            )
+        )
+        assert agent.receiver_counters.rejected_by_reason() == {}
+    finally:
+        agent.stop()
+        svc.stop(grace_s=0.2)
+
+
+def test_collector_rejections_are_counted_not_retried(sockdir: str) -> None:
+    port = free_port()
+    svc = start_collector(port)
+    agent = make_agent(port, f"{sockdir}/a.sock")
+    agent.start()
+    try:
+        with FrameSender(f"{sockdir}/a.sock") as s:
+            s.send(hook_frame("g", 16, make_records(32, 16)))
+            wait_for(lambda: records_total(svc) == 32)
+            s.send(hook_frame("g", 8, make_records(8, 8)))  # the group's P changed: refused
+            wait_for(lambda: agent.spool.counters.records_rejected == 8)
+            s.send(hook_frame("g", 16, make_records(16, 16)))
+            wait_for(lambda: records_total(svc) == 48)
+        assert agent.shipper.rejections == 1 and len(agent.spool) == 0
+        assert (
+            value(svc.metrics_text(), "epwatch_ingest_rejected_total", reason="world_size_changed")
+            == 1
+        )
+    finally:
+        agent.stop()
+        svc.stop(grace_s=0.2)
+
+
+def test_agent_metrics_pass_promtool(sockdir: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(
+            "promtool not installed: sudo apt-get install --no-install-recommends prometheus"
+        )
+    from agent.metrics import serve_metrics
+    from tests.conftest import scrape
+
+    agent = make_agent(free_port(), f"{sockdir}/a.sock")
+    agent.start()
+    server, port = serve_metrics(agent, "127.0.0.1", 0)
+    try:
+        with FrameSender(f"{sockdir}/a.sock") as s:
+            s.send(encode_frame(b"\xff"))
+        wait_for(lambda: agent.receiver_counters.rejected_by_reason() == {"garbage": 1})
+        text = scrape(port)
+        out = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0, out.stderr
+        assert value(text, "epwatch_agent_frames_rejected_total", node="n0", reason="garbage") == 1
+        assert value(text, "epwatch_agent_collector_connected", node="n0") == 0
+    finally:
+        server.shutdown()  # type: ignore[attr-defined]
+        agent.stop(drain_timeout=0)
