@@ -47,7 +47,8 @@ class Analyzer:
         """One pass over every group (also called directly by tests and at shutdown)."""
         t0 = time.perf_counter()
         now = time.monotonic()
-        self._groups.expire(now)
+        for name in self._groups.expire(now):
+            self._metrics.forget_group(name)
         for group in self._groups.groups():
             self._update(group, now, final)
         self._metrics.estimator_duration.set(time.perf_counter() - t0)

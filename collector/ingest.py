@@ -132,7 +132,7 @@ class Ingestor:
                 self.recorder.put(d.ep_group, node, d.world_size, d.records)
 
     def _sample(self, sample: pb.NodeSample, node: str) -> None:
-        self.samples.validate(sample)
+        self.samples.validate(sample, node)
         now = time.monotonic()
         self.samples.update(node, sample, now)
         if self.evidence_update is not None:

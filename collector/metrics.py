@@ -8,6 +8,7 @@ and disappear with the flags and a scrape never sees a half-updated group.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -97,6 +98,11 @@ class IngestMetrics:
             "Records the Parquet recorder could not keep up with",
             registry=registry,
         )
+
+    def forget_group(self, ep_group: str) -> None:
+        """An expired group's counter goes with it (bounded label values over time)."""
+        with contextlib.suppress(KeyError):
+            self.records.remove(ep_group)
 
 
 def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:

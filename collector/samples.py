@@ -27,6 +27,7 @@ MAX_POINTS = 20_000
 MAX_LABELS = 16
 MAX_LABEL_VALUE = 256
 MAX_NAMES = 2_000
+MAX_NODES = 10_000
 GAUGE = pb.MetricPoint.Kind.GAUGE
 COUNTER = pb.MetricPoint.Kind.COUNTER
 
@@ -61,8 +62,12 @@ class NodeSampleStore(Collector):
         self._owners: dict[str, tuple[str, int]] = {}
         self._help: dict[str, str] = {}
 
-    def validate(self, sample: pb.NodeSample) -> None:
+    def validate(self, sample: pb.NodeSample, node: str = "") -> None:
         """Raise RecordError(reason='bad_sample') naming the first bad point."""
+        with self._lock:
+            full = node not in self._nodes and len(self._nodes) >= MAX_NODES
+        if full:
+            raise RecordError("bad_sample", f"already {MAX_NODES} nodes; {node!r} refused")
         if len(sample.points) > MAX_POINTS:
             raise RecordError("bad_sample", f"{len(sample.points)} points > {MAX_POINTS}")
         claimed: dict[str, tuple[str, int]] = {}

@@ -200,3 +200,15 @@ def test_estimator_failure_is_internal_not_fatal() -> None:
     out = rig.ingestor.handle(message(1, make_records(8)))
     assert out.code == 13 and "boom" in out.message
     assert not math.isnan(out.seq)
+
+
+def test_idle_group_expires_and_may_return_with_another_world_size() -> None:
+    from collector.analyzer import Analyzer
+
+    rig = Rig()
+    rig.groups = rig.ingestor.groups = GroupTable(CountingEstimator, expire_after_s=0.0)
+    assert rig.ingestor.handle(message(1, make_records(16, 16))).code == 0
+    Analyzer(rig.groups, rig.ingestor.metrics).run_once()
+    assert rig.groups.groups() == []
+    assert value(rig.text(), "epwatch_ingest_records_total", ep_group="g") is None
+    assert rig.ingestor.handle(message(2, make_records(8, 8), ws=8)).code == 0
