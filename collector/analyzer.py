@@ -41,7 +41,8 @@ class Analyzer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     def run_once(self, final: bool = False) -> None:
         """One pass over every group (also called directly by tests and at shutdown)."""

@@ -87,6 +87,9 @@ class Recorder:
         self._queue.put((group, node, world_size, time.time_ns(), records))
 
     def stop(self) -> None:
+        """Write what is queued, close the file (and name it final)."""
+        if not self._thread.is_alive():
+            return
         self._queue.put(None)
         self._thread.join(timeout=30)
 

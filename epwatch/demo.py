@@ -315,7 +315,14 @@ def run(args: argparse.Namespace) -> int:
     service = CollectorService(
         CollectorConfig(grpc_listen="127.0.0.1:0", metrics_listen=args.metrics_listen)
     )
-    service.start()
+    try:
+        service.start()
+    except OSError as err:
+        host, port = args.metrics_listen
+        print(f"epwatch demo: cannot serve /metrics on {host}:{port}: {err}", file=sys.stderr)
+        print("  pick another with --metrics-listen HOST:PORT (port 0: any)", file=sys.stderr)
+        service.stop(grace_s=0)
+        return 2
     workdir = tempfile.mkdtemp(prefix="epwatch-demo-")
     agents = Agents(scenario.nodes, f"127.0.0.1:{service.grpc_port}", workdir)
     ranks = None
