@@ -40,7 +40,9 @@ class CudaStamp(Deferred):
         return anchor_ns + round(anchor_event.elapsed_time(self.event) * 1e6)
 
     def release(self) -> None:
-        self.clock.recycle(self.event)
+        event, self.event = self.event, None  # idempotent: pool each event once
+        if event is not None:
+            self.clock.recycle(event)
 
 
 class CudaClock:

@@ -80,6 +80,8 @@ class Flusher:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         self._thread = None
+        if thread is None or not thread.is_alive():
+            self.transport.close()
 
     def after_fork_in_child(self) -> None:
         """A forked child inherits queued records and the parent's socket: drop both
