@@ -5,7 +5,9 @@ server and /metrics) in this process so the diagnosis can be printed at the end,
 simulated ranks that send the simulator's records as hook frames over the agents' Unix
 sockets in real time, a few forward passes per second so it stays light on a laptop.
 By default a GPU slows down about 10 s in and an expert turns hot later; a table
-every second shows what the collector sees, and the diagnosis closes the run.
+every second shows what the collector sees, and the diagnosis closes the run. The
+simulated nodes' GPU/NIC samples (consistent with the faults) are pushed to the
+collector directly, as their agents' samplers would ship them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from agent.frames import FrameSender, hook_frame
 from collector.service import CollectorConfig, CollectorService
 from epwatch.schema import Entered, PeerRows, RecordColumns
 from simulator.engine import Simulation, StepChunk
+from simulator.node_samples import NodeSampleModel
 from simulator.scenario import Scenario, ScenarioError, load_scenario
 
 AGENT_FLAGS = [f"--no-sampler.{n}" for n in ("nvidia", "amd", "netdev", "infiniband")]
@@ -243,6 +246,45 @@ class Ranks:
         self.sent += len(records)
 
 
+class SimulatedSamplers:
+    """Node samples consistent with the injected faults (the simulated nodes have no
+    GPUs or NICs of their own), pushed to the collector the way an agent ships them:
+    sequenced ``NodeSample`` messages over gRPC, one sender per node."""
+
+    def __init__(self, scenario: Scenario, target: str) -> None:
+        import grpc
+
+        from protos import epwatch_pb2 as pb
+
+        self._pb = pb
+        self.model = NodeSampleModel(scenario)
+        self._channel = grpc.insecure_channel(target)
+        self._push = self._channel.unary_unary(
+            "/epwatch.v1.Collector/Push", response_deserializer=pb.Ack.FromString
+        )
+        self._seq = 0
+        self._last = time.monotonic()
+
+    def push(self, step: int) -> None:
+        now = time.monotonic()
+        pb = self._pb
+        self._seq += 1
+        for node, points in self.model.advance(max(step, 0), now - self._last).items():
+            msg = pb.AgentMessage(
+                agent_id=f"demo-samplers:{node}",
+                node=node,
+                seq=self._seq,
+                sample=pb.NodeSample(
+                    time_unix_ns=time.time_ns(), points=[p.to_proto() for p in points]
+                ),
+            )
+            self._push(msg.SerializeToString(), timeout=5)
+        self._last = now
+
+    def close(self) -> None:
+        self._channel.close()
+
+
 def _num(v: Any, scale: float = 1.0, fmt: str = ".2f") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -341,15 +383,18 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         print(HEADER, flush=True)
+        samplers = SimulatedSamplers(scenario, f"127.0.0.1:{service.grpc_port}")
         ranks.start()
         t0 = time.monotonic()
         while not stop.wait(1.0):
+            samplers.push(ranks.step)
             elapsed = time.monotonic() - t0
             reports = service.reports()
             print(table_row(elapsed, reports[0] if reports else None), flush=True)
             if elapsed >= args.duration or not ranks.running:
                 break
         ranks.stop()
+        samplers.close()
         deadline = time.monotonic() + 10
         while _ingested(service) < ranks.sent and time.monotonic() < deadline:
             time.sleep(0.1)

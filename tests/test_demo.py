@@ -69,3 +69,5 @@ def test_demo_finds_the_slow_gpu_and_the_hot_expert() -> None:
     assert (13, "node-1", "compute") in found
     assert (14, "node-1", "routing") in found
     assert group["dispatch"]["bandwidth_Bps"] > 0
+    slow = next(s for s in group["stragglers"] if s["rank"] == 13)
+    assert any("thermal" in line for line in slow["evidence"])  # from the node samples
