@@ -15,24 +15,30 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from epwatch.schema import RECORD_DTYPES, RecordColumns
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema(
-    [
-        ("ep_group", pa.dictionary(pa.int32(), pa.string())),
-        ("node", pa.dictionary(pa.int32(), pa.string())),
-        ("world_size", pa.int32()),
-        ("received_unix_ns", pa.int64()),
-        *[(name, pa.from_numpy_dtype(np.dtype(dt))) for name, dt in RECORD_DTYPES.items()],
-    ]
-)
+
+@cache
+def _schema() -> Any:
+    """pyarrow is imported only when recording is on (the collector runs without it)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("ep_group", pa.dictionary(pa.int32(), pa.string())),
+            ("node", pa.dictionary(pa.int32(), pa.string())),
+            ("world_size", pa.int32()),
+            ("received_unix_ns", pa.int64()),
+            *[(name, pa.from_numpy_dtype(np.dtype(dt))) for name, dt in RECORD_DTYPES.items()],
+        ]
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +51,9 @@ class RecorderConfig:
     queue_records: int = 4 << 20
 
 
-def _table(group: str, node: str, ws: int, t_ns: int, r: RecordColumns) -> pa.Table:
+def _table(group: str, node: str, ws: int, t_ns: int, r: RecordColumns) -> Any:
+    import pyarrow as pa
+
     n = len(r)
     cols = {
         "ep_group": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [group]),
@@ -54,7 +62,7 @@ def _table(group: str, node: str, ws: int, t_ns: int, r: RecordColumns) -> pa.Ta
         "received_unix_ns": pa.array(np.full(n, t_ns, np.int64)),
     }
     cols.update({name: pa.array(arr) for name, arr in r.as_dict().items()})
-    return pa.table(cols, schema=SCHEMA)
+    return pa.table(cols, schema=_schema())
 
 
 class Recorder:
@@ -64,10 +72,11 @@ class Recorder:
         self.config = config
         self._on_drop = on_drop
         os.makedirs(config.directory, exist_ok=True)
+        _schema()  # fail at start-up, not at the first write, when pyarrow is missing
         self._queue: queue.Queue[tuple[str, str, int, int, RecordColumns] | None] = queue.Queue()
         self._queued = 0
         self._lock = threading.Lock()
-        self._writer: pq.ParquetWriter | None = None
+        self._writer: Any = None
         self._path = ""
         self._opened_s = 0.0
         self._seq = 0
@@ -94,7 +103,9 @@ class Recorder:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        pending: list[pa.Table] = []
+        import pyarrow as pa
+
+        pending: list[Any] = []
         rows = 0
         last_flush = time.monotonic()
         while True:
@@ -121,7 +132,9 @@ class Recorder:
             self._write(pa.concat_tables(pending).unify_dictionaries())
         self._close()
 
-    def _write(self, table: pa.Table) -> None:
+    def _write(self, table: Any) -> None:
+        import pyarrow as pa
+
         try:
             if self._writer is not None and self._due():
                 self._close()
@@ -139,11 +152,13 @@ class Recorder:
         return too_big or too_old
 
     def _open(self) -> None:
+        import pyarrow.parquet as pq
+
         self._seq += 1
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         name = f"records-{stamp}-{os.getpid()}-{self._seq:04d}.parquet.partial"
         self._path = os.path.join(self.config.directory, name)
-        self._writer = pq.ParquetWriter(self._path, SCHEMA, compression="zstd")
+        self._writer = pq.ParquetWriter(self._path, _schema(), compression="zstd")
         self._opened_s = time.monotonic()
 
     def _close(self) -> None:
