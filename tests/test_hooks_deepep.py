@@ -138,7 +138,9 @@ class StandInBuffer:
 
         def receive() -> None:  # the kernel's receive half waits on every source rank
             if dispatch_wait_recv_cost_stats is not None:
-                dispatch_wait_recv_cost_stats.add_(WAIT_CYCLES)
+                dispatch_wait_recv_cost_stats.add_(
+                    WAIT_CYCLES.to(dispatch_wait_recv_cost_stats.device)
+                )
 
         if not return_recv_hook:
             receive()
@@ -172,7 +174,9 @@ class StandInBuffer:
     ) -> tuple:
         self.calls.append("low_latency_combine")
         if combine_wait_recv_cost_stats is not None:
-            combine_wait_recv_cost_stats.add_(2 * WAIT_CYCLES)
+            combine_wait_recv_cost_stats.add_(
+                2 * WAIT_CYCLES.to(combine_wait_recv_cost_stats.device)
+            )
         return torch.zeros(topk_idx.shape[0], H, dtype=torch.bfloat16), None, None
 
 
