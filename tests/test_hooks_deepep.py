@@ -334,3 +334,16 @@ def test_deepep_errors_propagate_unchanged_and_odd_results_pass_through(
     assert buf.combine(torch.zeros(N_RECV, H, dtype=torch.bfloat16), handle) is None
     assert buf.probe.internal_errors == 1
     assert buf.rank == 1 and buf.group_size == P  # attributes pass through
+
+
+def test_one_shared_wrapper_per_buffer_numbers_every_layer(sink: FrameSink) -> None:
+    raw = StandInBuffer()
+    probe = get_probe("deepep", raw.rank, raw.group_size, socket_path=sink.path, **FAST)
+    per_layer = [InstrumentedBuffer.shared(raw, probe=probe, layers_per_step=2) for _ in range(2)]
+    assert per_layer[0] is per_layer[1] and InstrumentedBuffer.shared(per_layer[0]) is per_layer[0]
+    for _ in range(2):  # two forward passes of a two-layer model
+        for buf in per_layer:
+            normal_layer(buf)
+    recs = sink.wait_records(8)
+    assert recs.step.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert recs.layer.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]

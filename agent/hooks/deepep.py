@@ -28,7 +28,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -125,18 +125,34 @@ class InstrumentedBuffer:
         probe: Probe | NullProbe | None = None,
         cursor: LayerCursor | None = None,
         *,
+        layers_per_step: int | None = None,
         sm_clock_hz: float | None = None,
     ) -> None:
         self._buffer = buffer
         if probe is None:
             probe = get_probe(rank=int(buffer.rank), world_size=int(buffer.group_size))
         self.probe = probe
-        self.cursor = cursor if cursor is not None else LayerCursor()
+        self.cursor = cursor if cursor is not None else LayerCursor(layers_per_step=layers_per_step)
         self.sm_clock = SmClock(
             probe.local_device if probe.local_device >= 0 else None, sm_clock_hz
         )
         self._layouts = _Layouts()
         self._comm_stream: Any = None
+
+    _shared: ClassVar[dict[int, tuple[Any, InstrumentedBuffer]]] = {}
+
+    @classmethod
+    def shared(cls, buffer: Any, **kwargs: Any) -> InstrumentedBuffer:
+        """One wrapper per DeepEP buffer, however many layers ask for it, so that all
+        of them share one layer cursor (engines build a dispatcher per MoE layer
+        around a single buffer). ``kwargs`` apply when the wrapper is first made."""
+        if isinstance(buffer, InstrumentedBuffer):
+            return buffer
+        entry = cls._shared.get(id(buffer))
+        if entry is None or entry[0] is not buffer:
+            entry = (buffer, cls(buffer, **kwargs))
+            cls._shared[id(buffer)] = entry
+        return entry[1]
 
     def __getattr__(self, name: str) -> Any:
         if name == "_buffer":
