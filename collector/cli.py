@@ -8,6 +8,8 @@ import signal
 import threading
 from types import FrameType
 
+from prometheus_client import disable_created_metrics
+
 from collector.recorder import RecorderConfig
 from collector.service import CollectorConfig, CollectorService
 
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             max_file_bytes=args.record_max_bytes,
             max_file_seconds=args.record_max_seconds,
         )
+    disable_created_metrics()  # no *_created twin per counter series: half the noise
     config = CollectorConfig(
         grpc_listen=args.grpc_listen,
         metrics_listen=args.metrics_listen,
