@@ -154,3 +154,16 @@ def test_evidence_callback_is_attached_and_bounded() -> None:
 def test_world_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="world_size"):
         GroupEstimator("ep0", 0)
+
+
+def test_a_backlog_older_than_the_assembly_window_counts_as_late() -> None:
+    """An agent catching up after a reconnect sends steps others finished long ago."""
+    sim = Simulation(load_scenario({**SCENARIO, "steps": 96, "faults": []}))
+    est = GroupEstimator("ep0", 16, EstimatorConfig(max_slots=8), clock=FakeClock())
+    chunks = list(sim.chunks())
+    newest = sim.records(chunks[-1], np.arange(8, 16))  # node-2/3 are up to date
+    backlog = sim.records(chunks[0], np.arange(8))  # node-0/1 replay steps 0..15
+    est.ingest(newest, "node-2")
+    est.ingest(backlog, "node-0")
+    assert est.late_records == len(backlog)
+    est.update(final=True)

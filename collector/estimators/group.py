@@ -132,7 +132,15 @@ class GroupEstimator:
         self._last_progress = self._clock()
 
     def _add(self, records: RecordColumns) -> None:
-        newest = int(records.step.max())
+        newest = max(self.newest_step, int(records.step.max()))
+        # A backlog older than the steps being assembled (an agent catching up after a
+        # reconnect) has no slot left: it is late, like a finalised step.
+        behind = records.step <= newest - self.buffer.slots
+        if behind.any():
+            self.late_records += int(behind.sum())
+            records = records.take(~behind)
+            if not len(records):
+                return
         # Make room: steps too far behind the newest are finalised (or dropped) now.
         for step in self.buffer.pending_steps():
             if newest - step < self.buffer.slots:
