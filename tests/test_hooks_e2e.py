@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,13 +82,18 @@ def _read_lines(proc: subprocess.Popen, sink: list[str], events: dict[str, float
             events.setdefault(f"{parts[0]} {parts[1]}", time.monotonic())
 
 
-def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait(
+    cond: Callable[[], bool], timeout: float, what: str, lines: list[str] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    tail = "\n".join((lines or [])[-12:])
+    raise AssertionError(
+        f"timed out waiting for {what}" + (f"; workers said:\n{tail}" if tail else "")
+    )
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -98,6 +103,32 @@ def _stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         with contextlib.suppress(Exception):
             p.wait(10)
+
+
+def _collector(grpc_port: int, metrics_port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "epwatch.cli", "collector",
+        "--grpc-listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        "--update-interval", "0.5", "--log-level", "WARNING",
+    ]  # fmt: skip
+
+
+def _agent(grpc_port: int, sock: str) -> list[str]:
+    return [
+        sys.executable, "-m", "epwatch.cli", "agent",
+        "--collector", f"127.0.0.1:{grpc_port}", "--node", "node-a", "--socket", sock,
+        "--flush-interval", "0.1", "--log-level", "WARNING",
+        "--no-sampler.nvidia", "--no-sampler.amd", "--no-sampler.netdev",
+        "--no-sampler.infiniband",
+    ]  # fmt: skip
+
+
+def _worker(rank: int, dist_port: int, sock: str, plan: list[Scenario]) -> list[str]:
+    return [
+        sys.executable, "-m", "tests.moe_worker", "--rank", str(rank), "--world-size", str(P),
+        "--port", str(dist_port), "--socket", sock,
+        "--plan", json.dumps([asdict(s) for s in plan]),
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -116,77 +147,21 @@ def cluster() -> Iterator[Cluster]:
     seen = Observed()
     events: dict[str, float] = {}
     lines: list[str] = []
+
+    def hang_started() -> bool:
+        return any(e.startswith("HANG") for e in events)
+
     with tempfile.TemporaryDirectory(prefix="epw-") as tmp:
         sock = os.path.join(tmp, "agent.sock")
         try:
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "epwatch.cli",
-                        "collector",
-                        "--grpc-listen",
-                        f"127.0.0.1:{grpc_port}",
-                        "--metrics-listen",
-                        f"127.0.0.1:{metrics_port}",
-                        "--update-interval",
-                        "0.5",
-                        "--log-level",
-                        "WARNING",
-                    ],
-                    cwd=ROOT,
-                    env=env,
-                )
-            )
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "epwatch.cli",
-                        "agent",
-                        "--collector",
-                        f"127.0.0.1:{grpc_port}",
-                        "--node",
-                        "node-a",
-                        "--socket",
-                        sock,
-                        "--flush-interval",
-                        "0.1",
-                        "--log-level",
-                        "WARNING",
-                        "--no-sampler.nvidia",
-                        "--no-sampler.amd",
-                        "--no-sampler.netdev",
-                        "--no-sampler.infiniband",
-                    ],
-                    cwd=ROOT,
-                    env=env,
-                )
-            )
+            procs.append(subprocess.Popen(_collector(grpc_port, metrics_port), cwd=ROOT, env=env))
+            procs.append(subprocess.Popen(_agent(grpc_port, sock), cwd=ROOT, env=env))
             _wait(lambda: os.path.exists(sock), 60, "the agent's socket")
             _wait(lambda: _scrapes(metrics_port), 60, "the collector's /metrics")
-            poller = threading.Thread(target=_poll, args=(metrics_port, seen, stop), daemon=True)
-            poller.start()
-            plan_json = json.dumps([asdict(s) for s in plan])
+            threading.Thread(target=_poll, args=(metrics_port, seen, stop), daemon=True).start()
             workers = [
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tests.moe_worker",
-                        "--rank",
-                        str(r),
-                        "--world-size",
-                        str(P),
-                        "--port",
-                        str(dist_port),
-                        "--socket",
-                        sock,
-                        "--plan",
-                        plan_json,
-                    ],
+                    _worker(r, dist_port, sock, plan),
                     cwd=ROOT,
                     env=env,
                     stdout=subprocess.PIPE,
@@ -197,12 +172,19 @@ def cluster() -> Iterator[Cluster]:
             procs += workers
             for w in workers:
                 threading.Thread(target=_read_lines, args=(w, lines, events), daemon=True).start()
-            # The hang is the last act; wait until it is diagnosed (or give up).
-            _wait(lambda: any(e.startswith("HANG") for e in events), 150, "the hang to start")
-            hang_at = min(t for e, t in events.items() if e.startswith("HANG"))
+            # The hang is the last act: wait for it, then for its diagnosis (or give up).
+            _wait(
+                lambda: hang_started() or any(w.poll() is not None for w in workers),
+                150,
+                "the hang to start",
+                lines,
+            )
+            if not hang_started():
+                codes = [w.poll() for w in workers]
+                raise AssertionError(f"a worker exited early {codes}: " + "\n".join(lines[-12:]))
+            events["hang_started"] = min(t for e, t in events.items() if e.startswith("HANG"))
             with contextlib.suppress(AssertionError):
                 _wait(lambda: ("moe-hang", HANG_RANK, "hang") in seen.flags, 20, "hang flag")
-            events["hang_started"] = hang_at
             yield Cluster(metrics_port, seen, events, lines, workers)
         finally:
             stop.set()
