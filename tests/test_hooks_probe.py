@@ -365,3 +365,17 @@ def test_layer_cursor_numbers_layers_and_wraps_steps() -> None:
     c2 = LayerCursor()
     assert c2.dispatch(layer=5) == (0, 5) and c2.combine(5) == (0, 5)
     assert c2.next_step() == 1 and c2.dispatch() == (1, 0)
+
+
+def test_outbox_keeps_the_newest_records_and_counts_the_rest() -> None:
+    from agent.hooks.outbox import Outbox
+    from tests.conftest import make_records
+
+    p = Probe(ep_group="g", rank=0, world_size=16)
+    box = Outbox(p, max_records=100)
+    box.add(make_records(70, step0=0), [])
+    box.add(make_records(50, step0=100), [])
+    assert len(box) == 100 and p.dropped_unsent == 20
+    frames = box.frames((9, 0, DISPATCH), dropped_total=p.records_dropped)
+    kept = np.concatenate([np.asarray(r.step) for _, r in frames])
+    assert len(kept) == 100 and kept.min() >= 1  # the 20 oldest (all of step 0) went

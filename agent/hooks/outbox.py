@@ -38,10 +38,15 @@ class Outbox:
             self._records.append(records)
             self._n += len(records)
         self._peers.extend(p for p in peer_rows if len(p))
-        while self._n > self.max_records and self._records:
-            old = self._records.popleft()
-            self._n -= len(old)
-            self.probe.dropped_unsent += len(old)
+        while self._n > self.max_records and self._records:  # drop the oldest records
+            excess, oldest = self._n - self.max_records, self._records[0]
+            if len(oldest) <= excess:
+                self._records.popleft()
+                excess = len(oldest)
+            else:
+                self._records[0] = oldest.take(slice(excess, None))
+            self._n -= excess
+            self.probe.dropped_unsent += excess
         max_peer_rows = max(1, self.max_records // 16)
         while sum(len(p) for p in self._peers) > max_peer_rows:
             self._peers.popleft()  # sampled extras: dropped, not counted as records
