@@ -136,7 +136,10 @@ class StandInBuffer:
         if not use_fp8:
             recv_x = recv
 
-        def receive() -> None:  # the kernel's receive half waits on every source rank
+        recv_count = torch.zeros(local, dtype=torch.int32)
+
+        def receive() -> None:  # the kernel's receive half counts and waits per source
+            recv_count.copy_(torch.tensor(LL_RECV_COUNT))
             if dispatch_wait_recv_cost_stats is not None:
                 dispatch_wait_recv_cost_stats.add_(
                     WAIT_CYCLES.to(dispatch_wait_recv_cost_stats.device)
@@ -153,7 +156,7 @@ class StandInBuffer:
         )
         return (
             recv_x,
-            torch.tensor(LL_RECV_COUNT, dtype=torch.int32),
+            recv_count,
             handle,
             SimpleNamespace(event=None),
             receive if return_recv_hook else None,

@@ -276,7 +276,11 @@ class InstrumentedBuffer:
             per_rank, slots = self._layouts.get(handle_in) or (None, recv_rows)
         else:
             per_rank_t = _arg(args, kwargs, _D_PER_RANK, "num_tokens_per_rank")
-            per_rank = HostCopy(per_rank_t) if isinstance(per_rank_t, torch.Tensor) else None
+            per_rank = (
+                HostCopy(per_rank_t, self._stream(bool(kwargs.get("async_finish", False))))
+                if isinstance(per_rank_t, torch.Tensor)
+                else None
+            )
             slots = int(sum(per_expert)) if per_expert else recv_rows
             self._layouts.put(handle, (per_rank, slots))
         if per_rank is not None:
@@ -322,13 +326,14 @@ class InstrumentedBuffer:
         async_finish = bool(_arg(args, kwargs, _LLD_ASYNC, "async_finish", False))
         with_hook = bool(_arg(args, kwargs, _LLD_HOOK, "return_recv_hook", False))
         msg = last_dim_bytes(recv_x)
-        slots: Any = Derived(_total, HostCopy(recv_count))
-        self._layouts.put(handle, slots)
         send_bytes = int(topk_idx.numel()) * msg
-        recv_bytes = Derived(lambda n: n * msg, slots)
 
         def done() -> None:
+            # After the receive half (the hook, if any), on the stream that wrote them.
             stream = self._stream(async_finish)
+            slots = Derived(_total, HostCopy(recv_count, stream))
+            self._layouts.put(handle, slots)
+            recv_bytes = Derived(lambda n: n * msg, slots)
             wait = self._wait(before, stats, stream)
             self.probe.end_at(token, self._exit(async_finish), send_bytes, recv_bytes, slots, wait)
 
