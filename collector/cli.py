@@ -10,6 +10,8 @@ from types import FrameType
 
 from prometheus_client import disable_created_metrics
 
+from collector.estimators.config import EstimatorConfig
+from collector.groups import default_factory
 from collector.recorder import RecorderConfig
 from collector.service import CollectorConfig, CollectorService
 
@@ -93,6 +95,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="rotate a recording after this many seconds (default %(default)s)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    add_estimator_arguments(parser)
+
+
+def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
+    """The diagnosis thresholds an operator may need to tune for their fleet."""
+    d = EstimatorConfig()
+    g = parser.add_argument_group("diagnosis")
+    g.add_argument(
+        "--window-steps",
+        type=int,
+        default=d.window_steps,
+        metavar="N",
+        help="steps behind gamma/skew quantiles and the Hockney fits (default %(default)s)",
+    )
+    g.add_argument(
+        "--confirm-steps",
+        type=int,
+        default=d.confirm_steps,
+        metavar="N",
+        help="consecutive steps evidence must hold to flag or clear a rank (default %(default)s)",
+    )
+    g.add_argument(
+        "--compute-threshold",
+        type=float,
+        default=d.compute_threshold,
+        metavar="RATIO",
+        help="per-token compute cost over the group median that "
+        "flags a slow GPU (default %(default)s; raised automatically when the "
+        "group is noisier)",
+    )
+    g.add_argument(
+        "--routing-threshold",
+        type=float,
+        default=d.routing_threshold,
+        metavar="RATIO",
+        help="routed load over the mean that flags a hot-expert rank (default %(default)s)",
+    )
+    g.add_argument(
+        "--network-threshold",
+        type=float,
+        default=d.network_threshold,
+        metavar="RATIO",
+        help="link time over the group's that flags a slow NIC or link (default %(default)s)",
+    )
+    g.add_argument("--hang-after", type=float, default=d.hang_after_s, metavar="S",
+                   help="seconds without progress before a lagging rank is a hang "
+                        "(default %(default)s)")  # fmt: skip
+
+
+def estimator_config(args: argparse.Namespace) -> EstimatorConfig:
+    try:
+        return EstimatorConfig(
+            window_steps=args.window_steps,
+            confirm_steps=args.confirm_steps,
+            compute_threshold=args.compute_threshold,
+            routing_threshold=args.routing_threshold,
+            network_threshold=args.network_threshold,
+            hang_after_s=args.hang_after,
+        )
+    except ValueError as err:
+        raise SystemExit(f"epwatch collector: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         max_streams=args.max_streams,
         record=record,
     )
-    service = CollectorService(config)
+    service = CollectorService(config, default_factory(estimator_config(args)))
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -69,14 +69,15 @@ class NullEstimator:
         return _NullReport(self.ep_group, self.world_size)
 
 
-def default_factory() -> EstimatorFactory:
-    """The real estimators when installed, else :class:`NullEstimator` (with a warning)."""
+def default_factory(config: Any = None) -> EstimatorFactory:
+    """The real estimators (tuned by an ``EstimatorConfig``) when installed, else
+    :class:`NullEstimator` (with a warning)."""
     try:
         from collector.estimators import GroupEstimator
     except ImportError as exc:
         log.warning("estimators unavailable (%s): ingest and /metrics only", exc)
         return NullEstimator
-    return lambda group, ws: GroupEstimator(group, ws)
+    return lambda group, ws: GroupEstimator(group, ws, config)
 
 
 @dataclass

@@ -27,4 +27,6 @@ class EstimatorConfig:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("compute_threshold", "routing_threshold", "network_threshold"):
             if getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be > 1")
+                raise ValueError(f"{name} must be > 1, got {getattr(self, name)}")
+        if self.hang_after_s <= 0:
+            raise ValueError(f"hang_after_s must be > 0, got {self.hang_after_s}")

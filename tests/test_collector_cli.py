@@ -1,0 +1,42 @@
+"""The collector's diagnosis flags reach the estimators, and bad ones are refused."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from collector import cli
+from collector.groups import default_factory
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_diagnosis_flags_configure_every_new_group() -> None:
+    args = parse("--hang-after", "2.5", "--compute-threshold", "1.1", "--confirm-steps", "3")
+    estimator = default_factory(cli.estimator_config(args))("ep7", 16)
+    assert estimator.cfg.hang_after_s == 2.5
+    assert estimator.cfg.compute_threshold == 1.1
+    assert estimator.trackers["compute"].confirm == 3
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--compute-threshold", "0.9", "compute_threshold must be > 1"),
+     ("--hang-after", "0", "hang_after_s must be > 0"),
+     ("--window-steps", "0", "window_steps must be >= 1")],
+)  # fmt: skip
+def test_bad_thresholds_are_refused_before_anything_starts(flag, value, message) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "epwatch.cli", "collector", flag, value],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
