@@ -46,12 +46,45 @@ PEER_SEND_DTYPE = "<i8"  # bytes sent to each destination rank
 ENTERED_DTYPES: dict[str, str] = PEER_KEY_DTYPES
 
 
+# Plausibility bounds: values past these are garbage, and would overflow the
+# estimators' int64 keys (step << 17 | layer << 1 | phase) and sums.
+MAX_WORLD_SIZE = 1 << 16
+MAX_LAYER = 1 << 12
+MAX_STEP = 1 << 44
+MAX_DURATION_NS = 3600 * 10**9
+MAX_COUNT = 1 << 48
+
+
 class RecordError(ValueError):
     """A batch that cannot be accepted; the message says what is wrong with it."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def _check_keys(what: str, step: np.ndarray, layer: np.ndarray, phase: np.ndarray) -> None:
+    if not len(step):
+        return
+    if step.min() < 0 or step.max() >= MAX_STEP:
+        raise RecordError("step_out_of_range", f"{what} step outside [0, {MAX_STEP})")
+    if layer.min() < 0 or layer.max() >= MAX_LAYER:
+        raise RecordError("layer_out_of_range", f"{what} layer outside [0, {MAX_LAYER})")
+    if phase.max() > Phase.COMBINE:
+        raise RecordError("bad_phase", f"{what} phase {int(phase.max())} is not 0 or 1")
+
+
+def _check_ranks(what: str, rank: np.ndarray, world_size: int) -> None:
+    if len(rank) and (rank.min() < 0 or rank.max() >= world_size):
+        bad = int(rank[(rank < 0) | (rank >= world_size)][0])
+        raise RecordError("rank_out_of_range", f"{what} rank {bad} is outside [0, {world_size})")
+
+
+def _check_world_size(world_size: int) -> None:
+    if not 0 < world_size <= MAX_WORLD_SIZE:
+        raise RecordError(
+            "bad_world_size", f"world_size must be in [1, {MAX_WORLD_SIZE}], got {world_size}"
+        )
 
 
 def _as_columns(values: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
@@ -111,27 +144,33 @@ class RecordColumns:
                 raise RecordError(
                     "length_mismatch", f"column {name!r} has {arr.size} values, rank has {n}"
                 )
-        if world_size <= 0:
-            raise RecordError("bad_world_size", f"world_size must be positive, got {world_size}")
+        _check_world_size(world_size)
         if n == 0:
             return
-        if self.rank.min() < 0 or self.rank.max() >= world_size:
-            bad = int(self.rank[(self.rank < 0) | (self.rank >= world_size)][0])
-            raise RecordError("rank_out_of_range", f"rank {bad} is outside [0, {world_size})")
-        if self.phase.max() > Phase.COMBINE:
-            raise RecordError("bad_phase", f"phase {int(self.phase.max())} is not 0 or 1")
-        if self.step.min() < 0 or self.layer.min() < 0:
-            raise RecordError("negative_index", "step and layer must be non-negative")
-        if (self.exit_ns < self.enter_ns).any():
-            i = int(np.argmax(self.exit_ns < self.enter_ns))
+        _check_ranks("record", self.rank, world_size)
+        _check_keys("record", self.step, self.layer, self.phase)
+        if self.enter_ns.min() < 0:
+            raise RecordError("negative_time", "enter_ns must be a non-negative clock reading")
+        duration = self.exit_ns - self.enter_ns
+        if duration.min() < 0:
+            i = int(np.argmin(duration))
             raise RecordError(
                 "negative_duration",
                 f"record {i} (rank {int(self.rank[i])}, step {int(self.step[i])}) "
                 f"exits before it enters",
             )
+        if duration.max() > MAX_DURATION_NS:
+            i = int(np.argmax(duration))
+            raise RecordError(
+                "duration_out_of_range",
+                f"record {i} (rank {int(self.rank[i])}) lasts more than an hour",
+            )
         for name in ("send_bytes", "recv_bytes", "recv_tokens"):
-            if getattr(self, name).min() < 0:
+            col = getattr(self, name)
+            if col.min() < 0:
                 raise RecordError("negative_count", f"column {name!r} has a negative value")
+            if col.max() >= MAX_COUNT:
+                raise RecordError("count_out_of_range", f"column {name!r} has an implausible value")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,12 +210,18 @@ class PeerRows:
                     "length_mismatch",
                     f"peer matrix {name!r} has shape {m.shape}, expected ({n}, {world_size})",
                 )
-        if n and (self.rank.min() < 0 or self.rank.max() >= world_size):
-            raise RecordError("rank_out_of_range", f"peer row rank outside [0, {world_size})")
-        if self.wait_s.size and not np.isfinite(self.wait_s).all():
-            raise RecordError("non_finite", "peer wait times must be finite")
-        if self.wait_s.size and (self.wait_s < 0).any():
-            raise RecordError("negative_duration", "peer wait times must be non-negative")
+        _check_world_size(world_size)
+        _check_ranks("peer row", self.rank, world_size)
+        _check_keys("peer row", self.step, self.layer, self.phase)
+        if self.wait_s.size:
+            if not np.isfinite(self.wait_s).all():
+                raise RecordError("non_finite", "peer wait times must be finite (no NaN)")
+            if self.wait_s.min() < 0:
+                raise RecordError("negative_duration", "peer wait times must be non-negative")
+            if self.wait_s.max() > MAX_DURATION_NS / 1e9:
+                raise RecordError("duration_out_of_range", "peer wait time above an hour")
+        if self.send_bytes.size and self.send_bytes.min() < 0:
+            raise RecordError("negative_count", "peer send_bytes has a negative value")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,5 +245,6 @@ class Entered:
         for name in ENTERED_DTYPES:
             if len(getattr(self, name)) != n:
                 raise RecordError("length_mismatch", f"heartbeat column {name!r} length != {n}")
-        if n and (self.rank.min() < 0 or self.rank.max() >= world_size):
-            raise RecordError("rank_out_of_range", f"heartbeat rank outside [0, {world_size})")
+        _check_world_size(world_size)
+        _check_ranks("heartbeat", self.rank, world_size)
+        _check_keys("heartbeat", self.step, self.layer, self.phase)
