@@ -43,6 +43,9 @@ dashboards: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/simulate.py
+	$(PY) bench/ingest.py
+	$(PY) bench/hook_overhead.py
+	$(PY) bench/agent_footprint.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
