@@ -44,7 +44,7 @@ class Scenario:
     group: str
     steps: int = 200
     layers: int = 4
-    cost_per_slot_s: float = 60e-6
+    cost_per_slot_s: float = 100e-6
     slow_rank: int | None = None
     slow_factor: float = 1.0
     hot_rank: int | None = None
@@ -89,7 +89,13 @@ class MoE:
         g = torch.Generator().manual_seed(seed)
         self.rank, self.P = rank, world_size
         n_exp = EXPERTS_PER_RANK * world_size
-        self.router = [torch.randn(HIDDEN, n_exp, generator=g) * 0.1 for _ in range(layers)]
+        # Unit-norm router columns: every expert is equally likely in expectation, so no
+        # rank is lighter by construction (a light rank's fixed per-layer overhead would
+        # spread over fewer tokens and read as a slower per-token cost).
+        self.router = [
+            torch.nn.functional.normalize(torch.randn(HIDDEN, n_exp, generator=g), dim=0) * 0.6
+            for _ in range(layers)
+        ]
         self.w1 = [torch.randn(n_exp, HIDDEN, 2 * HIDDEN, generator=g) * 0.2 for _ in range(layers)]
         self.w2 = [torch.randn(n_exp, 2 * HIDDEN, HIDDEN, generator=g) * 0.2 for _ in range(layers)]
 
