@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from epwatch.promstack import format_duration, parse_duration
 from tests.promstack import (
     INSTALL_HINT,
     PanelQuery,
@@ -92,6 +93,25 @@ def test_prepare_rule_files_shortens_for_and_intervals_only(tmp_path: Path) -> N
             (a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b
         ]
         assert all(b.strip().startswith(("for:", "interval:")) for _, b in changed)
+
+
+def test_prepare_rule_files_never_lengthens_a_duration(tmp_path: Path) -> None:
+    source = tmp_path / "x.rules.yml"
+    source.write_text(
+        "groups:\n  - name: g\n    interval: 5s\n    rules:\n"
+        "      - alert: A\n        for: 0s\n      - alert: B\n        for: 1m30s\n"
+    )
+    (copy,) = prepare_rule_files([source], tmp_path / "out", for_duration="2s",
+                                 group_interval="10s")  # fmt: skip
+    text = copy.read_text()
+    assert "for: 0s" in text and "for: 2s" in text and "interval: 5s" in text
+
+
+def test_durations_round_trip() -> None:
+    assert parse_duration("1m30s") == 90 and parse_duration("500ms") == 0.5
+    assert format_duration(5) == "5s" and format_duration(0.25) == "250ms"
+    with pytest.raises(ValueError):
+        parse_duration("5 minutes")
 
 
 def test_substitute_variables_handles_grafana_syntaxes() -> None:
