@@ -9,12 +9,15 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.daemon import Agent, AgentConfig, SampleRound
 from agent.frames import default_socket_path
+
+if TYPE_CHECKING:
+    from agent.samplers.base import Sampler
 
 log = logging.getLogger("epwatch.agent")
 
@@ -138,20 +141,18 @@ def _sample_once(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_round(args: argparse.Namespace) -> tuple[SampleRound | None, Callable[[], None]]:
-    """One round of the enabled samplers, and how to release them at shutdown.
+def make_sample_round(
+    samplers: Sequence[Sampler], interval_s: float
+) -> tuple[SampleRound, Callable[[], None]]:
+    """The :class:`Agent`'s round function over ``samplers``, and how to release them.
 
     A :class:`RoundRunner` is kept across rounds so that a sampler stuck in a driver
-    call is reported failed and not started again until that call returns.
+    call is reported failed and not started again until that call returns; a round
+    gets 80% of the interval (at least 0.2 s) before its stragglers count as failed.
     """
-    registry = _samplers_module()
-    if registry is None:
-        log.warning("node samplers unavailable: shipping hook records only")
-        return None, lambda: None
-    samplers = registry.build_samplers(args)
-    if not samplers:
-        return None, lambda: None
-    runner = registry.RoundRunner(samplers, timeout_s=max(0.2, 0.8 * args.sample_interval))
+    from agent.samplers import registry
+
+    runner = registry.RoundRunner(samplers, timeout_s=max(0.2, 0.8 * interval_s))
 
     def one_round() -> tuple[list[Any], list[Any]]:
         results = runner.run()
@@ -162,6 +163,18 @@ def _sample_round(args: argparse.Namespace) -> tuple[SampleRound | None, Callabl
         return points, results
 
     return one_round, lambda: registry.close_samplers(samplers)
+
+
+def _sample_round(args: argparse.Namespace) -> tuple[SampleRound | None, Callable[[], None]]:
+    """The enabled samplers' round function (None when there is none) and its release."""
+    registry = _samplers_module()
+    if registry is None:
+        log.warning("node samplers unavailable: shipping hook records only")
+        return None, lambda: None
+    samplers = registry.build_samplers(args)
+    if not samplers:
+        return None, lambda: None
+    return make_sample_round(samplers, args.sample_interval)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,8 +44,8 @@ def sysfs_with_eight_hcas(dest: Path) -> Path:
 def child(collector: str, sysfs: str, seconds: float) -> None:
     """The agent process under measurement."""
     sys.path.insert(0, str(ROOT))
+    from agent.cli import make_sample_round
     from agent.daemon import Agent, AgentConfig
-    from agent.samplers import registry
     from agent.samplers.infiniband import InfinibandSampler
     from agent.samplers.netdev import NetdevSampler
     from agent.samplers.nvidia import NvidiaSampler
@@ -56,12 +56,7 @@ def child(collector: str, sysfs: str, seconds: float) -> None:
         InfinibandSampler(sysfs),
         NetdevSampler(sysfs),
     ]
-    runner = registry.RoundRunner(samplers, timeout_s=0.8)
-
-    def one_round():
-        results = runner.run()
-        points = [p for r in results for p in (*r.points, *registry.status_points(r))]
-        return points, results
+    one_round, close = make_sample_round(samplers, interval_s=1.0)  # what `epwatch agent` runs
 
     sock = os.path.join(tempfile.mkdtemp(prefix="epwatch-bench-"), "agent.sock")
     agent = Agent(AgentConfig(collector=collector, node="bench-node", socket_path=sock),
@@ -72,7 +67,9 @@ def child(collector: str, sysfs: str, seconds: float) -> None:
     time.sleep(seconds)
     steady = (time.process_time() - cpu0) / (time.perf_counter() - t0)
     agent.stop()
-    print(json.dumps({"points_per_round": len(one_round()[0]), "steady_share": steady}), flush=True)
+    points = len(one_round()[0])
+    close()
+    print(json.dumps({"points_per_round": points, "steady_share": steady}), flush=True)
 
 
 def main() -> None:

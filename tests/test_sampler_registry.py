@@ -165,6 +165,32 @@ def test_overrunning_sampler_is_reported_and_not_restarted():
     assert third["blocking"].ok
 
 
+def test_agent_round_has_every_point_and_status_and_releases_the_samplers():
+    """What `epwatch agent` (and bench/agent_footprint.py) runs once per interval."""
+    from agent.cli import make_sample_round
+
+    class Closing(Fixed):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    closing = Closing()
+    one_round, close = make_sample_round([Boom(), closing], interval_s=1.0)
+    points, results = one_round()
+    assert [(r.name, r.ok) for r in results] == [("boom", False), ("fixed", True)]
+    names = [(p.name, p.labels.get("sampler")) for p in points]
+    assert names == [
+        ("epwatch_sampler_up", "boom"),
+        ("epwatch_sampler_duration_seconds", "boom"),
+        ("epwatch_gpu_lost", None),
+        ("epwatch_sampler_up", "fixed"),
+        ("epwatch_sampler_duration_seconds", "fixed"),
+    ]
+    close()
+    assert closing.closed
+
+
 def test_sample_once_is_json_ready():
     samplers = [Boom(), NetdevSampler(SYSFS), InfinibandSampler(SYSFS)]
     out = json.loads(json.dumps(sample_once(samplers)))
