@@ -211,3 +211,22 @@ def test_stragglers_carry_node_evidence_consistent_with_the_fault(fault, expecte
     (s,) = report.stragglers
     assert s.rank == 5
     assert any(expected in line for line in s.evidence), s.evidence
+
+
+def test_node_samples_cover_every_node_metric_and_healthy_errors_stay_at_zero() -> None:
+    """The node dashboard and rules read every catalogued series; a clean cluster's
+    error counters must not move (or NICLinkErrors and friends would fire)."""
+    from agent.samplers.base import METRICS
+    from simulator.node_samples import NodeSampleModel
+
+    model = NodeSampleModel(load_scenario({**SMALL, "cluster": {"ranks": 16}}))
+    first = model.advance(0, 1.0)
+    later = model.advance(50, 10.0)
+    assert set(first) == {"node-0", "node-1"}
+    assert {p.name for pts in later.values() for p in pts} == set(METRICS)
+    for pts in (first, later):
+        for p in (p for pts_ in pts.values() for p in pts_):
+            if "error" in p.name or "retransmission" in p.name or "replays" in p.name:
+                assert p.value == 0, p
+    tx = [p.value for p in later["node-1"] if p.name == "epwatch_gpu_nvlink_transmit_bytes_total"]
+    assert len(tx) == 8 and min(tx) > 0
