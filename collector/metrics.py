@@ -22,6 +22,36 @@ from collector.groups import Group, finite
 MAX_EVIDENCE = 4
 PHASES = ("dispatch", "combine")
 
+# Every reason the ingest path rejects a message for: the RecordError reasons of the
+# decoder, schema and tables, plus "internal". Their counters exist at 0 from the
+# start, so that rate() sees a first reject and the dashboards' reject panels have a
+# series before anything goes wrong (tests/test_collector_ingest.py keeps this list
+# complete).
+REJECT_REASONS = (
+    "bad_phase",
+    "bad_sample",
+    "bad_world_size",
+    "count_out_of_range",
+    "duration_out_of_range",
+    "garbage",
+    "internal",
+    "layer_out_of_range",
+    "length_mismatch",
+    "missing_agent_id",
+    "missing_column",
+    "missing_group",
+    "missing_node",
+    "negative_count",
+    "negative_duration",
+    "negative_time",
+    "non_finite",
+    "oversized",
+    "rank_out_of_range",
+    "step_out_of_range",
+    "too_many_groups",
+    "world_size_changed",
+)
+
 # Every family name the collector itself exposes; node samples may not reuse them.
 OWN_NAMES = frozenset(
     {
@@ -88,6 +118,8 @@ class IngestMetrics:
         self.rejected = Counter(
             "epwatch_ingest_rejected", "Messages rejected, by reason", ["reason"], registry=registry
         )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
         self.estimator_duration = Gauge(
             "epwatch_estimator_duration_seconds",
             "Wall time of the last estimator pass",

@@ -212,3 +212,24 @@ def test_idle_group_expires_and_may_return_with_another_world_size() -> None:
     assert rig.groups.groups() == []
     assert value(rig.text(), "epwatch_ingest_records_total", ep_group="g") is None
     assert rig.ingestor.handle(message(2, make_records(8, 8), ws=8)).code == 0
+
+
+def test_every_reject_reason_exists_at_zero_from_the_start() -> None:
+    """rate() cannot see a counter's first value; the reject panels and the
+    EPCollectorIngestRejects alert need every reason's series before any reject."""
+    import re
+    from pathlib import Path
+
+    from collector.metrics import REJECT_REASONS
+
+    root = Path(__file__).resolve().parents[1]
+    raised = {"internal"}
+    for package in ("epwatch", "collector"):
+        for path in (root / package).rglob("*.py"):
+            raised |= set(re.findall(r'RecordError\(\s*"([a-z_]+)"', path.read_text()))
+    assert set(REJECT_REASONS) == raised
+    text = Rig().text()
+    assert all(
+        value(text, "epwatch_ingest_rejected_total", reason=reason) == 0
+        for reason in REJECT_REASONS
+    )
