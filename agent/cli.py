@@ -162,7 +162,11 @@ def make_sample_round(
             points.extend(registry.status_points(r))
         return points, results
 
-    return one_round, lambda: registry.close_samplers(samplers)
+    def close() -> None:
+        runner.close()
+        registry.close_samplers(samplers)
+
+    return one_round, close
 
 
 def _sample_round(args: argparse.Namespace) -> tuple[SampleRound | None, Callable[[], None]]:

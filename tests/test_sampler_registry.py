@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -160,9 +161,58 @@ def test_overrunning_sampler_is_reported_and_not_restarted():
     second = {r.name: r for r in runner.run()}
     assert "still running" in second["blocking"].error
     blocking.release.set()
-    runner._inflight["blocking"].thread.join(5)
+    assert runner.wait_idle(5)
     third = {r.name: r for r in runner.run()}
     assert third["blocking"].ok
+
+
+def _sampler_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("epwatch-sampler-")]
+
+
+def test_round_runner_keeps_one_worker_thread_per_sampler():
+    before = set(_sampler_threads())
+    runner = RoundRunner([Fixed(), Boom()], timeout_s=1.0)
+    seen = []
+    for _ in range(5):
+        assert [r.ok for r in runner.run()] == [True, False]
+        seen.append(set(_sampler_threads()) - before)
+    assert len(seen[0]) == 2 and all(s == seen[0] for s in seen)
+    runner.close()
+    for t in seen[0]:
+        t.join(5)
+        assert not t.is_alive()
+
+
+def test_stuck_sampler_keeps_its_one_thread_and_is_restarted_after_it_returns():
+    before = set(_sampler_threads())
+    blocking = Blocking()
+    runner = RoundRunner([blocking], timeout_s=0.05)
+    assert "timed out" in runner.run()[0].error
+    for _ in range(3):
+        assert "still running" in runner.run()[0].error
+    assert len(set(_sampler_threads()) - before) == 1
+    blocking.release.set()
+    assert runner.wait_idle(5)
+    blocking.release.clear()
+    runner.timeout_s = 5.0
+    # the late result of the stuck call is not reported as this round's
+    thread_ok = threading.Thread(target=lambda: (time.sleep(0.02), blocking.release.set()))
+    thread_ok.start()
+    result = runner.run()[0]
+    thread_ok.join()
+    assert result.ok and result.duration_s > 0.01
+    runner.close()
+
+
+def test_replaced_sampler_gets_a_fresh_worker():
+    first, second = Fixed(), Fixed()
+    runner = RoundRunner([first], timeout_s=1.0)
+    assert runner.run()[0].ok
+    runner.samplers = [second]
+    assert runner.run()[0].ok
+    assert len(runner._workers) == 1
+    runner.close()
 
 
 def test_agent_round_has_every_point_and_status_and_releases_the_samplers():

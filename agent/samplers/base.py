@@ -195,20 +195,66 @@ def status_points(result: SamplerResult) -> list[Point]:
     ]
 
 
-class _Inflight:
-    """A sampler still running in a worker thread after its round's deadline."""
+class _Worker:
+    """One sampler's long-lived thread: runs one ``collect()`` per request.
+
+    Starting a thread per sampler per round costs more than the round itself for a
+    cheap sampler; a parked thread costs nothing. ``busy`` stays True from the request
+    until the call returns, however late, which is what keeps a stuck sampler from
+    being started again.
+    """
 
     def __init__(self, sampler: Sampler) -> None:
         self.sampler = sampler
+        self.busy = False
+        self.started = 0.0
         self.result: SamplerResult | None = None
-        self.started = time.monotonic()
+        self._requested = False
+        self._closed = False
+        self._cond = threading.Condition()
         self.thread = threading.Thread(
-            target=self._run, name=f"epwatch-sampler-{sampler.name}", daemon=True
+            target=self._loop, name=f"epwatch-sampler-{sampler.name}", daemon=True
         )
         self.thread.start()
 
-    def _run(self) -> None:
-        self.result = run_sampler(self.sampler)
+    def submit(self) -> bool:
+        """Ask for one call; False (and nothing asked) while the previous one runs."""
+        with self._cond:
+            if self.busy:
+                return False
+            self.busy, self._requested = True, True
+            self.result = None
+            self.started = time.monotonic()
+            self._cond.notify_all()
+            return True
+
+    def wait(self, timeout: float) -> SamplerResult | None:
+        """The requested call's result, or None if it is still running after ``timeout``."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self.busy, timeout)
+            return None if self.busy else self.result
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self.busy, timeout)
+
+    def close(self) -> None:
+        """Let the thread end once idle (a stuck call keeps it until it returns)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._requested or self._closed)
+                if not self._requested:
+                    return
+                self._requested = False
+            result = run_sampler(self.sampler)
+            with self._cond:
+                self.result, self.busy = result, False
+                self._cond.notify_all()
 
 
 class RoundRunner:
@@ -217,41 +263,56 @@ class RoundRunner:
     A sampler that overruns (an NVML call hanging on a GPU that fell off the bus is
     the classic case) is reported failed for that round and not started again until
     its previous call returns, so it can neither stall the round nor pile up threads.
+    Each sampler has one worker thread for the runner's lifetime; :meth:`close` ends
+    them.
     """
 
     def __init__(self, samplers: Iterable[Sampler], timeout_s: float) -> None:
         self.samplers = list(samplers)
         self.timeout_s = timeout_s
-        self._inflight: dict[str, _Inflight] = {}
+        self._workers: dict[int, _Worker] = {}  # by id() of the sampler
+
+    def _worker(self, sampler: Sampler) -> _Worker:
+        worker = self._workers.get(id(sampler))
+        if worker is None or worker.sampler is not sampler:
+            if worker is not None:
+                worker.close()
+            worker = self._workers[id(sampler)] = _Worker(sampler)
+        return worker
 
     def run(self) -> list[SamplerResult]:
-        started: dict[str, _Inflight] = {}
-        busy: dict[str, float] = {}
-        for sampler in self.samplers:
-            previous = self._inflight.get(sampler.name)
-            if previous is not None and previous.thread.is_alive():
-                busy[sampler.name] = time.monotonic() - previous.started
-                continue
-            self._inflight.pop(sampler.name, None)
-            started[sampler.name] = _Inflight(sampler)
+        workers = [self._worker(s) for s in self.samplers]
+        for key in self._workers.keys() - {id(s) for s in self.samplers}:
+            self._workers.pop(key).close()  # a sampler taken off the list
+        busy_for = [None if w.submit() else time.monotonic() - w.started for w in workers]
         deadline = time.monotonic() + self.timeout_s
-        for job in started.values():
-            job.thread.join(max(0.0, deadline - time.monotonic()))
         results: list[SamplerResult] = []
-        for sampler in self.samplers:
-            job = started.get(sampler.name)
-            if sampler.name in busy:
-                message = f"previous round still running after {busy[sampler.name]:.1f} s"
+        for sampler, worker, busy in zip(self.samplers, workers, busy_for, strict=True):
+            if busy is not None:
+                message = f"previous round still running after {busy:.1f} s"
                 _log_once(sampler.name, "still running from an earlier round", None)
-                results.append(SamplerResult(sampler.name, False, busy[sampler.name], message))
-            elif job is not None and job.result is not None:
-                results.append(job.result)
-            elif job is not None:
-                self._inflight[sampler.name] = job
+                results.append(SamplerResult(sampler.name, False, busy, message))
+                continue
+            result = worker.wait(max(0.0, deadline - time.monotonic()))
+            if result is None:
                 message = f"timed out after {self.timeout_s:g} s"
                 _log_once(sampler.name, message, None)
-                results.append(SamplerResult(sampler.name, False, self.timeout_s, message))
+                result = SamplerResult(sampler.name, False, self.timeout_s, message)
+            results.append(result)
         return results
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no sampler is still running from an earlier round."""
+        deadline = time.monotonic() + timeout
+        return all(
+            w.wait_idle(max(0.0, deadline - time.monotonic())) for w in self._workers.values()
+        )
+
+    def close(self) -> None:
+        """End the worker threads (a stuck one ends when its call returns)."""
+        for worker in self._workers.values():
+            worker.close()
+        self._workers.clear()
 
 
 def collect_round(
@@ -267,7 +328,11 @@ def collect_round(
     if timeout_s is None:
         results = [run_sampler(s) for s in samplers]
     else:
-        results = RoundRunner(samplers, timeout_s).run()
+        runner = RoundRunner(samplers, timeout_s)
+        try:
+            results = runner.run()
+        finally:
+            runner.close()
     points: list[Point] = []
     for result in results:
         points.extend(result.points)
