@@ -23,6 +23,7 @@ from agent.hooks import (
     get_probe,
     shutdown,
 )
+from epwatch import wire
 from tests.hook_sink import FrameSink
 
 FAST = {"flush_interval_s": 0.02, "heartbeat_interval_s": 0.05, "reconnect_interval_s": 0.1}
@@ -97,6 +98,7 @@ def test_disabled_or_unconfigured_probe_is_a_null_probe(
     monkeypatch.delenv("EPWATCH_RANK", raising=False)
     assert isinstance(get_probe("g", socket_path=sock), NullProbe)  # rank unknown
     assert isinstance(get_probe("g", 9, 4, socket_path=sock), NullProbe)  # rank >= P
+    assert isinstance(get_probe("g", 0, 1 << 17, socket_path=sock), NullProbe)  # P too large
     null = get_probe("g", 9, 4, socket_path=sock)
     with null.collective(0, 0, DISPATCH) as span:
         span.recv_tokens = 3
@@ -172,11 +174,21 @@ def test_invalid_records_are_dropped_alone(sock: str) -> None:
         p = probe_for(sock)
         p.end(p.begin(-1, 0, DISPATCH), 1, 1, 1)  # negative step: the collector would reject
         p.end(p.begin(1, 0, 7), 1, 1, 1)  # no such phase
+        p.end(p.begin(1, 5000, DISPATCH), 1, 1, 1)  # beyond MAX_LAYER
+        token = p.begin(1, 1, DISPATCH)
+        p.end_at(token, token[3] + 2 * 3600 * 10**9)  # "lasted" two hours
+        p.end(p.begin(1, 2, DISPATCH), 1 << 50, 1, 1)  # implausible byte count
         p.end(p.begin(2, 0, COMBINE), -5, 1, 1)  # negative count: clamped to 0
+        p.begin(-3, 0, DISPATCH)  # an unshippable heartbeat must not sink the frames
         recs = sink.wait_records(1)
         time.sleep(0.1)
+        msgs = sink.snapshot()
     assert recs.step.tolist() == [2] and recs.send_bytes.tolist() == [0]
-    assert flusher_of(p)._entries[0].resolver.invalid_records == 2
+    assert flusher_of(p)._entries[0].resolver.invalid_records == 5
+    for m in msgs:  # every frame passes the schema's own checks, as the agent applies them
+        wire.decode_records(m.batch).validate(4)
+        wire.decode_entered(m.batch).validate(4)
+    assert all(m.batch.entered.count == 0 for m in msgs[-2:])
 
 
 def test_peer_vectors_are_kept_on_sampled_steps_only(sock: str) -> None:
@@ -342,8 +354,6 @@ def test_forked_child_ships_its_own_records(sock: str) -> None:
         sink.wait_for(lambda: any(m.agent_id == f"hook:{pid}" for m in sink.snapshot()))
         child = [m for m in sink.snapshot() if m.agent_id == f"hook:{pid}" and m.batch.count]
     assert child, "the child must connect on its own"
-    from epwatch import wire
-
     steps = np.concatenate([wire.decode_records(m.batch).step for m in child]).tolist()
     assert steps == [100]  # not the parent's step 0 again
 

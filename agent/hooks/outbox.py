@@ -7,6 +7,7 @@ stay far below the contract's 64 MiB whatever ``world_size`` the peer rows carry
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 
@@ -14,7 +15,9 @@ import numpy as np
 
 from agent.frames import hook_frame
 from agent.hooks.probe import Probe
-from epwatch.schema import Entered, PeerRows, RecordColumns
+from epwatch.schema import MAX_LAYER, MAX_STEP, Entered, PeerRows, RecordColumns, RecordError
+
+log = logging.getLogger("epwatch.hooks")
 
 FRAME_RECORDS = 16384
 FRAME_PEER_BYTES = 4 << 20
@@ -29,6 +32,7 @@ class Outbox:
         self._records: deque[RecordColumns] = deque()
         self._peers: deque[PeerRows] = deque()
         self._n = 0
+        self.rejected = 0  # records that failed the schema's checks (should stay 0)
 
     def __len__(self) -> int:
         return self._n
@@ -68,17 +72,9 @@ class Outbox:
         ``dropped_total`` is the process's running drop count (the agent keys it by
         ``hook:<pid>``, so it must cover every probe of the process)."""
         records, peers = self.take()
-        cols = RecordColumns.concat(records)
-        hb = None
-        if entered is not None:
-            step, layer, phase = entered
-            hb = Entered(
-                rank=np.array([self.probe.rank], dtype="<i4"),
-                step=np.array([step], dtype="<i8"),
-                layer=np.array([layer], dtype="<i4"),
-                phase=np.array([phase], dtype="<u1"),
-            )
-        peer_parts = [part for p in peers for part in _split_peer_rows(p)]
+        cols = self._checked(RecordColumns.concat(records))
+        hb = self._heartbeat(entered)
+        peer_parts = [part for p in peers for part in _split_peer_rows(p) if self._peer_ok(part)]
         n_frames = max(1, -(-len(cols) // FRAME_RECORDS), len(peer_parts))
         out = []
         for i in range(n_frames):
@@ -94,6 +90,41 @@ class Outbox:
             )
             out.append((frame, chunk))
         return out
+
+    # The resolver already keeps records within epwatch.schema's bounds; these checks
+    # are the last line: a frame the agent rejects would lose every record in it.
+
+    def _checked(self, cols: RecordColumns) -> RecordColumns:
+        try:
+            cols.validate(self.probe.world_size)
+        except RecordError as e:
+            self.rejected += len(cols)
+            log.warning("epwatch hooks: dropping %d records: %s", len(cols), e)
+            return RecordColumns.empty()
+        return cols
+
+    def _peer_ok(self, rows: PeerRows) -> bool:
+        try:
+            rows.validate(self.probe.world_size)
+        except RecordError:
+            return False
+        return True
+
+    def _heartbeat(self, entered: tuple[int, int, int] | None) -> Entered | None:
+        if entered is None:
+            return None
+        try:
+            step, layer, phase = (int(v) for v in entered)
+            if not (0 <= step < MAX_STEP and 0 <= layer < MAX_LAYER and phase in (0, 1)):
+                return None
+            return Entered(
+                rank=np.array([self.probe.rank], dtype="<i4"),
+                step=np.array([step], dtype="<i8"),
+                layer=np.array([layer], dtype="<i4"),
+                phase=np.array([phase], dtype="<u1"),
+            )
+        except (TypeError, ValueError):
+            return None
 
     def put_back(self, records: RecordColumns) -> None:
         """Records of frames that could not be sent go back in front (still bounded)."""

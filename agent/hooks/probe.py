@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from agent.hooks.clock import Clock, HostClock
-from epwatch.schema import Phase
+from epwatch.schema import MAX_WORLD_SIZE, Phase
 
 log = logging.getLogger("epwatch.hooks")
 
@@ -46,6 +46,8 @@ class Probe:
         buffer_records: int = 65536,
         peer_sample_steps: int = 16,
     ) -> None:
+        if not 0 < world_size <= MAX_WORLD_SIZE:
+            raise ValueError(f"world_size {world_size} is outside [1, {MAX_WORLD_SIZE}]")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, {world_size})")
         self.ep_group = ep_group

@@ -19,7 +19,16 @@ import numpy as np
 
 from agent.hooks.deferred import Deferred
 from agent.hooks.probe import Probe, Record
-from epwatch.schema import PEER_SEND_DTYPE, PEER_WAIT_DTYPE, PeerRows, RecordColumns
+from epwatch.schema import (
+    MAX_COUNT,
+    MAX_DURATION_NS,
+    MAX_LAYER,
+    MAX_STEP,
+    PEER_SEND_DTYPE,
+    PEER_WAIT_DTYPE,
+    PeerRows,
+    RecordColumns,
+)
 
 _ENTER, _EXIT, _PEER_WAIT, _PEER_SEND = 3, 4, 8, 9
 _Peer = tuple[int, int, int, np.ndarray | None, np.ndarray | None]
@@ -125,12 +134,23 @@ class RecordResolver:
         return ready
 
     def _valid(self, ints: np.ndarray) -> np.ndarray:
-        step, layer, phase = ints[0], ints[1], ints[2]
-        valid = (step >= 0) & (layer >= 0) & (phase >= 0) & (phase <= 1)
-        self.invalid_records += int(len(valid) - valid.sum())
+        """Mask of records within epwatch.schema's plausibility bounds, after repairs."""
         # Two CUDA stamps may straddle an anchor renewal; never ship a negative duration.
         np.maximum(ints[_EXIT], ints[_ENTER], out=ints[_EXIT])
         np.maximum(ints[5:8], 0, out=ints[5:8])
+        step, layer, phase = ints[0], ints[1], ints[2]
+        valid = (
+            (step >= 0)
+            & (step < MAX_STEP)
+            & (layer >= 0)
+            & (layer < MAX_LAYER)
+            & (phase >= 0)
+            & (phase <= 1)
+            & (ints[_ENTER] >= 0)
+            & (ints[_EXIT] - ints[_ENTER] <= MAX_DURATION_NS)  # an hour: garbage, or a hang
+            & (ints[5:8] < MAX_COUNT).all(axis=0)
+        )
+        self.invalid_records += int(len(valid) - valid.sum())
         return valid
 
     def _peers(self, ready: list[Record], ints: np.ndarray, valid: np.ndarray) -> list[_Peer]:
@@ -158,10 +178,12 @@ class RecordResolver:
         except Exception:
             self.bad_peer_vectors += 1
             return None
-        if arr.size != self.probe.world_size or not np.isfinite(arr).all():
+        arr = np.maximum(arr, 0)
+        limit = MAX_DURATION_NS / 1e9 if dtype == PEER_WAIT_DTYPE else MAX_COUNT
+        if arr.size != self.probe.world_size or not np.isfinite(arr).all() or arr.max() > limit:
             self.bad_peer_vectors += 1
             return None
-        return np.maximum(arr, 0)
+        return arr
 
     def _keep_pending(self, pending: list[Record]) -> None:
         excess = len(pending) - self.max_pending
