@@ -8,11 +8,16 @@ By default a GPU slows down about 10 s in and an expert turns hot later; a table
 every second shows what the collector sees, and the diagnosis closes the run. The
 simulated nodes' GPU/NIC samples (consistent with the faults) are pushed to the
 collector directly, as their agents' samplers would ship them.
+
+With ``--prometheus`` a real Prometheus (and Alertmanager when installed) scrapes the
+collector with the shipped alert rules, their ``for:`` shortened to the demo's
+seconds, and every alert that starts firing or resolves is printed as it happens.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -24,13 +29,16 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import numpy as np
+from prometheus_client import disable_created_metrics
 
 from agent.frames import FrameSender, hook_frame
 from collector.service import CollectorConfig, CollectorService
+from epwatch import promstack
 from epwatch.schema import Entered, PeerRows, RecordColumns
 from simulator.engine import Simulation, StepChunk
 from simulator.node_samples import NodeSampleModel
@@ -44,6 +52,16 @@ def _hostport(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not (0 <= seconds <= 86400):
+        raise argparse.ArgumentTypeError(f"expected 0..86400 seconds, got {value!r}")
+    return seconds
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,10 +84,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="simulated forward passes per second (default %(default)s)",
     )
     p.add_argument("--layers", type=int, default=61, help="MoE layers (default %(default)s)")
-    p.add_argument(
+    story = p.add_mutually_exclusive_group()
+    story.add_argument(
         "--scenario",
         metavar="FILE",
         help="a scenario TOML (see `epwatch simulate --help`) instead of the default faults",
+    )
+    story.add_argument(
+        "--clean",
+        action="store_true",
+        help="inject no fault: a healthy cluster, where nothing is flagged and no alert fires",
     )
     p.add_argument(
         "--metrics-listen",
@@ -79,39 +103,68 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the collector's /metrics (default 127.0.0.1:9401; port 0 picks one)",
     )
     p.add_argument("--json", action="store_true", help="end with the diagnosis as JSON")
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run a real Prometheus (and Alertmanager when installed) on 127.0.0.1 with "
+        "the rules of dashboards/prometheus/, scraping this collector, and print alerts as "
+        "they fire and resolve",
+    )
+    p.add_argument(
+        "--prometheus-for",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --prometheus: shorten every alert's `for:` to at most this, so that "
+        "alerts fire within the demo (default %(default)g)",
+    )
+    p.add_argument(
+        "--alertmanager-webhook",
+        metavar="URL",
+        help="with --prometheus: Alertmanager also sends its notifications to this webhook "
+        "(a chat bridge, a test's receiver)",
+    )
 
 
 def demo_scenario(args: argparse.Namespace) -> Scenario:
-    """The default story: a slow GPU about 10 s in, a hot expert later on."""
+    """The default story: a slow GPU about 10 s in, a hot expert later on (none with
+    ``--clean``)."""
     if args.scenario:
         return load_scenario(args.scenario)
     sps, duration, p = args.steps_per_second, args.duration, args.ranks
     steps = int(duration * sps) + 32
-    slow_rank = min(p - 1, args.ranks_per_node + 5)
-    hot_rank = p - 3 if p - 3 != slow_rank else p - 2
     experts = 256 if 256 % p == 0 else p * max(1, 256 // p)
+    faults = [] if getattr(args, "clean", False) else _default_faults(args, p, experts)
     return load_scenario(
         {
             "seed": 42,
             "steps": steps,
             "cluster": {"ranks": p, "ranks_per_node": args.ranks_per_node, "ep_group": "demo"},
             "model": {"layers": args.layers, "experts": experts},
-            "faults": [
-                {
-                    "kind": "slow_gpu",
-                    "rank": slow_rank,
-                    "factor": 1.25,
-                    "start_step": int(min(10.0, duration / 3) * sps),
-                },
-                {
-                    "kind": "hot_expert",
-                    "expert": hot_rank * (experts // p),
-                    "share": 0.06,
-                    "start_step": int(min(20.0, 2 * duration / 3) * sps),
-                },
-            ],
+            "faults": faults,
         }
     )
+
+
+def _default_faults(args: argparse.Namespace, p: int, experts: int) -> list[dict[str, Any]]:
+    """A GPU of the second node slows down, later an expert of another rank turns hot."""
+    sps, duration = args.steps_per_second, args.duration
+    slow_rank = min(p - 1, args.ranks_per_node + 5)
+    hot_rank = p - 3 if p - 3 != slow_rank else p - 2
+    return [
+        {
+            "kind": "slow_gpu",
+            "rank": slow_rank,
+            "factor": 1.25,
+            "start_step": int(min(10.0, duration / 3) * sps),
+        },
+        {
+            "kind": "hot_expert",
+            "expert": hot_rank * (experts // p),
+            "share": 0.06,
+            "start_step": int(min(20.0, 2 * duration / 3) * sps),
+        },
+    ]
 
 
 class Agents:
@@ -341,6 +394,113 @@ def _ingested(service: CollectorService) -> float:
     )
 
 
+# Labels every alert of the demo carries; they say nothing about the alert.
+_QUIET_LABELS = frozenset({"alertname", "job", "instance"})
+
+
+def alert_key(alert: dict[str, Any]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Identity of an alert: its name and labels (as Prometheus and Alertmanager see it)."""
+    labels = alert.get("labels") or {}
+    return str(labels.get("alertname", "?")), tuple(sorted(labels.items()))
+
+
+def alert_line(elapsed: float, event: str, alert: dict[str, Any]) -> str:
+    """``  16s FIRING   EPStragglerRank{cause="compute", ...}: summary``."""
+    labels = alert.get("labels") or {}
+    shown = ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()) if k not in _QUIET_LABELS)
+    summary = " ".join(str((alert.get("annotations") or {}).get("summary", "")).split())
+    line = f"{elapsed:>4.0f}s {event:<8} {labels.get('alertname', '?')}{{{shown}}}"
+    return f"{line}: {summary}" if summary and event == "FIRING" else line
+
+
+class AlertWatch:
+    """Polls Prometheus's alerts API and says when an alert starts firing or resolves
+    (pending alerts are not news yet: their `for:` has not passed)."""
+
+    def __init__(self, prometheus: promstack.Prometheus) -> None:
+        self.prometheus = prometheus
+        self.firing: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
+        self._lost = False
+
+    def poll(self, elapsed: float) -> list[str]:
+        """Lines for what changed since the last poll; none while Prometheus is away."""
+        if not self.prometheus.running:
+            if self._lost:
+                return []
+            self._lost = True
+            return [f"{elapsed:>4.0f}s Prometheus exited; see {self.prometheus.log_path}"]
+        try:
+            active = self.prometheus.alerts(timeout=2.0)
+        except (OSError, ValueError, promstack.PromStackError):
+            return []
+        now = {alert_key(a): a for a in active if a.get("state") == "firing"}
+        lines = [alert_line(elapsed, "FIRING", a) for k, a in now.items() if k not in self.firing]
+        lines += [
+            alert_line(elapsed, "RESOLVED", a) for k, a in self.firing.items() if k not in now
+        ]
+        self.firing = now
+        return lines
+
+
+def start_prometheus(
+    args: argparse.Namespace, metrics_host: str, metrics_port: int, workdir: str
+) -> promstack.PromStack | None:
+    """Prometheus (and Alertmanager when installed) scraping the demo's collector, or
+    None with the reason printed: the demo runs on without them."""
+    if promstack.prometheus_binary() is None:
+        print(
+            "epwatch demo: --prometheus: `prometheus` is not installed; running without it.\n"
+            "  install it with: apt-get install prometheus prometheus-alertmanager "
+            "(Debian/Ubuntu; elsewhere https://prometheus.io/download/)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    if not promstack.rule_files():
+        print(
+            f"epwatch demo: --prometheus: no alert rules in {promstack.RULES_DIR} "
+            "(they come with a source checkout); running without Prometheus",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    with_am = promstack.alertmanager_binary() is not None
+    if not with_am:
+        print(
+            "epwatch demo: `prometheus-alertmanager` is not installed: alerts show in Prometheus"
+            " only (apt-get install prometheus-alertmanager)",
+            file=sys.stderr,
+            flush=True,
+        )
+    host = "127.0.0.1" if metrics_host in ("", "0.0.0.0", "::") else metrics_host
+    target = f"[{host}]:{metrics_port}" if ":" in host else f"{host}:{metrics_port}"
+    stack = promstack.PromStack(
+        Path(workdir) / "prometheus",
+        [target],
+        for_duration=promstack.format_duration(args.prometheus_for),
+        interval="1s",
+        alertmanager=with_am,
+        webhook_url=args.alertmanager_webhook,
+    )
+    try:
+        stack.start(timeout=30)
+    except promstack.PromStackError as err:
+        print(f"epwatch demo: Prometheus did not start: {err}", file=sys.stderr, flush=True)
+        return None
+    assert stack.prometheus is not None
+    url = stack.prometheus.url
+    print(
+        f"Prometheus: {url} (alerts: {url}/alerts), scraping {target} every 1s with the rules "
+        f"of {promstack.RULES_DIR.parent.name}/{promstack.RULES_DIR.name}/, "
+        f"for: at most {promstack.format_duration(args.prometheus_for)}",
+        flush=True,
+    )
+    if stack.alertmanager is not None:
+        where = f", notifying {args.alertmanager_webhook}" if args.alertmanager_webhook else ""
+        print(f"Alertmanager: {stack.alertmanager.url}{where}", flush=True)
+    return stack
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         scenario = demo_scenario(args)
@@ -354,6 +514,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    disable_created_metrics()  # as `epwatch collector`: no *_created twin per counter
     service = CollectorService(
         CollectorConfig(grpc_listen="127.0.0.1:0", metrics_listen=args.metrics_listen)
     )
@@ -368,6 +529,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="epwatch-demo-")
     agents = Agents(scenario.nodes, f"127.0.0.1:{service.grpc_port}", workdir)
     ranks = None
+    stack: promstack.PromStack | None = None
     try:
         agents.wait_ready()
         ranks = Ranks(scenario, agents.sockets, args.steps_per_second)
@@ -382,6 +544,9 @@ def run(args: argparse.Namespace) -> int:
             f"collector /metrics: http://{args.metrics_listen[0]}:{service.metrics_port}/metrics",
             flush=True,
         )
+        if args.prometheus:
+            stack = start_prometheus(args, args.metrics_listen[0], service.metrics_port, workdir)
+        watch = AlertWatch(stack.prometheus) if stack and stack.prometheus else None
         print(HEADER, flush=True)
         samplers = SimulatedSamplers(scenario, f"127.0.0.1:{service.grpc_port}")
         ranks.start()
@@ -391,14 +556,24 @@ def run(args: argparse.Namespace) -> int:
             elapsed = time.monotonic() - t0
             reports = service.reports()
             print(table_row(elapsed, reports[0] if reports else None), flush=True)
+            for line in watch.poll(elapsed) if watch else ():
+                print(line, flush=True)
             if elapsed >= args.duration or not ranks.running:
                 break
+        if watch is not None:
+            counts = collections.Counter(name for name, _ in watch.firing)
+            names = [f"{n} ({c})" if c > 1 else n for n, c in sorted(counts.items())]
+            print(f"alerts firing at the end: {', '.join(names) or 'none'}", flush=True)
+        if stack is not None:
+            stack.stop()  # before the agents go: their leaving is the demo's end, not news
         ranks.stop()
         samplers.close()
         deadline = time.monotonic() + 10
         while _ingested(service) < ranks.sent and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
+        if stack is not None:
+            stack.stop()
         if ranks is not None:
             ranks.stop()
         agents.stop()
