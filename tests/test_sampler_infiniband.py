@@ -9,11 +9,13 @@ device with no counters/ directory, and a port that is down (mlx5_3).
 from __future__ import annotations
 
 import errno
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from agent.samplers.base import Kind, Point, read_sysfs, run_sampler
+from agent.samplers.base import DirCache, Kind, Point, read_sysfs, run_sampler
 from agent.samplers.infiniband import InfinibandSampler, parse_rate, parse_state
 
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
@@ -183,3 +185,67 @@ def test_parse_state():
     assert parse_state("4: ACTIVE") == (4, "ACTIVE")
     assert parse_state("5: LinkUp") == (5, "LinkUp")
     assert parse_state("ACTIVE") == (None, "ACTIVE")
+
+
+def _copy_tree(tmp_path: Path) -> Path:
+    shutil.copytree(SYSFS / "class" / "infiniband", tmp_path / "class" / "infiniband")
+    return tmp_path
+
+
+def test_tree_is_listed_once_and_values_are_read_every_round(tmp_path, monkeypatch):
+    root = _copy_tree(tmp_path)
+    sampler = InfinibandSampler(root)
+    first = _index(sampler.collect())
+    listed: list[str] = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p: listed.append(str(p)) or real_listdir(p))
+    data = root / "class/infiniband/mlx5_0/ports/1/counters/port_xmit_data"
+    data.write_text("1000\n")
+    second = _index(sampler.collect())
+    assert listed == [str(root / "class" / "infiniband")]  # the HCA list only
+    port = {"device": "mlx5_0", "port": "1"}
+    assert _get(second, "epwatch_nic_transmit_bytes_total", **port) == 4000
+    assert second.keys() == first.keys()
+
+
+def test_new_hca_is_seen_in_the_next_round(tmp_path):
+    root = _copy_tree(tmp_path)
+    sampler = InfinibandSampler(root)
+    sampler.collect()
+    ib = root / "class" / "infiniband"
+    shutil.copytree(ib / "mlx5_0", ib / "mlx5_9")
+    idx = _index(sampler.collect())
+    assert _get(idx, "epwatch_nic_transmit_bytes_total", device="mlx5_9", port="1") == 123456789 * 4
+    shutil.rmtree(ib / "mlx5_9")
+    assert not _has(_index(sampler.collect()), "epwatch_nic_link_up", device="mlx5_9", port="1")
+
+
+def test_vanished_counter_file_drops_its_series_and_the_tree_is_listed_again(tmp_path):
+    root = _copy_tree(tmp_path)
+    sampler = InfinibandSampler(root)
+    sampler.collect()
+    counters = root / "class/infiniband/mlx5_0/ports/1/counters"
+    (counters / "symbol_error").unlink()
+    port = {"device": "mlx5_0", "port": "1"}
+    result = run_sampler(sampler)
+    assert result.ok
+    assert not _has(_index(result.points), "epwatch_nic_errors_total", kind="symbol_error", **port)
+    (counters / "symbol_error").write_text("9\n")  # back: listed again at once
+    idx = _index(sampler.collect())
+    assert _get(idx, "epwatch_nic_errors_total", kind="symbol_error", **port) == 9
+
+
+def test_new_counter_file_is_seen_after_the_rescan_interval(tmp_path):
+    root = _copy_tree(tmp_path)
+    now = [0.0]
+    sampler = InfinibandSampler(root, rescan_s=60.0)
+    sampler._dirs = DirCache(60.0, clock=lambda: now[0])
+    sampler.collect()
+    hw = root / "class/infiniband/mlx5_3/ports/1/hw_counters"
+    hw.mkdir()
+    (hw / "np_cnp_sent").write_text("5\n")
+    port = {"device": "mlx5_3", "port": "1"}
+    now[0] = 59.0
+    assert not _has(_index(sampler.collect()), "epwatch_nic_cnp_sent_total", **port)
+    now[0] = 60.0
+    assert _get(_index(sampler.collect()), "epwatch_nic_cnp_sent_total", **port) == 5

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,26 @@ def test_real_sys_class_net_reads():
     points = NetdevSampler("/sys", device_exclude=None).collect()
     assert any(p.name == "epwatch_nic_receive_bytes_total" for p in points)
     assert all(p.value >= 0 for p in points)
+
+
+def test_interfaces_are_listed_every_round_their_statistics_once(tmp_path, monkeypatch):
+    shutil.copytree(SYSFS / "class" / "net", tmp_path / "class" / "net")
+    net = tmp_path / "class" / "net"
+    sampler = NetdevSampler(tmp_path)
+    first = _index(sampler.collect())
+    listed: list[str] = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p: listed.append(str(p)) or real_listdir(p))
+    (net / "eth0" / "statistics" / "rx_bytes").write_text("5\n")
+    second = _index(sampler.collect())
+    assert listed == [str(net)]
+    assert second[_key("epwatch_nic_receive_bytes_total", device="eth0", port="1")] == 5
+    assert second.keys() == first.keys()
+    # a new interface shows up at once; a vanished statistics file only drops its series
+    shutil.copytree(net / "eth0", net / "eth7")
+    (net / "eth0" / "statistics" / "rx_dropped").unlink()
+    third = _index(sampler.collect())
+    assert third[_key("epwatch_nic_receive_bytes_total", device="eth7", port="1")] == 5
+    gone = _key("epwatch_nic_errors_total", kind="rx_dropped", device="eth0", port="1")
+    assert gone not in third and gone in second
+    assert set(third) - {gone} >= set(second) - {gone}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -342,13 +343,71 @@ def collect_round(
 
 # --- sysfs helpers -------------------------------------------------------------------
 
+# A custom reader (tests inject one) gets a Path; the samplers call the default one
+# with plain str paths, which spares building a Path per counter file every round.
 FileReader = Callable[[Path], str]
 
 
-def read_sysfs(path: Path) -> str:
-    """Text of one sysfs attribute, without the trailing newline the kernel adds."""
-    with open(path, "rb") as fh:
-        return fh.read(4096).decode("ascii", "replace").strip()
+def read_sysfs(path: str | os.PathLike[str]) -> str:
+    """Text of one sysfs attribute, without the trailing newline the kernel adds.
+
+    One ``os.open``/``os.read``/``os.close``: a sysfs attribute is at most a page, so
+    the buffered file object of ``open()`` would only add cost (it was most of it).
+    A directory opens but answers EISDIR on read, as with ``open()``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    return data.decode("ascii", "replace").strip()
+
+
+def str_reader(reader: FileReader) -> Callable[[str], str]:
+    """``reader`` as a function of a str path (the default reads the str directly)."""
+    if reader is read_sysfs:
+        return read_sysfs
+    return lambda path: reader(Path(path))
+
+
+class DirCache:
+    """Sorted directory listings kept between rounds.
+
+    Counter values change every round, but which devices, ports and counter files
+    exist changes only when hardware comes or goes, and listing every directory each
+    round cost as much as reading the values. Listings are kept for ``refresh_s``
+    and dropped at once after :meth:`invalidate` (the samplers call it when the set
+    of devices changes or a listed file vanishes). A failed listing other than
+    "absent" is not kept, so it is retried and reported every round.
+    """
+
+    def __init__(self, refresh_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.refresh_s = refresh_s
+        self._clock = clock
+        self._listings: dict[str, tuple[str, ...]] = {}
+        self._expires = 0.0
+
+    def start_round(self) -> None:
+        """Forget every listing once ``refresh_s`` has passed since they were taken."""
+        now = self._clock()
+        if now >= self._expires:
+            self._listings.clear()
+            self._expires = now + self.refresh_s
+
+    def invalidate(self) -> None:
+        self._listings.clear()
+        self._expires = self._clock() + self.refresh_s
+
+    def listdir(self, path: str) -> tuple[str, ...]:
+        """Sorted names in ``path`` (empty if it does not exist); other OSErrors raise."""
+        names = self._listings.get(path)
+        if names is None:
+            try:
+                names = tuple(sorted(os.listdir(path)))
+            except FileNotFoundError:
+                names = ()
+            self._listings[path] = names
+        return names
 
 
 def describe_os_error(exc: OSError) -> str:

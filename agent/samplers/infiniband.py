@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 from agent.samplers.base import (
+    DirCache,
     FileReader,
     Point,
     Sampler,
@@ -30,6 +31,7 @@ from agent.samplers.base import (
     describe_os_error,
     metric,
     read_sysfs,
+    str_reader,
 )
 
 # counters/ file -> (metric, multiplier)
@@ -126,97 +128,114 @@ def parse_rate(text: str) -> float | None:
 
 
 class InfinibandSampler(Sampler):
-    """Every HCA port under ``<sysfs_root>/class/infiniband``."""
+    """Every HCA port under ``<sysfs_root>/class/infiniband``.
+
+    The list of HCAs is read every round; each HCA's ports and counter files are
+    listed once and kept (:class:`~agent.samplers.base.DirCache`, ``rescan_s``).
+    """
 
     name = "infiniband"
 
-    def __init__(self, sysfs_root: str | Path = "/sys", reader: FileReader = read_sysfs) -> None:
+    def __init__(
+        self,
+        sysfs_root: str | Path = "/sys",
+        reader: FileReader = read_sysfs,
+        rescan_s: float = 60.0,
+    ) -> None:
         super().__init__()
         self.base = Path(sysfs_root) / "class" / "infiniband"
         self.read = reader
+        self._base = str(self.base)
+        self._read = str_reader(reader)
+        self._dirs = DirCache(rescan_s)
+        self._devices: list[str] = []
 
     def collect(self) -> list[Point]:
         try:
-            devices = sorted(os.listdir(self.base))
+            devices = sorted(os.listdir(self._base))
         except FileNotFoundError as exc:
             raise SamplerUnavailable(f"no InfiniBand/RoCE devices ({self.base} absent)") from exc
         except OSError as exc:
             raise SamplerUnavailable(f"cannot list {self.base}: {describe_os_error(exc)}") from exc
+        if devices != self._devices:
+            self._devices = devices
+            self._dirs.invalidate()  # an HCA came or went: list its tree again
+        self._dirs.start_round()
         points: list[Point] = []
         for dev in devices:
-            ports_dir = self.base / dev / "ports"
+            ports_dir = f"{self._base}/{dev}/ports"
             for port in self._listdir(ports_dir):
-                points.extend(self._port(dev, port, ports_dir / port))
-            points.extend(self._hw_counters(dev, DEVICE_PORT, self.base / dev / "hw_counters"))
+                points.extend(self._port(dev, port, f"{ports_dir}/{port}"))
+            points.extend(self._hw_counters(dev, DEVICE_PORT, f"{self._base}/{dev}/hw_counters"))
         return points
 
-    def _listdir(self, path: Path) -> list[str]:
+    def _listdir(self, path: str) -> tuple[str, ...]:
         try:
-            return sorted(os.listdir(path))
-        except FileNotFoundError:
-            return []
+            return self._dirs.listdir(path)
         except OSError as exc:
-            self.skip(str(path), describe_os_error(exc))
-            return []
+            self.skip(path, describe_os_error(exc))
+            return ()
 
-    def _value(self, path: Path) -> str | None:
+    def _value(self, path: str, listed: bool = False) -> str | None:
         try:
-            return self.read(path)
+            return self._read(path)
         except FileNotFoundError:
+            if listed:  # it was there when its directory was listed
+                self._dirs.invalidate()
             return None
         except OSError as exc:  # EINVAL, EISDIR, EACCES...: drop this series only
-            self.skip(str(path), describe_os_error(exc))
+            self.skip(path, describe_os_error(exc))
             return None
 
-    def _number(self, path: Path) -> int | None:
-        text = self._value(path)
+    def _number(self, path: str) -> int | None:
+        text = self._value(path, listed=True)
         if text is None:
             return None
         try:
             return int(text, 10)
         except ValueError:
-            self.skip(str(path), f"not a number: {text!r}")
+            self.skip(path, f"not a number: {text!r}")
             return None
 
-    def _port(self, dev: str, port: str, root: Path) -> list[Point]:
+    def _port(self, dev: str, port: str, root: str) -> list[Point]:
         labels = {"device": dev, "port": port}
         points: list[Point] = []
-        state = self._value(root / "state")
+        state = self._value(f"{root}/state")
         if state is not None:
             code, name = parse_state(state)
             active = code == _ACTIVE if code is not None else name.upper() == "ACTIVE"
             points.append(metric("epwatch_nic_link_up", 1.0 if active else 0.0, **labels))
-        phys = self._value(root / "phys_state")
+        phys = self._value(f"{root}/phys_state")
         if phys is not None:
             code, _ = parse_state(phys)
             if code is not None:
                 points.append(metric("epwatch_nic_physical_state", code, **labels))
-        rate_text = self._value(root / "rate")
+        rate_text = self._value(f"{root}/rate")
         if rate_text is not None:
             rate = parse_rate(rate_text)
             if rate is None:
-                self.skip(str(root / "rate"), f"unparsable rate {rate_text!r}")
+                self.skip(f"{root}/rate", f"unparsable rate {rate_text!r}")
             else:
                 points.append(metric("epwatch_nic_link_rate_bytes_per_second", rate, **labels))
-        counters = root / "counters"
+        counters = f"{root}/counters"
         for filename in self._listdir(counters):
             if filename in _COUNTERS:
                 name, scale = _COUNTERS[filename]
-                value = self._number(counters / filename)
+                value = self._number(f"{counters}/{filename}")
                 if value is not None:
                     points.append(metric(name, value * scale, **labels))
             elif filename in _COUNTER_ERRORS:
-                value = self._number(counters / filename)
+                value = self._number(f"{counters}/{filename}")
                 if value is not None:
                     points.append(
                         metric("epwatch_nic_errors_total", value, kind=filename.lower(), **labels)
                     )
         have = {p.name for p in points}
-        points.extend(self._hw_counters(dev, port, root / "hw_counters", have))
+        points.extend(self._hw_counters(dev, port, f"{root}/hw_counters", have))
         return points
 
     def _hw_counters(
-        self, dev: str, port: str, root: Path, have: set[str] | None = None
+        self, dev: str, port: str, root: str, have: set[str] | None = None
     ) -> list[Point]:
         labels = {"device": dev, "port": port}
         points: list[Point] = []
@@ -233,7 +252,7 @@ class InfinibandSampler(Sampler):
                 name, extra = "epwatch_nic_errors_total", {"kind": filename}
             else:
                 continue  # unknown driver counters stay out: bounded cardinality
-            value = self._number(root / filename)
+            value = self._number(f"{root}/{filename}")
             if value is not None:
                 points.append(metric(name, value, **extra, **labels))
         return points

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from agent.samplers.base import (
+    DirCache,
     FileReader,
     Point,
     Sampler,
@@ -21,6 +22,7 @@ from agent.samplers.base import (
     describe_os_error,
     metric,
     read_sysfs,
+    str_reader,
 )
 
 # statistics file -> metric (all counters); error files go to epwatch_nic_errors_total.
@@ -53,7 +55,11 @@ DEFAULT_EXCLUDE = r"^(lo|veth.*|cali.*|flannel.*|cni.*|docker\d*|br-.*|virbr.*|i
 
 
 class NetdevSampler(Sampler):
-    """Counters of every interface under ``<sysfs_root>/class/net``."""
+    """Counters of every interface under ``<sysfs_root>/class/net``.
+
+    The list of interfaces is read every round (virtual ones come and go); each
+    interface's ``statistics`` listing is kept (:class:`~agent.samplers.base.DirCache`).
+    """
 
     name = "netdev"
 
@@ -62,53 +68,68 @@ class NetdevSampler(Sampler):
         sysfs_root: str | Path = "/sys",
         device_exclude: str | None = DEFAULT_EXCLUDE,
         reader: FileReader = read_sysfs,
+        rescan_s: float = 60.0,
     ) -> None:
         super().__init__()
         self.base = Path(sysfs_root) / "class" / "net"
         self.exclude = re.compile(device_exclude) if device_exclude else None
         self.read = reader
+        self._base = str(self.base)
+        self._read = str_reader(reader)
+        self._dirs = DirCache(rescan_s)
+        self._devices: list[str] = []
 
     def collect(self) -> list[Point]:
         try:
-            devices = sorted(os.listdir(self.base))
+            listed = sorted(os.listdir(self._base))
         except OSError as exc:
             raise SamplerUnavailable(f"cannot list {self.base}: {describe_os_error(exc)}") from exc
+        devices = [d for d in listed if self.exclude is None or not self.exclude.search(d)]
+        if devices != self._devices:
+            self._devices = devices
+            self._dirs.invalidate()  # an interface came or went: list it again
+        self._dirs.start_round()
         points: list[Point] = []
         for dev in devices:
-            if self.exclude is not None and self.exclude.search(dev):
-                continue
             points.extend(self._device(dev))
         return points
 
-    def _value(self, path: Path, quiet: tuple[int, ...] = ()) -> str | None:
+    def _value(self, path: str, quiet: tuple[int, ...] = ()) -> str | None:
         """The file's text; None (and a note unless absent or expected) if unreadable."""
         try:
-            return self.read(path)
+            return self._read(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
             if exc.errno not in quiet:
-                self.skip(str(path), describe_os_error(exc))
+                self.skip(path, describe_os_error(exc))
             return None
 
     def _device(self, dev: str) -> list[Point]:
-        root = self.base / dev
+        root = f"{self._base}/{dev}"
         points: list[Point] = []
-        stats = root / "statistics"
+        stats = f"{root}/statistics"
         try:
-            present = set(os.listdir(stats))
+            present = self._dirs.listdir(stats)
         except OSError as exc:
-            self.skip(str(stats), describe_os_error(exc))
-            present = set()
-        for filename in sorted(present):
+            self.skip(stats, describe_os_error(exc))
+            present = ()
+        for filename in present:
             name = _TRAFFIC.get(filename)
             if name is None and filename not in _ERRORS:
                 continue
-            text = self._value(stats / filename)
+            path = f"{stats}/{filename}"
+            try:
+                text: str | None = self._read(path)
+            except FileNotFoundError:
+                self._dirs.invalidate()  # listed, now gone: the interface changed
+                continue
+            except OSError as exc:
+                self.skip(path, describe_os_error(exc))
+                continue
             value = _int(text)
             if value is None:
-                if text is not None:
-                    self.skip(str(stats / filename), f"not a number: {text!r}")
+                self.skip(path, f"not a number: {text!r}")
                 continue
             if name is not None:
                 points.append(metric(name, value, device=dev, port=PORT))
@@ -116,13 +137,13 @@ class NetdevSampler(Sampler):
                 points.append(
                     metric("epwatch_nic_errors_total", value, device=dev, port=PORT, kind=filename)
                 )
-        state = self._value(root / "operstate")
+        state = self._value(f"{root}/operstate")
         if state is not None:
             up = state == "up"
             if state == "unknown":  # virtual and some tunnel devices: trust the carrier
-                up = self._value(root / "carrier") == "1"
+                up = self._value(f"{root}/carrier") == "1"
             points.append(metric("epwatch_nic_link_up", 1.0 if up else 0.0, device=dev, port=PORT))
-        speed = _int(self._value(root / "speed", quiet=(errno.EINVAL,)))
+        speed = _int(self._value(f"{root}/speed", quiet=(errno.EINVAL,)))
         if speed is not None and speed > 0:  # Mb/s; -1 or EINVAL when unknown / down
             rate = speed * 1e6 / 8
             points.append(
