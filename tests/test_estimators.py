@@ -167,3 +167,22 @@ def test_a_backlog_older_than_the_assembly_window_counts_as_late() -> None:
     est.ingest(backlog, "node-0")
     assert est.late_records == len(backlog)
     est.update(final=True)
+
+
+def test_a_fixed_cost_per_call_does_not_make_light_ranks_look_slow() -> None:
+    """Grouped GEMMs cost a + b n: x / n alone would flag every lightly loaded rank."""
+    from collector.estimators.stats import expected_compute
+
+    rng = np.random.default_rng(4)
+    n = rng.integers(200, 4000, (8, 32)).astype(float)  # very uneven loads
+    slow = np.ones(32)
+    slow[11] = 1.1
+    x = (300e-6 + 40e-9 * n) * slow * rng.lognormal(0, 0.01, n.shape)
+    ratio = np.median(x / expected_compute(x, n), axis=0)
+    ratio /= np.median(ratio)
+    assert ratio[11] == pytest.approx(1.1, rel=0.02)
+    others = np.delete(ratio, 11)
+    assert np.abs(others - 1).max() < 0.02
+    naive = np.median(x / n, axis=0)
+    naive /= np.median(naive)
+    assert np.abs(np.delete(naive, 11) - 1).max() > 0.5  # what x / n would have said

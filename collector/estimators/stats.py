@@ -23,6 +23,28 @@ def _quiet_nanmedian(a: np.ndarray, axis: int | None = None) -> np.ndarray:
         return np.nanmedian(a, axis=axis)
 
 
+def expected_compute(x: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """The group's expert compute for each rank's load, ``a + b n``, fitted over every
+    (layer, rank) of the step; NaN where the rank received nothing.
+
+    With no fixed cost (a = 0) ``x / expected`` is DESIGN's per-token cost ``x / n``
+    up to a constant. Grouped GEMMs do have a fixed cost per call, and then ``x / n``
+    would call every lightly loaded rank slow; the ratio to the fitted line does not.
+    One straggler among P ranks barely moves the line, and the ratios are compared
+    with their median across ranks anyway.
+    """
+    ok = (n > 0) & np.isfinite(x)
+    xs, ns = x[ok], n[ok]
+    a = 0.0
+    if len(ns) > 2 and np.ptp(ns) > 0:
+        nm, xm = ns.mean(), xs.mean()
+        b = ((ns - nm) * (xs - xm)).sum() / ((ns - nm) ** 2).sum()
+        a = xm - b * nm if b > 0 else 0.0
+    if a <= 0:  # proportional: the per-token cost itself
+        return np.where(n > 0, n, np.nan)
+    return np.where(n > 0, a / b + n, np.nan)
+
+
 @dataclass(frozen=True, slots=True)
 class StepStats:
     step: int
@@ -51,7 +73,7 @@ def step_stats(step: int, a: dict[str, np.ndarray]) -> StepStats:
         gamma = np.nanmax(x, axis=1) / x_mean
         n_mean = n.mean(axis=1)
         skew = n.max(axis=1) / n_mean
-        cost = np.where(n > 0, x / n, np.nan)
+        cost = x / expected_compute(x, n)
         cost_rank = _quiet_nanmedian(cost, axis=0)
         compute_ratio = cost_rank / _quiet_nanmedian(cost_rank)
         load_ratio = np.median(n / n_mean[:, None], axis=0)
