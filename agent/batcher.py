@@ -34,21 +34,20 @@ class _Pending:
         return not (self.records or self.peer_rows or self.entered)
 
 
-def _concat_peer_rows(parts: list[PeerRows]) -> PeerRows | None:
-    if not parts:
-        return None
-    cols = {
-        name: np.concatenate([getattr(p, name) for p in parts])
-        for name in ("rank", "step", "layer", "phase")
-    }
-    mats = {}
-    for name in ("wait_s", "send_bytes"):
-        present = [getattr(p, name) for p in parts if getattr(p, name).size]
-        if len(present) == len(parts):
-            mats[name] = np.concatenate(present)
-        else:  # keep rows aligned: a matrix travels only if every part has it
-            mats[name] = np.empty((len(cols["rank"]), 0), dtype=getattr(parts[0], name).dtype)
-    return PeerRows(**cols, **mats)
+def _concat_peer_rows(parts: list[PeerRows]) -> list[PeerRows]:
+    """Parts merged per kind (wait and/or send matrices), so that DeepEP's normal mode
+    (send rows) and low-latency mode (wait rows) on one node both travel."""
+    kinds: dict[tuple[bool, bool], list[PeerRows]] = {}
+    for part in parts:
+        kinds.setdefault((bool(part.wait_s.size), bool(part.send_bytes.size)), []).append(part)
+    merged = []
+    for same in kinds.values():
+        cols = {
+            name: np.concatenate([getattr(p, name) for p in same])
+            for name in ("rank", "step", "layer", "phase", "wait_s", "send_bytes")
+        }
+        merged.append(PeerRows(**cols))
+    return merged
 
 
 def _latest_entered(parts: list[Entered]) -> Entered | None:
@@ -118,12 +117,15 @@ class Batcher:
         size = self._batch_records
         n_full = len(records) // size if keep_remainder else -(-len(records) // size)
         chunks = [records.take(slice(i * size, (i + 1) * size)) for i in range(n_full)]
-        if not chunks:
-            chunks = [records.take(slice(0, 0))]
+        # Peer rows of a second kind ride on messages of their own.
+        chunks += [records.take(slice(0, 0))] * max(1 - len(chunks), len(peer_rows) - len(chunks))
         for i, chunk in enumerate(chunks):
-            first = i == 0
             batch = wire.encode_records(
-                group, ws, chunk, peer_rows if first else None, entered if first else None
+                group,
+                ws,
+                chunk,
+                peer_rows[i] if i < len(peer_rows) else None,
+                entered if i == 0 else None,
             )
             payload = pb.AgentMessage(batch=batch).SerializeToString()
             self._spool.put(payload, len(chunk))
