@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import tempfile
+from collections.abc import Mapping
 
 from epwatch import wire
 from epwatch.schema import Entered, PeerRows, RecordColumns
@@ -29,11 +30,14 @@ class FrameError(ValueError):
         self.reason = reason
 
 
-def default_socket_path() -> str:
-    """``$EPWATCH_AGENT_SOCKET``, else /run/epwatch/agent.sock, else $TMPDIR's."""
-    env = os.environ.get("EPWATCH_AGENT_SOCKET")
-    if env:
-        return env
+def default_socket_path(env: Mapping[str, str] | None = None) -> str:
+    """The agent's socket as docs/contracts.md fixes it, for the agent and the hooks
+    alike: ``$EPWATCH_AGENT_SOCKET``, else /run/epwatch/agent.sock when /run/epwatch is
+    writable, else $TMPDIR's."""
+    env = os.environ if env is None else env
+    path = env.get("EPWATCH_AGENT_SOCKET")
+    if path:
+        return path
     if os.path.isdir(RUN_DIR) and os.access(RUN_DIR, os.W_OK):
         return os.path.join(RUN_DIR, "agent.sock")
     return os.path.join(tempfile.gettempdir(), "epwatch-agent.sock")

@@ -9,26 +9,13 @@ never raises: a malformed variable falls back to its default and is reported in
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from agent.frames import RUN_DIR
+from agent.frames import default_socket_path
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 CLOCKS = ("auto", "host", "cuda")
-
-
-def default_socket_path(env: Mapping[str, str] | None = None) -> str:
-    """The agent's socket as docs/contracts.md fixes it: ``$EPWATCH_AGENT_SOCKET``, else
-    /run/epwatch/agent.sock when /run/epwatch is writable, else $TMPDIR's."""
-    env = os.environ if env is None else env
-    path = env.get("EPWATCH_AGENT_SOCKET")
-    if path:
-        return path
-    if os.path.isdir(RUN_DIR) and os.access(RUN_DIR, os.W_OK):
-        return os.path.join(RUN_DIR, "agent.sock")
-    return os.path.join(tempfile.gettempdir(), "epwatch-agent.sock")
 
 
 @dataclass(frozen=True)
