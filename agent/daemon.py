@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.batcher import Batcher
+from agent.nodesample import NodeSampleEncoder
 from agent.receiver import Receiver, ReceiverCounters
 from agent.shipper import Shipper
 from agent.spool import Spool
@@ -24,7 +25,8 @@ from protos import epwatch_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# One round of node samplers: () -> (points with .to_proto(), statuses with .to_proto()).
+# One round of node samplers: () -> (points, statuses with .to_proto()); a point is a
+# sampler Point or anything with .to_proto() (see agent.nodesample).
 SampleRound = Callable[[], tuple[Sequence[Any], Sequence[Any]]]
 
 
@@ -116,16 +118,12 @@ class Agent:
 
     def _sample_loop(self) -> None:
         assert self._sample_round is not None
+        encoder = NodeSampleEncoder()
         next_at = time.monotonic()
         while not self._stop.is_set():
             try:
                 points, statuses = self._sample_round()
-                sample = pb.NodeSample(
-                    time_unix_ns=time.time_ns(),
-                    points=[p.to_proto() for p in points],
-                    samplers=[s.to_proto() for s in statuses],
-                )
-                self.spool.put(pb.AgentMessage(sample=sample).SerializeToString(), 0)
+                self.spool.put(encoder.encode(time.time_ns(), points, statuses), 0)
             except Exception:
                 log.exception("sampling round failed")
             next_at += self.config.sample_interval_s
