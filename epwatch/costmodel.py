@@ -98,6 +98,43 @@ def straggler_seconds_per_step(max_compute_s: list[float], mean_compute_s: list[
     return float(sum(m - a for m, a in zip(max_compute_s, mean_compute_s, strict=True)))
 
 
+@dataclass(frozen=True, slots=True)
+class WhatIf:
+    """One MoE layer at another batch or EP width, from measured L, BW_eff and compute."""
+
+    t_comm_s: float  # dispatch + combine
+    t_compute_s: float  # the slowest rank's expert compute (gamma included)
+    per_peer_message_bytes: float
+    regime: str
+
+    @property
+    def overlap_covers_comm(self) -> bool:
+        """Dual-batch overlap hides the all-to-alls only behind at least as much compute."""
+        return self.t_compute_s >= self.t_comm_s
+
+
+def what_if(
+    latency_s: float,
+    bandwidth_bps: float,
+    volume_bytes: float,
+    ranks: int,
+    compute_s: float,
+    batch_scale: float = 1.0,
+    ranks_scale: float = 1.0,
+) -> WhatIf:
+    """Scale a measured layer: V and expert compute grow with B / P (Wide-EP slices the
+    same batch over more peers), L stays; per-peer messages are V / (P - 1)."""
+    new_ranks = max(round(ranks * ranks_scale), 2)
+    v = volume_bytes * batch_scale / ranks_scale
+    peer = per_peer_message_bytes(v, new_ranks)
+    return WhatIf(
+        t_comm_s=comm_seconds(latency_s, bandwidth_bps, v),
+        t_compute_s=compute_s * batch_scale / ranks_scale,
+        per_peer_message_bytes=peer,
+        regime=regime(peer, latency_s, bandwidth_bps),
+    )
+
+
 def model_report(
     w: Workload,
     steps_per_second: float | None = None,

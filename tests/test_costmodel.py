@@ -130,3 +130,17 @@ def test_bad_model_arguments_get_a_clear_error(args: list[str], message: str) ->
 def test_workload_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="topk"):
         costmodel.Workload(1000, 8, 0, 7168, 1)
+
+
+def test_what_if_scales_volume_and_compute_with_batch_over_ranks() -> None:
+    now = costmodel.what_if(100e-6, 40e9, volume_bytes=8e6, ranks=64, compute_s=300e-6)
+    assert now.t_comm_s == pytest.approx(2 * (100e-6 + 8e6 / 40e9))
+    assert not now.overlap_covers_comm  # 300 us of compute < 600 us of comm
+    wider = costmodel.what_if(100e-6, 40e9, 8e6, 64, 300e-6, ranks_scale=2.0)
+    assert wider.per_peer_message_bytes == pytest.approx(4e6 / 127)
+    assert wider.t_compute_s == pytest.approx(150e-6)
+    bigger = costmodel.what_if(100e-6, 40e9, 8e6, 64, 300e-6, batch_scale=4.0)
+    assert bigger.t_compute_s == pytest.approx(1200e-6)
+    assert bigger.t_comm_s == pytest.approx(2 * (100e-6 + 32e6 / 40e9))
+    assert not bigger.overlap_covers_comm  # 1.2 ms of compute vs 1.8 ms of comm
+    assert costmodel.what_if(100e-6, 40e9, 8e6, 64, 700e-6).overlap_covers_comm

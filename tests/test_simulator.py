@@ -230,3 +230,14 @@ def test_node_samples_cover_every_node_metric_and_healthy_errors_stay_at_zero() 
                 assert p.value == 0, p
     tx = [p.value for p in later["node-1"] if p.name == "epwatch_gpu_nvlink_transmit_bytes_total"]
     assert len(tx) == 8 and min(tx) > 0
+
+
+def test_simulate_report_carries_the_what_if() -> None:
+    from simulator.run import run_scenario
+
+    report, _ = run_scenario(load_scenario({**SMALL, "steps": 60}))
+    w = report.to_json()["whatif"]
+    assert w["t_comm_s"] > 0 and w["t_compute_s"] > 0
+    assert w["double_ranks"]["per_peer_message_bytes"] < w["per_peer_message_bytes"]
+    expected = "bandwidth-bound" if w["batch_scale_for_bandwidth_bound"] <= 1 else "latency-bound"
+    assert w["regime"] == expected

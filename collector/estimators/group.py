@@ -12,6 +12,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -302,6 +303,38 @@ class GroupEstimator:
             flag.active = False
             self._closed_hangs.append(flag)
 
+    def _what_if(self, compute_s: float) -> dict[str, Any]:
+        """The article's what-if at the measured point: does compute still cover the
+        all-to-alls, how much larger must B grow to leave the latency-bound regime,
+        and what doubling B or P would do. Dispatch and combine are averaged into one
+        (L, BW_eff), the cost model's symmetric t_comm = 2 (L + V / BW_eff)."""
+        fits = [self._fits.get(PHASE_NAMES[p]) for p in (Phase.DISPATCH, Phase.COMBINE)]
+        if not all(f is not None and math.isfinite(f.bandwidth_Bps) for f in fits):
+            return {}
+        latency = max(0.0, float(np.mean([f.latency_s for f in fits])))
+        bandwidth = 2.0 / sum(1.0 / f.bandwidth_Bps for f in fits)
+        volume = fits[0].per_peer_message_bytes * max(self.P - 1, 1)
+        now = costmodel.what_if(latency, bandwidth, volume, self.P, compute_s)
+
+        def point(w: costmodel.WhatIf) -> dict[str, Any]:
+            return {
+                "t_comm_s": w.t_comm_s,
+                "t_compute_s": w.t_compute_s,
+                "overlap_covers_comm": w.overlap_covers_comm,
+                "per_peer_message_bytes": w.per_peer_message_bytes,
+                "regime": w.regime,
+            }
+
+        crossover = costmodel.crossover_bytes(latency, bandwidth)
+        return {
+            **point(now),
+            "batch_scale_for_bandwidth_bound": crossover / now.per_peer_message_bytes,
+            "double_batch": point(costmodel.what_if(latency, bandwidth, volume, self.P,
+                                                    compute_s, batch_scale=2.0)),
+            "double_ranks": point(costmodel.what_if(latency, bandwidth, volume, self.P,
+                                                    compute_s, ranks_scale=2.0)),
+        }  # fmt: skip
+
     # -- report --------------------------------------------------------------------------
     def report(
         self, evidence: EvidenceFn | None = None, include_closed: bool = False
@@ -348,6 +381,7 @@ class GroupEstimator:
                 arrival_lag_s=tuple(
                     _quiet_nanmedian(np.stack([s.arrival_lag_s for s in w]), 0).tolist()
                 ),
+                whatif=self._what_if(float(np.nanmedian([s.compute_max_s for s in w]))),
             )
         return GroupReport(
             ep_group=self.ep_group,

@@ -15,6 +15,15 @@ def _num(v: float | None) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _clean(value: Any) -> Any:
+    """Nested JSON with unknown numbers as null."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, bool | str) or value is None:
+        return value
+    return _num(value)
+
+
 @dataclass(frozen=True)
 class PhaseReport:
     latency_s: float = math.nan
@@ -84,6 +93,7 @@ class GroupReport:
     arrival_lag_s: tuple[float, ...] = ()
     incomplete_steps: int = 0
     late_records: int = 0
+    whatif: dict[str, Any] = field(default_factory=dict)
 
     @property
     def balancedness(self) -> float:
@@ -103,6 +113,7 @@ class GroupReport:
             out[name] = self.phases.get(name, PhaseReport()).to_json()
         out["stragglers"] = [s.to_json() for s in self.stragglers]
         out["time_lost_per_step_s"] = _num(self.time_lost_per_step_s)
+        out["whatif"] = _clean(self.whatif)
         out["stalled_s"] = _num(self.stalled_s)
         out["per_rank"] = {
             "node": list(self.nodes),

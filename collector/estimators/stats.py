@@ -57,6 +57,7 @@ class StepStats:
     arrival_lag_s: np.ndarray  # [P] median over layers and phases of max d - d_r
     duration_s: np.ndarray  # [L, 2, P] d = exit - enter (kept for peer attribution)
     lost_s: float  # sum_l (max_r x - mean_r x)
+    compute_max_s: float  # median over layers of max_r x: what a layer's compute costs
     step_s: float  # median over ranks of the step's span on the rank's own clock
 
 
@@ -77,7 +78,9 @@ def step_stats(step: int, a: dict[str, np.ndarray]) -> StepStats:
         cost_rank = _quiet_nanmedian(cost, axis=0)
         compute_ratio = cost_rank / _quiet_nanmedian(cost_rank)
         load_ratio = np.median(n / n_mean[:, None], axis=0)
-        lost = float(np.nansum(np.nanmax(x, axis=1) - x_mean))
+        x_max = np.nanmax(x, axis=1)
+        lost = float(np.nansum(x_max - x_mean))
+        compute_max = float(np.nanmedian(x_max))
     lag = d.max(axis=2, keepdims=True) - d
     span = (exit_[-1, C, :] - enter[0, D, :]) * 1e-9
     return StepStats(
@@ -91,5 +94,6 @@ def step_stats(step: int, a: dict[str, np.ndarray]) -> StepStats:
         arrival_lag_s=np.median(lag.reshape(-1, lag.shape[-1]), axis=0),
         duration_s=d,
         lost_s=lost,
+        compute_max_s=compute_max,
         step_s=float(np.median(span)),
     )

@@ -45,6 +45,22 @@ def format_report(r: GroupReport) -> str:
             f"per-peer {_f(p.per_peer_message_bytes, '.1f', 1e-3, ' KB')} vs crossover "
             f"{_f(p.crossover_bytes, '.1f', 1e-3, ' KB')}: {p.regime}"
         )
+    w = r.whatif
+    if w:
+        cover = "covers" if w["overlap_covers_comm"] else "does NOT cover"
+        lines.append(
+            f"  per layer: compute {_f(w['t_compute_s'], '.0f', 1e6, ' us')} {cover} "
+            f"dispatch+combine {_f(w['t_comm_s'], '.0f', 1e6, ' us')} (dual-batch overlap)"
+        )
+        scale = w["batch_scale_for_bandwidth_bound"]
+        if scale > 1:
+            lines.append(f"  raise the batch {scale:.1f}x to leave the latency-bound regime")
+        for name, label in (("double_batch", "2x batch"), ("double_ranks", "2x ranks")):
+            p = w[name]
+            lines.append(
+                f"  what if {label}: comm {_f(p['t_comm_s'], '.0f', 1e6, ' us')}, compute "
+                f"{_f(p['t_compute_s'], '.0f', 1e6, ' us')} per layer, {p['regime']}"
+            )
     if r.stalled_s > 0:
         lines.append(f"  group stalled for {r.stalled_s:.1f} s")
     if r.stragglers:
