@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -184,24 +183,37 @@ def test_round_runner_keeps_one_worker_thread_per_sampler():
         assert not t.is_alive()
 
 
+class Counting(Blocking):
+    """Blocks until released; its point's value is the number of the call."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def collect(self) -> list[Point]:
+        self.calls += 1
+        call = self.calls
+        self.release.wait(5)
+        return [metric("epwatch_gpu_lost", call, gpu="1")]
+
+
 def test_stuck_sampler_keeps_its_one_thread_and_is_restarted_after_it_returns():
     before = set(_sampler_threads())
-    blocking = Blocking()
-    runner = RoundRunner([blocking], timeout_s=0.05)
+    stuck = Counting()
+    runner = RoundRunner([stuck], timeout_s=0.05)
     assert "timed out" in runner.run()[0].error
     for _ in range(3):
         assert "still running" in runner.run()[0].error
+    assert stuck.calls == 1
     assert len(set(_sampler_threads()) - before) == 1
-    blocking.release.set()
+    stuck.release.set()
     assert runner.wait_idle(5)
-    blocking.release.clear()
+    # the next round runs it again and reports that call, not the late first one
     runner.timeout_s = 5.0
-    # the late result of the stuck call is not reported as this round's
-    thread_ok = threading.Thread(target=lambda: (time.sleep(0.02), blocking.release.set()))
-    thread_ok.start()
     result = runner.run()[0]
-    thread_ok.join()
-    assert result.ok and result.duration_s > 0.01
+    assert result.ok and [p.value for p in result.points] == [2.0]
     runner.close()
 
 
