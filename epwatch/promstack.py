@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -321,7 +322,13 @@ def prepare_rule_files(
 
 
 class Prometheus(_Server):
-    """Prometheus scraping `targets` under one job, evaluating `rules` every interval."""
+    """Prometheus scraping `targets` under one job, evaluating `rules` every interval.
+
+    The rules are loaded once every target has been scraped (a reload on SIGHUP):
+    Prometheus needs up to 5 s to hand new targets to its scrape loops, and until then
+    ``absent(up{...})`` is true. Production ``for:`` durations cover that; shortened
+    ones would turn a fresh Prometheus into an EPCollectorDown alert.
+    """
 
     name = "prometheus"
 
@@ -337,21 +344,50 @@ class Prometheus(_Server):
     ) -> None:
         super().__init__(workdir, binary or prometheus_binary())
         self.config_path = self.workdir / "prometheus.yml"
-        config: dict[str, Any] = {
+        self.rules = [str(Path(rule).resolve()) for rule in rules]
+        self._config: dict[str, Any] = {
             "global": {
                 "scrape_interval": interval,
                 "scrape_timeout": interval,
                 "evaluation_interval": interval,
             },
-            "rule_files": [str(Path(rule).resolve()) for rule in rules],
+            "rule_files": [],
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
         }
         if alertmanager_url:
             parsed = urllib.parse.urlparse(alertmanager_url)
-            config["alerting"] = {
+            self._config["alerting"] = {
                 "alertmanagers": [{"static_configs": [{"targets": [parsed.netloc]}]}]
             }
-        self.config_path.write_text(json.dumps(config, indent=2))
+        self.config_path.write_text(json.dumps(self._config, indent=2))
+
+    def start(self, timeout: float = 30.0) -> Prometheus:
+        """Start, wait for the first scrape of every target (up or down), load the rules."""
+        super().start(timeout)
+        if not self.rules:
+            return self
+
+        def scraped() -> bool:
+            found = self.targets()  # empty until discovery hands them over
+            return bool(found) and all(t["health"] != "unknown" for t in found)
+
+        try:
+            if self._config["scrape_configs"][0]["static_configs"][0]["targets"]:
+                wait_until(scraped, timeout, "the first scrape of every target")
+            self.config_path.write_text(json.dumps({**self._config, "rule_files": self.rules}))
+            assert self.process is not None
+            self.process.send_signal(signal.SIGHUP)
+            wait_until(lambda: self.api("rules")["groups"], timeout, "the rules to load")
+            if "alerting" in self._config:  # the reload restarts Alertmanager discovery too
+                wait_until(
+                    lambda: self.api("alertmanagers")["activeAlertmanagers"],
+                    timeout,
+                    "Alertmanager to be discovered",
+                )
+        except PromStackError as err:
+            self.stop()
+            raise PromStackError(f"{err}\n--- {self.name} log ---\n{self.log_tail()}") from err
+        return self
 
     def _command(self) -> list[str]:
         return [
@@ -359,6 +395,9 @@ class Prometheus(_Server):
             f"--config.file={self.config_path}",
             f"--storage.tsdb.path={self.workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
+            # resend firing alerts every second, not every minute: one sent before
+            # Alertmanager was discovered would otherwise reach it a minute late
+            "--rules.alert.resend-delay=1s",
             "--log.level=warn",
         ]
 
