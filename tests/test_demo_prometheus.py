@@ -15,6 +15,7 @@ Both demos stop on SIGINT, and their Prometheus goes with them.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -22,10 +23,12 @@ import sys
 import threading
 import time
 import urllib.error
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from epwatch.demo import AlertWatch, alert_line
 from tests.promstack import (
     INSTALL_HINT,
     WebhookReceiver,
@@ -191,16 +194,20 @@ def test_demo_fires_the_straggler_alert_fills_every_panel_and_stays_silent_when_
             # (c) the clean cluster, watched for long enough to fire anything it would.
             time.sleep(max(0.0, clean_started + CLEAN_WATCH_S - time.monotonic()))
             recorder.stop()
-            assert http_get_json(f"{clean_url}/api/v1/query?query=epwatch_group_last_step")[
-                "data"
-            ]["result"], "the clean demo's Prometheus has no data"
+            query = f"{clean_url}/api/v1/query?query=epwatch_group_last_step"
+            assert http_get_json(query)["data"]["result"], "the clean Prometheus has no data"
         finally:
             if recorder is not None:
                 recorder.stop()
-            rcs = (faulty.interrupt(), clean.interrupt())
-            faulty.kill()
-            clean.kill()
-        assert rcs == (0, 0), f"{faulty.output}\n-----\n{clean.output}"
+            rcs: list[int | None] = []
+            for demo in (faulty, clean):
+                try:
+                    rcs.append(demo.interrupt())
+                except subprocess.TimeoutExpired:
+                    rcs.append(None)
+                finally:
+                    demo.kill()
+        assert rcs == [0, 0], f"{faulty.output}\n-----\n{clean.output}"
         assert recorder.polls >= CLEAN_WATCH_S - 5
         assert recorder.seen == [], f"alerts in a clean run: {recorder.seen}"
         assert clean_hook.alerts() == []
@@ -209,3 +216,62 @@ def test_demo_fires_the_straggler_alert_fills_every_panel_and_stays_silent_when_
         # Ctrl-C stopped each demo's Prometheus with it.
         assert not _answers(url) and not _answers(clean_url)
     assert time.monotonic() - started < 90
+
+
+class _FakePrometheus:
+    """What AlertWatch reads of a Prometheus: whether it runs and its active alerts."""
+
+    def __init__(self) -> None:
+        self.active: list[dict[str, Any]] = []
+        self.running = True
+        self.log_path = "prometheus.log"
+
+    def alerts(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        return self.active
+
+
+def test_alert_watch_says_when_an_alert_fires_and_resolves_not_while_pending() -> None:
+    prom = _FakePrometheus()
+    watch = AlertWatch(prom)  # type: ignore[arg-type]
+    alert = {
+        "labels": {"alertname": "EPStragglerRank", "rank": "13", "job": "j", "instance": "i"},
+        "annotations": {"summary": "EP group demo:\n rank 13 is slow"},
+        "state": "pending",
+    }
+    prom.active = [alert]
+    assert watch.poll(3) == []
+    prom.active = [{**alert, "state": "firing"}]
+    assert watch.poll(4) == [
+        '   4s FIRING   EPStragglerRank{rank="13"}: EP group demo: rank 13 is slow'
+    ]
+    assert watch.poll(5) == []
+    prom.active = []
+    assert watch.poll(9) == ['   9s RESOLVED EPStragglerRank{rank="13"}']
+    prom.running = False
+    assert watch.poll(10) == ["  10s Prometheus exited; see prometheus.log"]
+    assert watch.poll(11) == []
+    assert alert_line(1, "RESOLVED", {"labels": {}}) == "   1s RESOLVED ?{}"
+
+
+@pytest.mark.timeout(60)
+def test_demo_without_prometheus_says_how_to_install_it_and_runs_on(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "epwatch.cli",
+            "demo",
+            "--ranks=8",
+            "--layers=2",
+            "--duration=2",
+            "--metrics-listen=127.0.0.1:0",
+            "--prometheus",
+        ],
+        env={**os.environ, "PATH": str(tmp_path)},  # no prometheus on it
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "apt-get install prometheus prometheus-alertmanager" in out.stderr
+    assert "EP group demo" in out.stdout  # the diagnosis: the demo ran without it
