@@ -74,6 +74,7 @@ class Batcher:
         self._batch_records = min(batch_records, MAX_PENDING_BYTES // RECORD_BYTES)
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, int], _Pending] = {}
+        self._has_pending = threading.Event()  # set by add(), cleared by flush()
 
     def add(
         self,
@@ -98,13 +99,25 @@ class Batcher:
                 self._emit(ep_group, world_size, p, keep_remainder=True)
             elif p.n_bytes >= MAX_PENDING_BYTES:
                 self._emit(ep_group, world_size, p, keep_remainder=False)
+            if not p.empty():
+                self._has_pending.set()
 
     def flush(self) -> None:
-        """Ship everything pending (called every flush interval and at shutdown)."""
+        """Ship everything pending (a flush interval after data came, and at shutdown)."""
         with self._lock:
+            self._has_pending.clear()
             for (group, ws), p in self._pending.items():
                 if not p.empty():
                     self._emit(group, ws, p, keep_remainder=False)
+
+    def wait_pending(self, timeout: float | None = None) -> bool:
+        """Block until something is pending (or :meth:`wake`); the flush loop sleeps
+        here while no hook sends anything instead of waking every flush interval."""
+        return self._has_pending.wait(timeout)
+
+    def wake(self) -> None:
+        """Release :meth:`wait_pending` (at shutdown)."""
+        self._has_pending.set()
 
     def pending_records(self) -> int:
         with self._lock:

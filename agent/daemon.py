@@ -102,6 +102,7 @@ class Agent:
         """Stop taking frames, ship what is pending for a moment, then stop."""
         self.receiver.stop()
         self._stop.set()
+        self.batcher.wake()
         for t in self._threads:
             t.join(timeout=5)
         self.batcher.flush()
@@ -110,7 +111,11 @@ class Agent:
             log.warning("exiting with %d records unacknowledged", self.spool.records)
 
     def _flush_loop(self) -> None:
-        while not self._stop.wait(self.config.flush_interval_s):
+        """A partial batch ships one flush interval after its first record came."""
+        while True:
+            self.batcher.wait_pending()
+            if self._stop.wait(self.config.flush_interval_s):
+                return  # stop() flushes what is left
             try:
                 self.batcher.flush()
             except Exception:  # keep flushing whatever one bad batch did

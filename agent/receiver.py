@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import stat
 import threading
@@ -98,7 +99,10 @@ class Receiver:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(path)
         self._listener.listen(256)
-        self._listener.settimeout(0.2)
+        self._listener.setblocking(False)
+        # select() on the listener and this pair: stop() wakes the accept loop at once,
+        # which then sleeps while no rank connects instead of polling
+        self._wake_r, self._wake_w = socket.socketpair()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name="receiver", daemon=True)
@@ -108,8 +112,12 @@ class Receiver:
 
     def stop(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
         self._thread.join(timeout=2)
         self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
         with self._lock:
             for conn in self._conns:
                 with contextlib.suppress(OSError):
@@ -120,9 +128,12 @@ class Receiver:
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
+                ready, _, _ = select.select([self._listener, self._wake_r], [], [])
+                if self._listener not in ready:
+                    continue  # woken by stop()
                 conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
+            except (BlockingIOError, InterruptedError):
+                continue  # the connection went away before we took it
             except OSError:
                 return
             conn.settimeout(None)

@@ -81,6 +81,7 @@ class Shipper:
         call = self._call
         if call is not None:
             call.cancel()
+        self._spool.wake()
         self._thread.join(timeout=5)
 
     def _header(self, seq: int) -> bytes:
@@ -88,13 +89,21 @@ class Shipper:
         return msg.SerializeToString()
 
     def _requests(self, closed: threading.Event, taking: threading.Lock) -> Iterator[bytes]:
+        """The stream's messages; sleeps in the spool until a message, a heartbeat or
+        the ack-timeout check is due (no polling while the node is quiet)."""
         yield self._header(0)  # identifies the agent to the collector at once
+
+        def cancelled() -> bool:
+            return closed.is_set() or self._stop.is_set()
+
         last = time.monotonic()
-        while not closed.is_set() and not self._stop.is_set():
+        while not cancelled():
             with taking:  # the connection's end waits for this before it requeues
                 if closed.is_set():
                     return
-                entry = self._spool.take(self._window, timeout=0.2)
+                due = min(last + self._heartbeat_s, self._ack_check_at(time.monotonic()))
+                wait = max(0.0, due - time.monotonic())
+                entry = self._spool.take(self._window, timeout=wait, cancelled=cancelled)
             now = time.monotonic()
             if entry is not None:
                 yield self._header(entry.seq) + entry.payload
@@ -109,6 +118,11 @@ class Shipper:
             if now - last >= self._heartbeat_s:
                 yield self._header(0)
                 last = now
+
+    def _ack_check_at(self, now: float) -> float:
+        """When the oldest message in flight runs out of time for its ack."""
+        age = self._spool.oldest_inflight_age(now)
+        return now + self._ack_timeout_s - age + 0.01 if age else now + self._ack_timeout_s
 
     def _run(self) -> None:
         attempt = 0
@@ -138,10 +152,19 @@ class Shipper:
         try:
             self._wait_ready(channel)
             stream = channel.stream_stream(STREAM_METHOD, response_deserializer=pb.Ack.FromString)
-            self._call = stream(self._requests(closed, taking))
+            call = self._call = stream(self._requests(closed, taking))
+            call.add_done_callback(lambda _: self._spool.wake())
             self.connected = True
             log.info("connected to collector %s", self.target)
-            for ack in self._call:
+            acks = iter(call)
+            while True:
+                # gRPC's blocking read wakes ten times a second while it waits, so wait
+                # here, woken by the spool, until an ack is due or the call has ended.
+                self._spool.wait_inflight(lambda: call.done() or self._stop.is_set())
+                try:
+                    ack = next(acks)
+                except StopIteration:
+                    break
                 acked = True
                 self._on_ack(ack)
         except grpc.FutureTimeoutError:
@@ -151,6 +174,7 @@ class Shipper:
                 log.warning("stream to %s ended: %s", self.target, _describe(exc))
         finally:
             closed.set()
+            self._spool.wake()
             self.connected = False
             self._call = None
             with taking:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -78,19 +79,42 @@ class Spool:
         self.counters.messages_dropped += 1
 
     # --- shipper side --------------------------------------------------------------
-    def take(self, max_inflight: int, timeout: float) -> Entry | None:
-        """The oldest unsent message (now in flight), or None after ``timeout``."""
+    def take(
+        self,
+        max_inflight: int,
+        timeout: float,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Entry | None:
+        """The oldest unsent message (now in flight), or None after ``timeout``.
+
+        Also None, at once, when ``cancelled()`` is true once :meth:`wake` is called:
+        the shipper sleeps here until there is work instead of polling.
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._unsent or self._inflight >= max_inflight:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or (cancelled is not None and cancelled()):
                     return None
                 self._cond.wait(left)
             entry = self._entries[self._unsent.popleft()]
             entry.sent_at = time.monotonic()
             self._inflight += 1
+            self._cond.notify_all()
             return entry
+
+    def wait_inflight(self, cancelled: Callable[[], bool]) -> bool:
+        """Block until a message is in flight (an ack is due) or ``cancelled()`` (after
+        :meth:`wake`); True if one is in flight."""
+        with self._cond:
+            while not self._inflight and not cancelled():
+                self._cond.wait()
+            return self._inflight > 0
+
+    def wake(self) -> None:
+        """Make waiting :meth:`take` / :meth:`wait_inflight` calls check ``cancelled``."""
+        with self._cond:
+            self._cond.notify_all()
 
     def ack(self, seq: int, ok: bool) -> Entry | None:
         """Forget an acknowledged message; count it delivered (ok) or rejected."""

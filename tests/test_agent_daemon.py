@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -267,3 +269,42 @@ def test_agent_metrics_pass_promtool(sockdir: str) -> None:
     finally:
         server.shutdown()  # type: ignore[attr-defined]
         agent.stop(drain_timeout=0)
+
+
+def _wakeups(names: tuple[str, ...]) -> dict[str, int]:
+    """Voluntary context switches (wake-ups after a wait) of the named threads."""
+    out = {}
+    for t in threading.enumerate():
+        if t.name in names and t.native_id is not None:
+            with open(f"/proc/self/task/{t.native_id}/status") as fh:
+                line = next(x for x in fh if x.startswith("voluntary_ctxt_switches"))
+            out[t.name] = int(line.split()[1])
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_idle_agent_threads_sleep_until_there_is_work(sockdir: str) -> None:
+    """No hook traffic and nothing to ship: the flush, accept and ack loops do not poll,
+    and the first frame is still shipped one flush interval later."""
+    port = free_port()
+    svc = start_collector(port)
+    path = f"{sockdir}/a.sock"
+    agent = make_agent(port, path)
+    agent.start()
+    try:
+        wait_for(lambda: agent.shipper.connected)
+        time.sleep(0.3)
+        names = ("flush", "receiver", "shipper")
+        before = _wakeups(names)
+        time.sleep(1.0)  # flush interval 0.05 s: a polling loop would wake 20 times
+        after = _wakeups(names)
+        assert set(after) == set(names)
+        assert {n: after[n] - before[n] for n in names} == dict.fromkeys(names, 0)
+        with FrameSender(path) as s:
+            s.send(hook_frame("g", 16, make_records(5, 16)))
+        wait_for(lambda: records_total(svc) == 5)
+        started = time.monotonic()
+    finally:
+        agent.stop()
+        svc.stop(grace_s=0.2)
+    assert time.monotonic() - started < 1.5

@@ -1,10 +1,18 @@
-"""Reconnect backoff: exponential, capped, jittered."""
+"""Reconnect backoff; the stream's timing: messages as they come, heartbeats, ack timeout."""
 
 from __future__ import annotations
 
 import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
 
-from agent.shipper import backoff_delay
+import grpc
+
+from agent.shipper import Shipper, backoff_delay
+from agent.spool import Spool
+from protos import epwatch_pb2 as pb
 
 
 def test_backoff_grows_caps_and_jitters() -> None:
@@ -15,3 +23,82 @@ def test_backoff_grows_caps_and_jitters() -> None:
         assert full / 2 <= d <= full
     spread = {round(backoff_delay(10, 0.1, 5.0, rng), 3) for _ in range(50)}
     assert len(spread) > 10  # agents do not reconnect in lockstep
+
+
+class _FakeCollector:
+    """A Stream endpoint that records what arrives and acks sequenced messages (or not)."""
+
+    def __init__(self, ack: bool = True) -> None:
+        self.ack = ack
+        self.received: list[pb.AgentMessage] = []
+        self._lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        handler = grpc.stream_stream_rpc_method_handler(self._stream)
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("epwatch.v1.Collector", {"Stream": handler})]
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for raw in requests:
+            msg = pb.AgentMessage.FromString(raw)
+            with self._lock:
+                self.received.append(msg)
+            if msg.seq and self.ack:
+                yield pb.Ack(seq=msg.seq).SerializeToString()
+
+    def seqs(self) -> list[int]:
+        with self._lock:
+            return [m.seq for m in self.received]
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _shipper(port: int, spool: Spool, **kw: float) -> Shipper:
+    return Shipper(f"127.0.0.1:{port}", "n1:1:ab", "n1", spool, pb.AgentStats, **kw)
+
+
+def test_messages_are_shipped_as_they_come_and_heartbeats_when_idle() -> None:
+    fake = _FakeCollector()
+    spool = Spool(1000)
+    shipper = _shipper(fake.port, spool, heartbeat_s=0.2)
+    shipper.start()
+    try:
+        _wait_for(lambda: shipper.connected)
+        for i in range(3):
+            sent = time.monotonic()
+            spool.put(pb.AgentMessage(sample=pb.NodeSample(time_unix_ns=i)).SerializeToString(), 0)
+            _wait_for(lambda: len(spool) == 0)
+            assert time.monotonic() - sent < 0.5  # woken by the message, not by a poll
+        n = len(fake.seqs())
+        time.sleep(1.0)  # idle: only heartbeats, one per heartbeat_s
+        heartbeats = fake.seqs()[n:]
+        assert set(heartbeats) == {0} and 3 <= len(heartbeats) <= 7
+        assert [s for s in fake.seqs() if s] == [1, 2, 3]
+        started = time.monotonic()
+    finally:
+        shipper.stop()
+        fake.server.stop(0)
+    assert time.monotonic() - started < 1.0
+
+
+def test_missing_ack_reconnects_and_resends() -> None:
+    fake = _FakeCollector(ack=False)
+    spool = Spool(1000)
+    shipper = _shipper(fake.port, spool, heartbeat_s=5.0, ack_timeout_s=0.3, backoff_base=0.01)
+    shipper.start()
+    try:
+        spool.put(pb.AgentMessage(sample=pb.NodeSample()).SerializeToString(), 0)
+        _wait_for(lambda: fake.seqs().count(1) >= 2)  # sent, no ack, sent again
+        assert shipper.reconnects >= 1
+        fake.ack = True
+        _wait_for(lambda: len(spool) == 0)
+    finally:
+        shipper.stop()
+        fake.server.stop(0)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import numpy as np
 
 from agent.batcher import Batcher
@@ -74,3 +78,59 @@ def test_batcher_merges_splits_and_keeps_latest_heartbeat() -> None:
         (1, 1),
     ]
     assert b.pending_records() == 0
+
+
+def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_take_sleeps_until_a_message_or_a_wake_that_cancels() -> None:
+    s = Spool(100)
+    cancel = threading.Event()
+    t, out = _in_thread(lambda: s.take(8, 30.0, cancelled=cancel.is_set))
+    time.sleep(0.05)
+    s.wake()  # not cancelled: keeps waiting
+    time.sleep(0.05)
+    assert t.is_alive()
+    s.put(b"x", 1)
+    t.join(2)
+    assert not t.is_alive() and out[0] is not None
+    t, out = _in_thread(lambda: s.take(8, 30.0, cancelled=cancel.is_set))
+    cancel.set()
+    s.wake()
+    t.join(2)
+    assert not t.is_alive() and out == [None]
+
+
+def test_wait_inflight_returns_when_an_ack_is_due_or_cancelled() -> None:
+    s = Spool(100)
+    cancel = threading.Event()
+    t, out = _in_thread(lambda: s.wait_inflight(cancel.is_set))
+    s.put(b"x", 1)  # queued, not in flight: no ack is due yet
+    time.sleep(0.05)
+    assert t.is_alive()
+    assert s.take(8, 0.1) is not None
+    t.join(2)
+    assert out == [True]
+    s.ack(1, ok=True)
+    t, out = _in_thread(lambda: s.wait_inflight(cancel.is_set))
+    cancel.set()
+    s.wake()
+    t.join(2)
+    assert out == [False]
+
+
+def test_batcher_signals_pending_data_until_flushed() -> None:
+    b = Batcher(Spool(10_000), batch_records=1000)
+    assert not b.wait_pending(0.01)
+    b.add("g", 16, make_records(10, 16), None, None)
+    assert b.wait_pending(0)
+    b.flush()
+    assert not b.wait_pending(0.01)
+    b.add("g", 16, make_records(1000, 16), None, None)  # a full batch leaves nothing pending
+    assert not b.wait_pending(0.01)
+    b.wake()
+    assert b.wait_pending(0)
