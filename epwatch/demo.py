@@ -474,6 +474,7 @@ def start_prometheus(
         )
     host = "127.0.0.1" if metrics_host in ("", "0.0.0.0", "::") else metrics_host
     target = f"[{host}]:{metrics_port}" if ":" in host else f"{host}:{metrics_port}"
+    print("starting Prometheus (its first scrape takes about 5 s) ...", flush=True)
     stack = promstack.PromStack(
         Path(workdir) / "prometheus",
         [target],

@@ -324,10 +324,11 @@ def prepare_rule_files(
 class Prometheus(_Server):
     """Prometheus scraping `targets` under one job, evaluating `rules` every interval.
 
-    The rules are loaded once every target has been scraped (a reload on SIGHUP):
-    Prometheus needs up to 5 s to hand new targets to its scrape loops, and until then
-    ``absent(up{...})`` is true. Production ``for:`` durations cover that; shortened
-    ones would turn a fresh Prometheus into an EPCollectorDown alert.
+    The rules are loaded once every target has been scraped (a reload on SIGHUP), so
+    `start` takes about 5 s: Prometheus hands new targets to its scrape loops every
+    5 s, and until then ``absent(up{...})`` is true. Production ``for:`` durations
+    cover that; shortened ones would turn a fresh Prometheus into an EPCollectorDown
+    alert.
     """
 
     name = "prometheus"
@@ -378,12 +379,6 @@ class Prometheus(_Server):
             assert self.process is not None
             self.process.send_signal(signal.SIGHUP)
             wait_until(lambda: self.api("rules")["groups"], timeout, "the rules to load")
-            if "alerting" in self._config:  # the reload restarts Alertmanager discovery too
-                wait_until(
-                    lambda: self.api("alertmanagers")["activeAlertmanagers"],
-                    timeout,
-                    "Alertmanager to be discovered",
-                )
         except PromStackError as err:
             self.stop()
             raise PromStackError(f"{err}\n--- {self.name} log ---\n{self.log_tail()}") from err
@@ -395,8 +390,8 @@ class Prometheus(_Server):
             f"--config.file={self.config_path}",
             f"--storage.tsdb.path={self.workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
-            # resend firing alerts every second, not every minute: one sent before
-            # Alertmanager was discovered would otherwise reach it a minute late
+            # Resend firing alerts every second, not every minute: the reload restarts
+            # Alertmanager discovery (5 s), and what fires meanwhile must not wait 1 m.
             "--rules.alert.resend-delay=1s",
             "--log.level=warn",
         ]
