@@ -8,10 +8,12 @@ points from the real /sys/class/net.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -214,6 +216,39 @@ def test_stuck_sampler_keeps_its_one_thread_and_is_restarted_after_it_returns():
     runner.timeout_s = 5.0
     result = runner.run()[0]
     assert result.ok and [p.value for p in result.points] == [2.0]
+    runner.close()
+
+
+class Timed(Sampler):
+    """Records when its collect() ran; sleeps ``seconds`` in it."""
+
+    def __init__(self, name: str, seconds: float, log: list[tuple[str, float, float]]) -> None:
+        super().__init__()
+        self.name, self.seconds, self.log = name, seconds, log
+
+    def collect(self) -> list[Point]:
+        start = time.monotonic()
+        time.sleep(self.seconds)
+        self.log.append((self.name, start, time.monotonic()))
+        return []
+
+
+def test_quick_samplers_run_one_after_another_a_slow_one_only_delays_the_next():
+    log: list[tuple[str, float, float]] = []
+    quick = [Timed(f"q{i}", 0.01, log) for i in range(3)]
+    runner = RoundRunner(quick, timeout_s=2.0)
+    assert all(r.ok for r in runner.run())
+    spans = sorted((a, b) for _, a, b in log)
+    assert all(prev[1] <= nxt[0] for prev, nxt in itertools.pairwise(spans))
+    runner.close()
+    log.clear()
+    slow = Timed("slow", 1.0, log)
+    runner = RoundRunner([slow, *quick], timeout_s=2.0)  # grace: 2.0 / (2 * 4) = 0.25 s
+    began = time.monotonic()
+    results = runner.run()
+    assert all(r.ok for r in results)
+    starts = {name: a - began for name, a, _ in log}
+    assert starts["q0"] < 0.6 and starts["q2"] < 0.9  # not after the slow one's 1 s
     runner.close()
 
 
