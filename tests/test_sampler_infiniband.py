@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.samplers.base import DirCache, Kind, Point, read_sysfs, run_sampler
+from agent.samplers.base import Kind, Point, read_sysfs, run_sampler
 from agent.samplers.infiniband import InfinibandSampler, parse_rate, parse_state
+from tests.sysfs_removal import removed_files_answer_enodev
 
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
 
@@ -220,7 +221,8 @@ def test_new_hca_is_seen_in_the_next_round(tmp_path):
     assert not _has(_index(sampler.collect()), "epwatch_nic_link_up", device="mlx5_9", port="1")
 
 
-def test_vanished_counter_file_drops_its_series_and_the_tree_is_listed_again(tmp_path):
+def test_vanished_counter_drops_its_series_and_the_tree_is_listed_again(tmp_path, monkeypatch):
+    removed_files_answer_enodev(monkeypatch)
     root = _copy_tree(tmp_path)
     sampler = InfinibandSampler(root)
     sampler.collect()
@@ -238,8 +240,7 @@ def test_vanished_counter_file_drops_its_series_and_the_tree_is_listed_again(tmp
 def test_new_counter_file_is_seen_after_the_rescan_interval(tmp_path):
     root = _copy_tree(tmp_path)
     now = [0.0]
-    sampler = InfinibandSampler(root, rescan_s=60.0)
-    sampler._dirs = DirCache(60.0, clock=lambda: now[0])
+    sampler = InfinibandSampler(root, rescan_s=60.0, clock=lambda: now[0])
     sampler.collect()
     hw = root / "class/infiniband/mlx5_3/ports/1/hw_counters"
     hw.mkdir()
@@ -249,3 +250,18 @@ def test_new_counter_file_is_seen_after_the_rescan_interval(tmp_path):
     assert not _has(_index(sampler.collect()), "epwatch_nic_cnp_sent_total", **port)
     now[0] = 60.0
     assert _get(_index(sampler.collect()), "epwatch_nic_cnp_sent_total", **port) == 5
+
+
+def test_attribute_files_stay_open_between_rounds_and_close_with_the_sampler(tmp_path):
+    root = _copy_tree(tmp_path)
+    sampler = InfinibandSampler(root)
+    opened = sampler.collect()
+    kept = sampler._sysfs.open_files
+    assert kept >= len(opened) - 10  # every value read, less unreadable files
+    data = root / "class/infiniband/mlx5_0/ports/1/counters/port_xmit_data"
+    data.write_text("2\n")  # rewritten in place, as sysfs values change
+    idx = _index(sampler.collect())
+    assert _get(idx, "epwatch_nic_transmit_bytes_total", device="mlx5_0", port="1") == 8
+    assert sampler._sysfs.open_files == kept
+    sampler.close()
+    assert sampler._sysfs.open_files == 0

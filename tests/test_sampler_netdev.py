@@ -12,6 +12,7 @@ import pytest
 
 from agent.samplers.base import read_sysfs, run_sampler
 from agent.samplers.netdev import DEFAULT_EXCLUDE, NetdevSampler
+from tests.sysfs_removal import removed_files_answer_enodev
 
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
 
@@ -107,6 +108,7 @@ def test_real_sys_class_net_reads():
 
 
 def test_interfaces_are_listed_every_round_their_statistics_once(tmp_path, monkeypatch):
+    removed_files_answer_enodev(monkeypatch)
     shutil.copytree(SYSFS / "class" / "net", tmp_path / "class" / "net")
     net = tmp_path / "class" / "net"
     sampler = NetdevSampler(tmp_path)

@@ -9,6 +9,7 @@ catalogue below is the single place that knows kinds and help strings.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
@@ -382,40 +383,74 @@ def read_sysfs(path: str | os.PathLike[str]) -> str:
     return data.decode("ascii", "replace").strip()
 
 
-def str_reader(reader: FileReader) -> Callable[[str], str]:
-    """``reader`` as a function of a str path (the default reads the str directly)."""
-    if reader is read_sysfs:
-        return read_sysfs
-    return lambda path: reader(Path(path))
+def _max_open_files() -> int:
+    """Files one sampler may keep open: a quarter of the soft descriptor limit, <= 2048."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 2048
+    return max(0, min(2048, soft // 4))
 
 
-class DirCache:
-    """Sorted directory listings kept between rounds.
+class SysfsCache:
+    """Directory listings and open attribute files, kept between rounds.
 
     Counter values change every round, but which devices, ports and counter files
-    exist changes only when hardware comes or goes, and listing every directory each
-    round cost as much as reading the values. Listings are kept for ``refresh_s``
-    and dropped at once after :meth:`invalidate` (the samplers call it when the set
-    of devices changes or a listed file vanishes). A failed listing other than
-    "absent" is not kept, so it is retried and reported every round.
+    exist changes only when hardware comes or goes. So listings are kept, and each
+    attribute stays open and is re-read from offset 0 with one ``pread``: sysfs runs
+    the attribute's ``show()`` again for a read at offset 0 (as for attributes one
+    polls), and the open, the path walk and the close were most of a read's cost.
+
+    Everything is dropped every ``refresh_s`` and at once after :meth:`invalidate`
+    (the samplers call it when the set of devices changes or a listed file is gone).
+    An attribute of a device that went away answers ENODEV: its file is closed and
+    it reads as absent. A file that cannot be read is closed, so it is opened and
+    tried again next round. At most ``max_open`` files stay open; beyond that a file
+    is opened for each read. Regular files (a copied tree in tests) keep the content
+    they had when opened if they are replaced rather than rewritten, until a refresh.
     """
 
-    def __init__(self, refresh_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        refresh_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_open: int | None = None,
+    ) -> None:
         self.refresh_s = refresh_s
+        self.max_open = _max_open_files() if max_open is None else max_open
         self._clock = clock
         self._listings: dict[str, tuple[str, ...]] = {}
+        self._files: dict[str, int] = {}
         self._expires = 0.0
 
     def start_round(self) -> None:
-        """Forget every listing once ``refresh_s`` has passed since they were taken."""
+        """Drop everything once ``refresh_s`` has passed since it was taken."""
         now = self._clock()
         if now >= self._expires:
-            self._listings.clear()
-            self._expires = now + self.refresh_s
+            self.invalidate()
 
     def invalidate(self) -> None:
         self._listings.clear()
+        self.close()
         self._expires = self._clock() + self.refresh_s
+
+    def close(self) -> None:
+        """Close every kept file."""
+        files, self._files = self._files, {}
+        for fd in files.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    @property
+    def open_files(self) -> int:
+        return len(self._files)
 
     def listdir(self, path: str) -> tuple[str, ...]:
         """Sorted names in ``path`` (empty if it does not exist); other OSErrors raise."""
@@ -427,6 +462,37 @@ class DirCache:
                 names = ()
             self._listings[path] = names
         return names
+
+    def read(self, path: str) -> str:
+        """Like :func:`read_sysfs`; ENODEV (the device went away) as FileNotFoundError."""
+        fd = self._files.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if len(self._files) < self.max_open:
+                self._files[path] = fd
+            else:
+                try:
+                    data = os.read(fd, 4096)
+                finally:
+                    os.close(fd)
+                return data.decode("ascii", "replace").strip()
+        try:
+            data = os.pread(fd, 4096, 0)
+        except OSError as exc:
+            del self._files[path]
+            os.close(fd)
+            if exc.errno == errno.ENODEV:
+                raise FileNotFoundError(errno.ENOENT, "device went away", path) from exc
+            raise
+        return data.decode("ascii", "replace").strip()
+
+
+def sysfs_reader(reader: FileReader, cache: SysfsCache) -> Callable[[str], str]:
+    """How a sampler reads a str path: ``cache`` for the default reader, else ``reader``
+    (given a Path, as injected readers expect)."""
+    if reader is read_sysfs:
+        return cache.read
+    return lambda path: reader(Path(path))
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -20,18 +20,20 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.samplers.base import (
-    DirCache,
     FileReader,
     Point,
     Sampler,
     SamplerUnavailable,
+    SysfsCache,
     describe_os_error,
     metric,
     read_sysfs,
-    str_reader,
+    sysfs_reader,
 )
 
 # counters/ file -> (metric, multiplier)
@@ -131,7 +133,7 @@ class InfinibandSampler(Sampler):
     """Every HCA port under ``<sysfs_root>/class/infiniband``.
 
     The list of HCAs is read every round; each HCA's ports and counter files are
-    listed once and kept (:class:`~agent.samplers.base.DirCache`, ``rescan_s``).
+    listed once and kept (:class:`~agent.samplers.base.SysfsCache`, ``rescan_s``).
     """
 
     name = "infiniband"
@@ -141,13 +143,14 @@ class InfinibandSampler(Sampler):
         sysfs_root: str | Path = "/sys",
         reader: FileReader = read_sysfs,
         rescan_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self.base = Path(sysfs_root) / "class" / "infiniband"
         self.read = reader
         self._base = str(self.base)
-        self._read = str_reader(reader)
-        self._dirs = DirCache(rescan_s)
+        self._sysfs = SysfsCache(rescan_s, clock)
+        self._read = sysfs_reader(reader, self._sysfs)
         self._devices: list[str] = []
 
     def collect(self) -> list[Point]:
@@ -159,8 +162,8 @@ class InfinibandSampler(Sampler):
             raise SamplerUnavailable(f"cannot list {self.base}: {describe_os_error(exc)}") from exc
         if devices != self._devices:
             self._devices = devices
-            self._dirs.invalidate()  # an HCA came or went: list its tree again
-        self._dirs.start_round()
+            self._sysfs.invalidate()  # an HCA came or went: list its tree again
+        self._sysfs.start_round()
         points: list[Point] = []
         for dev in devices:
             ports_dir = f"{self._base}/{dev}/ports"
@@ -169,9 +172,13 @@ class InfinibandSampler(Sampler):
             points.extend(self._hw_counters(dev, DEVICE_PORT, f"{self._base}/{dev}/hw_counters"))
         return points
 
+    def close(self) -> None:
+        """Close the attribute files kept open between rounds."""
+        self._sysfs.close()
+
     def _listdir(self, path: str) -> tuple[str, ...]:
         try:
-            return self._dirs.listdir(path)
+            return self._sysfs.listdir(path)
         except OSError as exc:
             self.skip(path, describe_os_error(exc))
             return ()
@@ -181,7 +188,7 @@ class InfinibandSampler(Sampler):
             return self._read(path)
         except FileNotFoundError:
             if listed:  # it was there when its directory was listed
-                self._dirs.invalidate()
+                self._sysfs.invalidate()
             return None
         except OSError as exc:  # EINVAL, EISDIR, EACCES...: drop this series only
             self.skip(path, describe_os_error(exc))

@@ -11,18 +11,20 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.samplers.base import (
-    DirCache,
     FileReader,
     Point,
     Sampler,
     SamplerUnavailable,
+    SysfsCache,
     describe_os_error,
     metric,
     read_sysfs,
-    str_reader,
+    sysfs_reader,
 )
 
 # statistics file -> metric (all counters); error files go to epwatch_nic_errors_total.
@@ -58,7 +60,7 @@ class NetdevSampler(Sampler):
     """Counters of every interface under ``<sysfs_root>/class/net``.
 
     The list of interfaces is read every round (virtual ones come and go); each
-    interface's ``statistics`` listing is kept (:class:`~agent.samplers.base.DirCache`).
+    interface's ``statistics`` listing is kept (:class:`~agent.samplers.base.SysfsCache`).
     """
 
     name = "netdev"
@@ -69,14 +71,15 @@ class NetdevSampler(Sampler):
         device_exclude: str | None = DEFAULT_EXCLUDE,
         reader: FileReader = read_sysfs,
         rescan_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self.base = Path(sysfs_root) / "class" / "net"
         self.exclude = re.compile(device_exclude) if device_exclude else None
         self.read = reader
         self._base = str(self.base)
-        self._read = str_reader(reader)
-        self._dirs = DirCache(rescan_s)
+        self._sysfs = SysfsCache(rescan_s, clock)
+        self._read = sysfs_reader(reader, self._sysfs)
         self._devices: list[str] = []
 
     def collect(self) -> list[Point]:
@@ -87,12 +90,16 @@ class NetdevSampler(Sampler):
         devices = [d for d in listed if self.exclude is None or not self.exclude.search(d)]
         if devices != self._devices:
             self._devices = devices
-            self._dirs.invalidate()  # an interface came or went: list it again
-        self._dirs.start_round()
+            self._sysfs.invalidate()  # an interface came or went: list it again
+        self._sysfs.start_round()
         points: list[Point] = []
         for dev in devices:
             points.extend(self._device(dev))
         return points
+
+    def close(self) -> None:
+        """Close the attribute files kept open between rounds."""
+        self._sysfs.close()
 
     def _value(self, path: str, quiet: tuple[int, ...] = ()) -> str | None:
         """The file's text; None (and a note unless absent or expected) if unreadable."""
@@ -110,7 +117,7 @@ class NetdevSampler(Sampler):
         points: list[Point] = []
         stats = f"{root}/statistics"
         try:
-            present = self._dirs.listdir(stats)
+            present = self._sysfs.listdir(stats)
         except OSError as exc:
             self.skip(stats, describe_os_error(exc))
             present = ()
@@ -122,7 +129,7 @@ class NetdevSampler(Sampler):
             try:
                 text: str | None = self._read(path)
             except FileNotFoundError:
-                self._dirs.invalidate()  # listed, now gone: the interface changed
+                self._sysfs.invalidate()  # listed, now gone: the interface changed
                 continue
             except OSError as exc:
                 self.skip(path, describe_os_error(exc))
