@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from collector.estimators import EstimatorConfig, GroupEstimator
-from epwatch.schema import Entered
+from epwatch.schema import Entered, RecordColumns
 from simulator.engine import Simulation
 from simulator.scenario import load_scenario
 
@@ -186,3 +186,74 @@ def test_a_fixed_cost_per_call_does_not_make_light_ranks_look_slow() -> None:
     naive = np.median(x / n, axis=0)
     naive /= np.median(naive)
     assert np.abs(np.delete(naive, 11) - 1).max() > 0.5  # what x / n would have said
+
+
+def run_steps(est: GroupEstimator, sim: Simulation, step_offset: int = 0) -> None:
+    for chunk in sim.chunks():
+        rec = sim.records(chunk)
+        rec = RecordColumns(**{**rec.as_dict(), "step": rec.step - step_offset})
+        hb = chunk.entered
+        est.ingest(rec, "n")
+        est.ingest_entered(Entered(hb.rank, hb.step - step_offset, hb.layer, hb.phase))
+        est.update()
+
+
+def test_an_engine_restart_starts_a_new_run_instead_of_dropping_everything() -> None:
+    sim = Simulation(load_scenario({**SCENARIO, "steps": 96, "faults": []}))
+    est = GroupEstimator("ep0", 16, clock=FakeClock())
+    run_steps(est, sim, step_offset=-1000)  # steps 1000..1095
+    assert est.report().steps > 80
+    run_steps(est, sim)  # the engine restarted: steps 0..95 again
+    report = est.report()
+    assert report.restarts == 1
+    assert report.last_step >= 80  # the new run is analysed
+    assert report.steps > 160
+
+
+def test_a_stray_layer_spoils_one_step_and_huge_layers_are_ignored() -> None:
+    sim = Simulation(load_scenario({**SCENARIO, "steps": 48, "faults": []}))
+    est = GroupEstimator("ep0", 16, EstimatorConfig(max_layers=64), clock=FakeClock())
+    chunks = list(sim.chunks())
+    for i, chunk in enumerate(chunks):
+        rec = sim.records(chunk)
+        if i == 0:
+            stray = rec.take(slice(0, 2))
+            layer = np.array([40, 4000], dtype="<i4")  # one odd layer, one beyond the bound
+            est.ingest(RecordColumns(**{**stray.as_dict(), "layer": layer}), "n")
+        est.ingest(rec, "n")
+        est.update()
+    est.update(final=True)
+    assert est.incomplete_steps == 1  # the step with layer 40, and only it
+    assert est.report().steps == 47
+    assert est.ignored_records == 1
+    assert est.buffer.layers == 41  # nothing was allocated for layer 4000
+
+
+def test_step_arithmetic_on_a_hand_built_step() -> None:
+    """Three ranks, one layer, numbers small enough to check by hand (ns)."""
+    # Dispatch: ranks enter at 0, 10, 30 (their own clocks) and all leave at "100":
+    # rank 2 arrived last (lag 30), t_xfer = 70. Expert compute x = 50, 50, 80 ns.
+    # Combine: enter = exit(dispatch) + x; everyone leaves at 200.
+    enter = np.array([[[0, 10, 30], [150, 150, 180]]], dtype=np.int64)
+    exit_ = np.array([[[100, 100, 100], [200, 200, 200]]], dtype=np.int64)
+    tokens = np.array([[[10, 10, 40], [0, 0, 0]]], dtype=np.int64)
+    send = np.array([[[1000, 1000, 1000], [500, 500, 2000]]], dtype=np.int64)
+    recv = np.array([[[500, 500, 2000], [1000, 1000, 1000]]], dtype=np.int64)
+    arrays = {"enter_ns": enter, "exit_ns": exit_, "recv_tokens": tokens,
+              "send_bytes": send, "recv_bytes": recv}  # fmt: skip
+    from collector.estimators.stats import durations, step_stats
+
+    s = step_stats(7, arrays, durations(arrays))
+    assert s.transfer_s[0, 0] == pytest.approx(70e-9)  # min_r d on dispatch
+    assert s.transfer_s[0, 1] == pytest.approx(20e-9)  # combine: rank 2 entered at 180
+    assert s.gamma[0] == pytest.approx(80 / 60)  # max x / mean x
+    assert s.skew[0] == pytest.approx(40 / 20)  # max n / mean n
+    assert s.lost_s == pytest.approx(20e-9)  # max x - mean x
+    np.testing.assert_allclose(s.load_ratio, [0.5, 0.5, 2.0])
+    # Lags max d - d: dispatch d = (100, 90, 70) -> (0, 10, 30), rank 2 arrived last;
+    # combine d = (50, 50, 20) -> (0, 0, 30). Per-rank median over both phases:
+    np.testing.assert_allclose(s.arrival_lag_s, [0.0, 5e-9, 30e-9], atol=1e-18)
+    assert s.volume_bytes[0, 0] == 2000 and s.send_bytes[0, 0] == 1000
+    # x = a + b n through (10, 50) and (40, 80): a = 40 ns, b = 1 ns/token, so every
+    # rank's compute is what its load predicts: nobody is slow.
+    np.testing.assert_allclose(s.compute_ratio, [1.0, 1.0, 1.0])

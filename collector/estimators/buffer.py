@@ -50,8 +50,11 @@ class StepBuffer:
             self._alloc(max(top, 2 * self._cap))
         self.layers = max(self.layers, top)
         slot = rec.step % self.slots
-        for s in np.unique(rec.step):
-            i = int(s % self.slots)
+        first = int(rec.step.min())
+        present = np.zeros(int(rec.step.max()) - first + 1, dtype=bool)
+        present[rec.step - first] = True
+        for s in (np.flatnonzero(present) + first).tolist():
+            i = s % self.slots
             if self.slot_step[i] != s:
                 if self.slot_step[i] >= 0:
                     raise RuntimeError(f"slot of step {s} still holds step {self.slot_step[i]}")
@@ -61,17 +64,28 @@ class StepBuffer:
             self.cols[f].reshape(-1)[flat] = getattr(rec, f)
         self.filled.reshape(-1)[flat] = True
 
+    def _layers_of(self, i: int) -> tuple[np.ndarray, bool]:
+        """The layers a slot's step has records for, and whether each is complete.
+
+        Completeness is judged per step over its own layers: one stray record with an
+        unexpected layer number spoils that step, not every step after it."""
+        cells = self.filled[i, : self.layers].reshape(self.layers, -1)
+        seen, full = cells.any(axis=1), cells.all(axis=1)
+        return np.flatnonzero(seen), bool(seen.any() and (seen == full).all())
+
     def complete(self, step: int) -> bool:
         i = step % self.slots
-        return bool(self.slot_step[i] == step and self.filled[i, : self.layers].all())
+        return self.slot_step[i] == step and self._layers_of(i)[1]
 
-    def take(self, step: int) -> dict[str, np.ndarray] | None:
-        """The step's ``[layer, phase, rank]`` arrays if complete (copies), freeing its
-        slot either way."""
+    def take(self, step: int) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        """The step's layers and their ``[layer, phase, rank]`` arrays if complete
+        (copies), freeing its slot either way."""
         i = step % self.slots
         out = None
-        if self.complete(step):
-            out = {f: self.cols[f][i, : self.layers].copy() for f in _FIELDS}
+        if self.slot_step[i] == step:
+            layers, complete = self._layers_of(i)
+            if complete:
+                out = layers, {f: self.cols[f][i, layers] for f in _FIELDS}
         self.filled[i] = False
         self.slot_step[i] = -1
         return out

@@ -19,10 +19,11 @@ class EstimatorConfig:
     hang_after_s: float = 5.0  # no collective completes this long while a rank lags
     buffer_bytes: int = 128 << 20  # memory for steps still being assembled
     max_slots: int = 32  # steps assembled at once (at most)
-    max_fit_points: int = 4096  # per phase; older points are thinned beyond this
+    max_fit_points: int = 4096  # per phase; the newest points of the window
+    max_layers: int = 128  # MoE layers per step; records of higher layers are ignored
 
     def __post_init__(self) -> None:
-        for name in ("window_steps", "evidence_steps", "confirm_steps", "max_slots"):
+        for name in ("window_steps", "evidence_steps", "confirm_steps", "max_slots", "max_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("compute_threshold", "routing_threshold", "network_threshold"):

@@ -20,8 +20,8 @@ from collector.estimators.buffer import StepBuffer
 from collector.estimators.config import EstimatorConfig
 from collector.estimators.network import rank_link_slowdown
 from collector.estimators.report import GroupReport, PhaseReport, StragglerReport
-from collector.estimators.stats import StepStats, _quiet_nanmedian, step_stats
-from collector.estimators.tracker import CauseTracker, Flag
+from collector.estimators.stats import StepStats, _quiet_nanmedian, durations, step_stats
+from collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag
 from epwatch import costmodel, hockney
 from epwatch.schema import PHASE_NAMES, Entered, PeerRows, Phase, RecordColumns
 
@@ -52,6 +52,12 @@ class GroupEstimator:
         self.nodes = np.array([""] * world_size, dtype=object)
         self.local_device = np.full(world_size, -1, dtype=np.int64)
         self._known = np.zeros(world_size, dtype=bool)
+        self._node_ids: dict[str, int] = {}
+        self._rank_node_id = np.full(world_size, -1, dtype=np.int64)
+        self.ignored_records = 0  # layers beyond max_layers
+        self.restarts = 0  # the engine started counting steps again
+        self._restarted = np.zeros(world_size, dtype=bool)
+        self._fitted_steps = -1
         self.finalized_upto = -1
         self.newest_step = -1
         self.steps_done = 0
@@ -87,15 +93,14 @@ class GroupEstimator:
         self._last_progress = clock()
         self._stalled_s = 0.0
         self.hangs: dict[int, Flag] = {}
-        self._closed_hangs: list[Flag] = []
+        self._closed_hangs: deque[Flag] = deque(maxlen=CLOSED_FLAGS_KEPT)
         self._fits: dict[str, PhaseReport] = {}
 
     # -- ingest ----------------------------------------------------------------------
     def set_nodes(self, nodes: Mapping[int, str]) -> None:
         """Name each rank's node up front (offline runs); live ingest learns it."""
         for rank, node in nodes.items():
-            self.nodes[rank] = node
-            self._known[rank] = True
+            self._set_node(np.array([rank]), node, None)
 
     @staticmethod
     def _slots(world_size: int, cfg: EstimatorConfig) -> int:
@@ -107,10 +112,14 @@ class GroupEstimator:
         """Accept validated records (any ranks, any steps) of this group."""
         if not len(records):
             return
+        if node is not None:
+            self._set_node(records.rank, node, records.local_device)
         late = records.step <= self.finalized_upto
-        if late.any():
+        ignored = records.layer >= self.cfg.max_layers
+        if late.any() or ignored.any():
             self.late_records += int(late.sum())
-            records = records.take(~late)
+            self.ignored_records += int((ignored & ~late).sum())
+            records = records.take(~(late | ignored))
             if not len(records):
                 return
         span = self.buffer.slots // 2
@@ -126,11 +135,19 @@ class GroupEstimator:
                 start = end
         else:
             self._add(records)
-        if node is not None or not self._known[records.rank].all():
-            self.nodes[records.rank] = node or ""
-            self.local_device[records.rank] = records.local_device
-            self._known[records.rank] = True
         self._last_progress = self._clock()
+
+    def _set_node(self, ranks: np.ndarray, node: str, devices: np.ndarray | None) -> None:
+        """Learn where ranks run; cheap (an int compare) when nothing changed."""
+        node_id = self._node_ids.setdefault(node, len(self._node_ids))
+        moved = self._rank_node_id[ranks] != node_id
+        if moved.any():
+            ranks = ranks[moved]
+            self._rank_node_id[ranks] = node_id
+            self.nodes[ranks] = node
+            self._known[ranks] = True
+            if devices is not None:
+                self.local_device[ranks] = devices[moved]
 
     def _add(self, records: RecordColumns) -> None:
         newest = max(self.newest_step, int(records.step.max()))
@@ -176,46 +193,83 @@ class GroupEstimator:
         if not len(entered):
             return
         key = _entered_key(entered.step, entered.layer, entered.phase)
+        # A rank whose heartbeat fell far behind what it entered before started counting
+        # steps again: its engine restarted. Once every rank has, this is a new run.
+        back = key < self._entered[entered.rank] - (self.buffer.slots << _LAYER_BITS)
+        if back.any():
+            self._restarted[entered.rank[back]] = True
+            self._entered[entered.rank[back]] = key[back]
+            if self._restarted[self._known | self._restarted].all():
+                self._new_run()
+                self._entered[entered.rank] = key
+                return
         before = self._entered.max()
         np.maximum.at(self._entered, entered.rank, key)
         if self._entered.max() > before:
             self._last_progress = self._clock() if now_s is None else now_s
 
+    def _new_run(self) -> None:
+        """Forget the assembly state of a run whose engine restarted (its step numbers
+        begin again); flags of the old run close, the window starts afresh."""
+        self.restarts += 1
+        self.buffer = StepBuffer(self.P, self.buffer.slots)
+        self._peer.clear()
+        self.window.clear()
+        self.finalized_upto = self.newest_step = -1
+        self._restarted[:] = False
+        self._entered[:] = -1
+        self._fitted_steps = -1
+        for tracker in self.trackers.values():
+            tracker.reset()
+        for rank in list(self.hangs):
+            self._close_hang(rank)
+        self._last_progress = self._clock()
+
     # -- finalising steps ----------------------------------------------------------------
     def _finalize(self, step: int) -> None:
-        arrays = self.buffer.take(step)
+        taken = self.buffer.take(step)
         peers = self._peer.pop(step, [])
         for stale in [s for s in self._peer if s < step]:
             del self._peer[stale]
         self.finalized_upto = max(self.finalized_upto, step)
-        if arrays is None:
+        if taken is None:
             self.incomplete_steps += 1
             return
-        stats = step_stats(step, arrays)
+        layers, arrays = taken
+        d = durations(arrays)
+        stats = step_stats(step, arrays, d)
         self.window.append(stats)
         self.steps_done += 1
         self.trackers["compute"].push(step, stats.compute_ratio)
         self.trackers["routing"].push(step, stats.load_ratio)
         if peers:
-            net = self._network(stats, peers)
+            net = self._network(layers, d, peers)
             if net is not None:
                 self.trackers["network"].push(step, net)
 
-    def _network(self, stats: StepStats, peers: list[PeerRows]) -> np.ndarray | None:
-        layer = int(peers[0].layer[0])
-        matrices: dict[int, np.ndarray] = {}
-        durations: dict[int, np.ndarray] = {}
+    def _network(
+        self, layers: np.ndarray, d: np.ndarray, peers: list[PeerRows]
+    ) -> np.ndarray | None:
+        """Each rank's link slowdown from every sampled layer of the step (median)."""
+        position = {int(layer): i for i, layer in enumerate(layers)}
+        matrices: dict[int, dict[int, np.ndarray]] = {}
         for rows in peers:
-            for phase in np.unique(rows.phase):
-                sel = (rows.phase == phase) & (rows.layer == layer)
-                if not sel.any() or layer >= stats.duration_s.shape[0]:
+            pairs = np.unique(np.stack([rows.layer, rows.phase.astype(np.int64)]), axis=1)
+            for layer, phase in pairs.T.tolist():
+                if layer not in position:
                     continue
-                m = matrices.setdefault(int(phase), np.full((self.P, self.P), np.nan))
+                sel = (rows.layer == layer) & (rows.phase == phase)
+                m = matrices.setdefault(layer, {}).setdefault(
+                    phase, np.full((self.P, self.P), np.nan)
+                )
                 m[rows.rank[sel]] = rows.wait_s[sel]
-                durations[int(phase)] = stats.duration_s[layer, int(phase)]
-        if not matrices:
+        ratios = [
+            rank_link_slowdown(m, {ph: d[position[layer], ph] for ph in m})
+            for layer, m in matrices.items()
+        ]
+        if not ratios:
             return None
-        return rank_link_slowdown(matrices, durations)
+        return ratios[0] if len(ratios) == 1 else _quiet_nanmedian(np.stack(ratios), 0)
 
     def update(self, now_s: float | None = None, final: bool = False) -> None:
         """Finalise complete steps in order, refit, and check for a hang."""
@@ -235,27 +289,17 @@ class GroupEstimator:
 
     # -- windows -------------------------------------------------------------------------
     def _fit(self) -> None:
-        if not self.window:
+        if not self.window or self._fitted_steps == self.steps_done:
             return
-        vol = np.stack(
-            [
-                s.volume_bytes
-                for s in self.window
-                if s.volume_bytes.shape == self.window[-1].volume_bytes.shape
-            ]
-        )
-        xfer = np.stack(
-            [
-                s.transfer_s
-                for s in self.window
-                if s.transfer_s.shape == self.window[-1].transfer_s.shape
-            ]
-        )
+        self._fitted_steps = self.steps_done
+        window = list(self.window)
         for phase in (Phase.DISPATCH, Phase.COMBINE):
-            v, t = vol[:, :, phase].ravel(), xfer[:, :, phase].ravel()
+            v = np.concatenate([s.volume_bytes[:, phase] for s in window])
+            t = np.concatenate([s.transfer_s[:, phase] for s in window])
+            sent = np.concatenate([s.send_bytes[:, phase] for s in window])
             if len(v) > self.cfg.max_fit_points:  # keep the newest points
                 v, t = v[-self.cfg.max_fit_points :], t[-self.cfg.max_fit_points :]
-            per_peer = costmodel.per_peer_message_bytes(float(np.median(v)), self.P)
+            per_peer = costmodel.per_peer_message_bytes(float(np.median(sent)), self.P)
             transfer = float(np.median(t))
             try:
                 f = hockney.fit(v, t)
@@ -299,9 +343,12 @@ class GroupEstimator:
             if not final and step_s > 0:
                 flag.values.append(self._stalled_s / step_s)
         for rank in [r for r in self.hangs if r not in laggards]:
-            flag = self.hangs.pop(rank)
-            flag.active = False
-            self._closed_hangs.append(flag)
+            self._close_hang(rank)
+
+    def _close_hang(self, rank: int) -> None:
+        flag = self.hangs.pop(rank)
+        flag.active = False
+        self._closed_hangs.append(flag)
 
     def _what_if(self, compute_s: float) -> dict[str, Any]:
         """The article's what-if at the measured point: does compute still cover the
@@ -394,5 +441,7 @@ class GroupEstimator:
             nodes=tuple(str(n) for n in self.nodes),
             incomplete_steps=self.incomplete_steps,
             late_records=self.late_records,
+            ignored_records=self.ignored_records,
+            restarts=self.restarts,
             **kw,
         )

@@ -93,6 +93,8 @@ class GroupReport:
     arrival_lag_s: tuple[float, ...] = ()
     incomplete_steps: int = 0
     late_records: int = 0
+    ignored_records: int = 0
+    restarts: int = 0
     whatif: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -123,4 +125,6 @@ class GroupReport:
         }
         out["incomplete_steps"] = self.incomplete_steps
         out["late_records"] = self.late_records
+        out["ignored_records"] = self.ignored_records
+        out["restarts"] = self.restarts
         return out

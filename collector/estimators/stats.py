@@ -51,20 +51,31 @@ class StepStats:
     gamma: np.ndarray  # [L] max_r x / mean_r x
     skew: np.ndarray  # [L] max_r n / mean_r n
     transfer_s: np.ndarray  # [L, 2] t_xfer = min_r d
-    volume_bytes: np.ndarray  # [L, 2] V = max_r max(send, recv)
+    volume_bytes: np.ndarray  # [L, 2] max_r max(send, recv): the busiest NIC direction
+    send_bytes: np.ndarray  # [L, 2] V = max_r send: what sets the per-peer message
     compute_ratio: np.ndarray  # [P] median_l c_r / median_r' (median_l c_r')
     load_ratio: np.ndarray  # [P] median_l n_r / mean_r n
     arrival_lag_s: np.ndarray  # [P] median over layers and phases of max d - d_r
-    duration_s: np.ndarray  # [L, 2, P] d = exit - enter (kept for peer attribution)
     lost_s: float  # sum_l (max_r x - mean_r x)
     compute_max_s: float  # median over layers of max_r x: what a layer's compute costs
     step_s: float  # median over ranks of the step's span on the rank's own clock
 
 
-def step_stats(step: int, a: dict[str, np.ndarray]) -> StepStats:
-    """Estimator inputs of one step from its ``[layer, phase, rank]`` arrays."""
+def durations(a: dict[str, np.ndarray]) -> np.ndarray:
+    """d = exit - enter in seconds, ``[layer, phase, rank]``."""
+    return (a["exit_ns"] - a["enter_ns"]) * 1e-9
+
+
+def step_stats(step: int, a: dict[str, np.ndarray], d: np.ndarray) -> StepStats:
+    """Estimator inputs of one step from its ``[layer, phase, rank]`` arrays and their
+    durations ``d``.
+
+    The Hockney fit pairs t_xfer with the busiest NIC direction, max(send, recv): on
+    dispatch a hot expert's rank receives far more than anyone sends, and that is what
+    the transfer waits for. The per-peer message size (the regime) stays DESIGN's
+    ``max_r send_bytes / (P - 1)``.
+    """
     enter, exit_ = a["enter_ns"], a["exit_ns"]
-    d = (exit_ - enter) * 1e-9
     x = (enter[:, C, :] - exit_[:, D, :]) * 1e-9
     x = np.where(x >= 0, x, np.nan)  # a negative gap is bad data, not fast compute
     n = a["recv_tokens"][:, D, :].astype(np.float64)
@@ -89,10 +100,10 @@ def step_stats(step: int, a: dict[str, np.ndarray]) -> StepStats:
         skew=skew,
         transfer_s=d.min(axis=2),
         volume_bytes=np.maximum(a["send_bytes"], a["recv_bytes"]).max(axis=2).astype(np.float64),
+        send_bytes=a["send_bytes"].max(axis=2).astype(np.float64),
         compute_ratio=compute_ratio,
         load_ratio=load_ratio,
         arrival_lag_s=np.median(lag.reshape(-1, lag.shape[-1]), axis=0),
-        duration_s=d,
         lost_s=lost,
         compute_max_s=compute_max,
         step_s=float(np.median(span)),

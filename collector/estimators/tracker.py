@@ -16,6 +16,7 @@ import numpy as np
 from collector.estimators.stats import _quiet_nanmedian
 
 _KEEP_VALUES = 4096
+CLOSED_FLAGS_KEPT = 64  # cleared flags remembered for the post-mortem report
 
 
 @dataclass
@@ -49,14 +50,27 @@ class CauseTracker:
         self.noise_z = noise_z
         self.confirm = confirm
         self._hist = np.full((window, world_size), np.nan)
-        self._steps = np.full(window, -1, dtype=np.int64)
         self._n = 0
         self._above = np.zeros(world_size, dtype=np.int64)
         self._below = np.zeros(world_size, dtype=np.int64)
         self._run_start = np.zeros(world_size, dtype=np.int64)
         self.active: dict[int, Flag] = {}
-        self.closed: list[Flag] = []
+        self.closed: deque[Flag] = deque(maxlen=CLOSED_FLAGS_KEPT)
         self.evidence = np.full(world_size, np.nan)
+
+    def reset(self) -> None:
+        """A new run: active flags close, the evidence window empties."""
+        for rank in list(self.active):
+            self._close(rank)
+        self._hist[:] = np.nan
+        self._n = 0
+        self._above[:] = self._below[:] = 0
+        self.evidence[:] = np.nan
+
+    def _close(self, rank: int) -> None:
+        flag = self.active.pop(rank)
+        flag.active = False
+        self.closed.append(flag)
 
     def effective_threshold(self, evidence: np.ndarray) -> float:
         """The fixed threshold, or ``noise_z`` robust spreads above 1 when the group's
@@ -72,7 +86,6 @@ class CauseTracker:
     def push(self, step: int, values: np.ndarray) -> None:
         i = self._n % len(self._hist)
         self._hist[i] = values
-        self._steps[i] = step
         self._n += 1
         self.evidence = _quiet_nanmedian(self._hist[: min(self._n, len(self._hist))], axis=0)
         above = self.evidence > self.effective_threshold(self.evidence)
@@ -89,9 +102,8 @@ class CauseTracker:
                 flag.values.append(float(values[rank]))
             flag.last_step = step
             if self._below[rank] >= self.confirm:
-                flag.active = False
-                self.closed.append(self.active.pop(rank))
+                self._close(rank)
 
     def flags(self, include_closed: bool) -> list[Flag]:
         flags = list(self.active.values())
-        return flags + self.closed if include_closed else flags
+        return flags + list(self.closed) if include_closed else flags
