@@ -9,6 +9,7 @@ and disappear with the flags and a scrape never sees a half-updated group.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -78,6 +79,16 @@ OWN_NAMES = frozenset(
         "epwatch_group_last_step",
         "epwatch_group_world_size",
         "epwatch_group_stalled_seconds",
+        "epwatch_group_late_records",
+        "epwatch_group_late_records_total",
+        "epwatch_group_incomplete_steps",
+        "epwatch_group_incomplete_steps_total",
+        "epwatch_group_ignored_records",
+        "epwatch_group_ignored_records_total",
+        "epwatch_group_restarts",
+        "epwatch_group_restarts_total",
+        "epwatch_whatif_batch_scale_ratio",
+        "epwatch_whatif_overlap_covers_comm",
         "epwatch_ingest_records",
         "epwatch_ingest_records_total",
         "epwatch_ingest_batches",
@@ -250,6 +261,38 @@ class GroupMetrics(Collector):
                 "Seconds since the group last completed a collective (0 when moving)",
                 g,
             ),
+            "late_records": CounterMetricFamily(
+                "epwatch_group_late_records",
+                "Records for steps already analysed or far behind (dropped)",
+                labels=g,
+            ),
+            "incomplete_steps": CounterMetricFamily(
+                "epwatch_group_incomplete_steps",
+                "Steps dropped because some rank's records never arrived",
+                labels=g,
+            ),
+            "ignored_records": CounterMetricFamily(
+                "epwatch_group_ignored_records",
+                "Records of layers beyond the estimators' max_layers",
+                labels=g,
+            ),
+            "restarts": CounterMetricFamily(
+                "epwatch_group_restarts",
+                "Times the group's engine restarted its step count (a new run)",
+                labels=g,
+            ),
+            "batch_scale": _gauge(
+                "epwatch_whatif_batch_scale_ratio",
+                "How many times larger the batch must be for per-peer messages to reach "
+                "the crossover (above 1: latency-bound)",
+                g,
+            ),
+            "covers": _gauge(
+                "epwatch_whatif_overlap_covers_comm",
+                "1 when a layer's expert compute covers its dispatch + combine "
+                "(dual-batch overlap can hide the all-to-alls)",
+                g,
+            ),
         }
         for group in sorted(self._groups(), key=lambda x: x.ep_group):
             _add_group(fams, group, group.report or {}, self._stalled(group))
@@ -307,11 +350,35 @@ def _add_group(fams: dict[str, Any], group: Group, rep: dict[str, Any], stalled:
         slowdown = finite(s.get("slowdown"))
         fams["straggler"].add_metric([name, *key], slowdown if slowdown is not None else 1.0)
         _add(fams["first_step"], [name, *key], s.get("first_step"))
-        for line in list(dict.fromkeys(s.get("evidence") or []))[:MAX_EVIDENCE]:
-            fams["evidence"].add_metric([name, *key, str(line)], 1.0)
+        lines = dict.fromkeys(evidence_label(str(x)) for x in s.get("evidence") or [])
+        for line in list(lines)[:MAX_EVIDENCE]:
+            fams["evidence"].add_metric([name, *key, line], 1.0)
     _add(fams["steps"], [name], rep.get("steps", 0))
     last = rep.get("last_step")
     if last is not None and last >= 0:
         _add(fams["last_step"], [name], last)
     fams["world_size"].add_metric([name], float(group.world_size))
     fams["stalled"].add_metric([name], stalled)
+    for key in ("late_records", "incomplete_steps", "ignored_records", "restarts"):
+        _add(fams[key], [name], rep.get(key, 0))
+    whatif = rep.get("whatif") or {}
+    _add(fams["batch_scale"], [name], whatif.get("batch_scale_for_bandwidth_bound"))
+    if "overlap_covers_comm" in whatif:
+        fams["covers"].add_metric([name], 1.0 if whatif["overlap_covers_comm"] else 0.0)
+
+
+_SPAN = re.compile(r" (?:for|in) [\d.]+ ?(?:s|min|h|d)\b")
+_NUMBER = re.compile(r"(?<![\w.])\d{3,}(?:\.\d+)?(?![\w.])")
+
+
+def evidence_label(line: str) -> str:
+    """An evidence line as a label value that does not churn from scrape to scrape:
+    no "for 40 s" spans, numbers of three or more digits to two significant ones
+    (the JSON diagnosis keeps the exact text)."""
+    line = _SPAN.sub("", line)
+    return _NUMBER.sub(lambda m: _two_significant(float(m.group())), line)
+
+
+def _two_significant(x: float) -> str:
+    digits = len(str(int(x)))
+    return str(int(round(x, 2 - digits)))

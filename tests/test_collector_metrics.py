@@ -125,3 +125,23 @@ def test_straggler_evidence_from_node_samples(running: tuple[CollectorService, s
     mine = [dict(k) for k in lines if dict(k)["rank"] == "5"]
     assert mine and len(mine) <= 4
     assert any("hw_slowdown" in lab["evidence"] for lab in mine)
+
+
+def test_group_health_counters_are_exposed(running: tuple[CollectorService, str]) -> None:
+    text = running[1]
+    for name in ("epwatch_group_late_records_total", "epwatch_group_incomplete_steps_total",
+                 "epwatch_group_restarts_total", "epwatch_whatif_batch_scale_ratio"):  # fmt: skip
+        assert value(text, name, ep_group="ep0") is not None, name
+    assert value(text, "epwatch_group_restarts_total", ep_group="ep0") == 0
+
+
+def test_evidence_labels_do_not_churn() -> None:
+    from collector.metrics import evidence_label
+
+    assert evidence_label("gpu 5: hw_thermal_slowdown active for 30 s") == (
+        "gpu 5: hw_thermal_slowdown active"
+    )
+    a = evidence_label("gpu 5 SM clock 1584 MHz, 20% below node median")
+    b = evidence_label("gpu 5 SM clock 1591 MHz, 20% below node median")
+    assert a == b == "gpu 5 SM clock 1600 MHz, 20% below node median"
+    assert evidence_label("mlx5_1/1 XID 79 +1 in 20 s") == "mlx5_1/1 XID 79 +1"
