@@ -265,3 +265,25 @@ def test_attribute_files_stay_open_between_rounds_and_close_with_the_sampler(tmp
     assert sampler._sysfs.open_files == kept
     sampler.close()
     assert sampler._sysfs.open_files == 0
+
+
+def test_unlistable_directory_is_noted_and_retried_every_round(tmp_path, monkeypatch):
+    root = _copy_tree(tmp_path)
+    counters = str(root / "class/infiniband/mlx5_0/ports/1/counters")
+    real_listdir = os.listdir
+
+    def listdir(path):
+        if str(path) == counters:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    sampler = InfinibandSampler(root)
+    port = {"device": "mlx5_0", "port": "1"}
+    for _ in range(2):
+        result = run_sampler(sampler)
+        assert result.ok and any("EACCES" in s for s in result.skipped)
+        assert not _has(_index(result.points), "epwatch_nic_transmit_bytes_total", **port)
+    monkeypatch.setattr(os, "listdir", real_listdir)
+    idx = _index(sampler.collect())
+    assert _get(idx, "epwatch_nic_transmit_bytes_total", **port) == 123456789 * 4

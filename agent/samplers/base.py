@@ -74,7 +74,11 @@ METRICS: dict[str, tuple[Kind, str]] = {
 
 @dataclass(frozen=True, slots=True)
 class Point:
-    """One sample value; converts to the wire's ``MetricPoint``."""
+    """One sample value; converts to the wire's ``MetricPoint``.
+
+    ``labels`` is not copied: samplers may share one mapping between points and
+    rounds, so treat it as read-only.
+    """
 
     name: str
     labels: Mapping[str, str]
@@ -426,6 +430,7 @@ class SysfsCache:
         self._listings: dict[str, tuple[str, ...]] = {}
         self._files: dict[str, int] = {}
         self._expires = 0.0
+        self.generation = 0  # +1 whenever listings are dropped: derived plans are stale
 
     def start_round(self) -> None:
         """Drop everything once ``refresh_s`` has passed since it was taken."""
@@ -437,6 +442,7 @@ class SysfsCache:
         self._listings.clear()
         self.close()
         self._expires = self._clock() + self.refresh_s
+        self.generation += 1
 
     def close(self) -> None:
         """Close every kept file."""

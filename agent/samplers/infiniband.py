@@ -21,11 +21,14 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from agent.samplers.base import (
+    METRICS,
     FileReader,
+    Kind,
     Point,
     Sampler,
     SamplerUnavailable,
@@ -129,6 +132,57 @@ def parse_rate(text: str) -> float | None:
     return float(match.group(1)) * 1e9 / 8 if match else None
 
 
+class _Series(NamedTuple):
+    """One counter file and the point it becomes (``unless``: skip if that name was read)."""
+
+    path: str
+    name: str
+    labels: dict[str, str]
+    kind: Kind
+    help: str
+    scale: int = 1
+    unless: str | None = None
+
+
+def _series(
+    path: str, name: str, labels: dict[str, str], scale: int = 1, unless: str | None = None
+) -> _Series:
+    kind, help_text = METRICS[name]
+    return _Series(path, name, labels, kind, help_text, scale, unless)
+
+
+def _counter_series(directory: str, files: Iterable[str], port: dict[str, str]) -> list[_Series]:
+    """``counters/``: IBA PortCounters; data counters in 4-byte words."""
+    out = []
+    for filename in files:
+        path = f"{directory}/{filename}"
+        if filename in _COUNTERS:
+            name, scale = _COUNTERS[filename]
+            out.append(_series(path, name, port, scale))
+        elif filename in _COUNTER_ERRORS:
+            labels = {"kind": filename.lower(), **port}
+            out.append(_series(path, "epwatch_nic_errors_total", labels))
+    return out
+
+
+def _hw_series(directory: str, files: Iterable[str], port: dict[str, str]) -> list[_Series]:
+    """``hw_counters/``: driver counters; unknown ones stay out (bounded cardinality)."""
+    out = []
+    for filename in files:
+        path = f"{directory}/{filename}"
+        if filename in _HW_TRAFFIC:
+            name = _HW_TRAFFIC[filename]
+            out.append(_series(path, name, port, unless=name))
+        elif filename in _HW_SINGLE:
+            out.append(_series(path, _HW_SINGLE[filename], port))
+        elif filename in _HW_RETRANSMISSIONS:
+            labels = {"kind": filename, **port}
+            out.append(_series(path, "epwatch_nic_retransmissions_total", labels))
+        elif filename in _HW_ERRORS:
+            out.append(_series(path, "epwatch_nic_errors_total", {"kind": filename, **port}))
+    return out
+
+
 class InfinibandSampler(Sampler):
     """Every HCA port under ``<sysfs_root>/class/infiniband``.
 
@@ -152,6 +206,8 @@ class InfinibandSampler(Sampler):
         self._sysfs = SysfsCache(rescan_s, clock)
         self._read = sysfs_reader(reader, self._sysfs)
         self._devices: list[str] = []
+        self._plans: dict[str, list[_Series]] = {}
+        self._plans_generation = -1
 
     def collect(self) -> list[Point]:
         try:
@@ -183,25 +239,13 @@ class InfinibandSampler(Sampler):
             self.skip(path, describe_os_error(exc))
             return ()
 
-    def _value(self, path: str, listed: bool = False) -> str | None:
+    def _value(self, path: str) -> str | None:
         try:
             return self._read(path)
         except FileNotFoundError:
-            if listed:  # it was there when its directory was listed
-                self._sysfs.invalidate()
             return None
         except OSError as exc:  # EINVAL, EISDIR, EACCES...: drop this series only
             self.skip(path, describe_os_error(exc))
-            return None
-
-    def _number(self, path: str) -> int | None:
-        text = self._value(path, listed=True)
-        if text is None:
-            return None
-        try:
-            return int(text, 10)
-        except ValueError:
-            self.skip(path, f"not a number: {text!r}")
             return None
 
     def _port(self, dev: str, port: str, root: str) -> list[Point]:
@@ -224,42 +268,55 @@ class InfinibandSampler(Sampler):
                 self.skip(f"{root}/rate", f"unparsable rate {rate_text!r}")
             else:
                 points.append(metric("epwatch_nic_link_rate_bytes_per_second", rate, **labels))
-        counters = f"{root}/counters"
-        for filename in self._listdir(counters):
-            if filename in _COUNTERS:
-                name, scale = _COUNTERS[filename]
-                value = self._number(f"{counters}/{filename}")
-                if value is not None:
-                    points.append(metric(name, value * scale, **labels))
-            elif filename in _COUNTER_ERRORS:
-                value = self._number(f"{counters}/{filename}")
-                if value is not None:
-                    points.append(
-                        metric("epwatch_nic_errors_total", value, kind=filename.lower(), **labels)
-                    )
+        self._read_series(self._plan(f"{root}/counters", dev, port, _counter_series), points)
         have = {p.name for p in points}
-        points.extend(self._hw_counters(dev, port, f"{root}/hw_counters", have))
+        hw = self._plan(f"{root}/hw_counters", dev, port, _hw_series)
+        self._read_series(hw, points, have)
         return points
 
-    def _hw_counters(
-        self, dev: str, port: str, root: str, have: set[str] | None = None
-    ) -> list[Point]:
-        labels = {"device": dev, "port": port}
+    def _hw_counters(self, dev: str, port: str, root: str) -> list[Point]:
         points: list[Point] = []
-        for filename in self._listdir(root):
-            if filename in _HW_TRAFFIC:
-                if have is not None and _HW_TRAFFIC[filename] in have:
-                    continue
-                name, extra = _HW_TRAFFIC[filename], {}
-            elif filename in _HW_SINGLE:
-                name, extra = _HW_SINGLE[filename], {}
-            elif filename in _HW_RETRANSMISSIONS:
-                name, extra = "epwatch_nic_retransmissions_total", {"kind": filename}
-            elif filename in _HW_ERRORS:
-                name, extra = "epwatch_nic_errors_total", {"kind": filename}
-            else:
-                continue  # unknown driver counters stay out: bounded cardinality
-            value = self._number(f"{root}/{filename}")
-            if value is not None:
-                points.append(metric(name, value, **extra, **labels))
+        self._read_series(self._plan(root, dev, port, _hw_series), points)
         return points
+
+    def _plan(
+        self, directory: str, dev: str, port: str, classify: Callable[..., list[_Series]]
+    ) -> list[_Series]:
+        """The series to read from ``directory`` each round, built from its listing once."""
+        if self._plans_generation != self._sysfs.generation:
+            self._plans.clear()
+            self._plans_generation = self._sysfs.generation
+        plan = self._plans.get(directory)
+        if plan is None:
+            try:
+                files = self._sysfs.listdir(directory)
+            except OSError as exc:  # not kept: tried (and noted) again next round
+                self.skip(directory, describe_os_error(exc))
+                return []
+            plan = self._plans[directory] = classify(
+                directory, files, {"device": dev, "port": port}
+            )
+        return plan
+
+    def _read_series(
+        self, series: list[_Series], points: list[Point], have: set[str] | None = None
+    ) -> None:
+        """Read each listed counter into a point; a bad file drops only its series."""
+        read = self._read
+        for s in series:
+            if s.unless is not None and have is not None and s.unless in have:
+                continue  # traffic already counted from counters/
+            try:
+                text = read(s.path)
+            except FileNotFoundError:  # listed, now gone: the tree changed
+                self._sysfs.invalidate()
+                continue
+            except OSError as exc:  # EINVAL, EISDIR, EACCES...
+                self.skip(s.path, describe_os_error(exc))
+                continue
+            try:
+                value = int(text, 10)
+            except ValueError:
+                self.skip(s.path, f"not a number: {text!r}")
+                continue
+            points.append(Point(s.name, s.labels, float(value * s.scale), s.kind, s.help))
