@@ -389,3 +389,26 @@ def test_outbox_keeps_the_newest_records_and_counts_the_rest() -> None:
     frames = box.frames((9, 0, DISPATCH), dropped_total=p.records_dropped)
     kept = np.concatenate([np.asarray(r.step) for _, r in frames])
     assert len(kept) == 100 and kept.min() >= 1  # the 20 oldest (all of step 0) went
+
+
+def test_peer_vectors_are_sampled_on_one_rotating_layer_per_sampled_step() -> None:
+    """Every rank picks the same (step, layer), one layer per sampled step."""
+    probes = [Probe(ep_group="g", rank=r, world_size=4, peer_sample_steps=4) for r in range(4)]
+    picked = {r: [] for r in range(4)}
+    for step in range(0, 40):
+        for layer in range(3):
+            for r, p in enumerate(probes):
+                if p.sample_peers(step, layer):
+                    picked[r].append((step, layer))
+    assert all(picks == picked[0] for picks in picked.values())
+    assert picked[0][:4] == [(0, 0), (4, 1), (8, 2), (12, 0)]
+    assert len(picked[0]) == 10  # one per sampled step
+
+
+def test_a_forked_child_does_not_speak_for_its_parent() -> None:
+    p = Probe(ep_group="g", rank=0, world_size=2)
+    p.begin(5, 1, 0)
+    p.internal_errors = 3
+    p.clear()  # what the flusher does in a forked child
+    assert p.entered is None
+    assert (p.records_dropped, p.internal_errors) == (0, 0)

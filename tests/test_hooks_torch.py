@@ -38,12 +38,12 @@ def test_span_counts_bytes_tokens_and_peer_sends_from_split_sizes() -> None:
     p = Probe(ep_group="g", rank=1, world_size=4, peer_sample_steps=1)
     x = torch.zeros(10, 8, dtype=torch.bfloat16)  # 16 bytes per row
     out = torch.zeros(7, 8, dtype=torch.bfloat16)
-    span = A2ASpan(p, 3, 2, DISPATCH)
+    span = A2ASpan(p, 2, 2, DISPATCH)  # step 2 samples layer 2 (of the 3 seen)
     span.add(out, x, [1, 2, 4, 0], [3, 3, 0, 4])
     span.add(out, x, [1, 2, 4, 0], [3, 3, 0, 4], recv_tokens=5)
     assert (span.send_bytes, span.recv_bytes, span.recv_tokens) == (320, 224, 12)
     assert span.peer_send_bytes == [96, 96, 0, 128]
-    even = A2ASpan(p, 3, 2, COMBINE)
+    even = A2ASpan(p, 2, 2, COMBINE)
     even.add(out[:4], x[:8], None, None)  # no splits: equal parts
     assert even.peer_send_bytes == [32, 32, 32, 32] and even.recv_tokens == 4
 

@@ -231,7 +231,7 @@ class InstrumentedBuffer:
         if token is None or not isinstance(stats, torch.Tensor):
             return None
         try:
-            return HostCopy(stats) if self.probe.sample_peers(token[0]) else None
+            return HostCopy(stats) if self.probe.sample_peers(token[0], token[1]) else None
         except Exception:
             self.probe.count_error()
             return None
@@ -287,7 +287,7 @@ class InstrumentedBuffer:
             send_bytes: Any = Derived(lambda pr: _total(pr) * send_row, per_rank)
             peers = (
                 Derived(lambda pr: np.asarray(pr, dtype=np.int64) * send_row, per_rank)
-                if self.probe.sample_peers(token[0])
+                if self.probe.sample_peers(token[0], token[1])
                 else None
             )
         else:

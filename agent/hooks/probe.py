@@ -56,6 +56,7 @@ class Probe:
         self.local_device = local_device
         self.clock: Clock = HostClock() if clock is None else clock
         self.peer_sample_steps = peer_sample_steps
+        self._layers_seen = 1
         self._now = self.clock.now
         self._cap = buffer_records
         self._buf: deque[Record] = deque()
@@ -141,11 +142,17 @@ class Probe:
         only known after the call. A block that raises records nothing."""
         return Span(self, step, layer, phase, send_bytes, recv_bytes, recv_tokens)
 
-    def sample_peers(self, step: int) -> bool:
-        """Whether per-peer vectors for this step will be kept; adapters skip computing
-        them otherwise. Sampling by step keeps every rank's rows of a step together."""
+    def sample_peers(self, step: int, layer: int) -> bool:
+        """Whether per-peer vectors of this collective will be kept; adapters skip
+        computing them otherwise. One layer per sampled step, rotating through the
+        layers seen so far: every rank picks the same (step, layer), and the collector
+        gets O(P^2) values per sample instead of one matrix per layer."""
         n = self.peer_sample_steps
-        return n > 0 and step % n == 0
+        if n <= 0 or step % n:
+            return False
+        if layer >= self._layers_seen:
+            self._layers_seen = layer + 1
+        return layer == (step // n) % self._layers_seen
 
     # ---- state for the flusher and for operators --------------------------------------
 
@@ -172,8 +179,11 @@ class Probe:
         return [pop() for _ in range(len(buf))]
 
     def clear(self) -> None:
-        """Forget queued records (a forked child must not resend its parent's)."""
+        """Forget queued records, the heartbeat and the counters: a forked child must
+        neither resend its parent's records nor speak for the parent's rank."""
         self._buf.clear()
+        self._entered = None
+        self.dropped_buffer_full = self.dropped_unsent = self.internal_errors = 0
 
     def count_error(self) -> None:
         """For adapters: a failure in their own bookkeeping (never the collective's)."""
@@ -282,7 +292,7 @@ class NullProbe:
     def collective(self, step: int, layer: int, phase: int, *args: Any) -> Span:
         return Span(self, step, layer, phase, 0, 0, 0)
 
-    def sample_peers(self, step: int) -> bool:
+    def sample_peers(self, step: int, layer: int) -> bool:
         return False
 
     def drain(self) -> list[Record]:

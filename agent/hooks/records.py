@@ -161,7 +161,7 @@ class RecordResolver:
             if w is None and s is None:
                 continue
             step = int(ints[0, i])
-            if not (valid[i] and sample(step)):
+            if not (valid[i] and sample(step, int(ints[1, i]))):
                 _drop(w)
                 _drop(s)
                 continue

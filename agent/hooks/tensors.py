@@ -9,7 +9,6 @@ engine may update them in place (the wait-stat counters are cumulative).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agent.hooks.config import HookConfig
 from agent.hooks.deferred import Deferred
 
 
@@ -96,8 +96,9 @@ class SmClock:
     """
 
     def __init__(self, device: int | None = None, fixed_hz: float | None = None) -> None:
-        env = os.environ.get("EPWATCH_SM_CLOCK_HZ")
-        self.fixed_hz = fixed_hz or (float(env) if env else None)
+        # The probe's own parser: a malformed EPWATCH_SM_CLOCK_HZ is a warning there,
+        # never an exception in the engine.
+        self.fixed_hz = fixed_hz or HookConfig.from_env().sm_clock_hz
         self.device = device
         self._hz: float | None = None
         self._read_at = 0.0

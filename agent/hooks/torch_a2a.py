@@ -43,7 +43,7 @@ class A2ASpan:
         self.recv_bytes = 0
         self.recv_tokens = 0
         self.peer_send_bytes: list[int] | None = None
-        self._sample = probe.sample_peers(step)
+        self._sample = probe.sample_peers(step, layer)
         self.token: Token | None = None
 
     def begin(self) -> A2ASpan:
