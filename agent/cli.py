@@ -15,19 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from agent.daemon import Agent, AgentConfig, SampleRound
 from agent.frames import default_socket_path
+from epwatch.addresses import hostport_text, parse_hostport
 
 if TYPE_CHECKING:
     from agent.samplers.base import Sampler
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 log = logging.getLogger("epwatch.agent")
-
-
-def parse_hostport(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 def _positive_int(value: str) -> int:
@@ -57,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--collector",
         default="127.0.0.1:50051",
+        type=hostport_text,
         metavar="HOST:PORT",
         help="collector gRPC address (default %(default)s)",
     )
@@ -121,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run one sampler round, print it and exit",
     )
     parser.add_argument("--json", action="store_true", help="with --sample-once: JSON output")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="logging level (default %(default)s)")  # fmt: skip
     registry = _samplers_module()
     if registry is not None:
         registry.add_sampler_arguments(parser)
@@ -187,7 +184,6 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.sample_once:
         return _sample_once(args)
-    parse_hostport(args.collector)
     config = AgentConfig(
         collector=args.collector,
         node=args.node,

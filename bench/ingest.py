@@ -20,7 +20,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,14 +27,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from epwatch.addresses import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _scrape(port: int) -> str:
@@ -149,7 +144,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0)
     args = p.parse_args()
 
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     collector = subprocess.Popen(
         [
             sys.executable,

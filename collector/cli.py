@@ -6,7 +6,9 @@ import argparse
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from prometheus_client import disable_created_metrics
 
@@ -14,27 +16,33 @@ from collector.estimators.config import EstimatorConfig
 from collector.groups import default_factory
 from collector.recorder import RecorderConfig
 from collector.service import CollectorConfig, CollectorService
+from epwatch.addresses import hostport_text, parse_hostport
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type for a number that must be > 0 (0 would spin or refuse all)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
 
 log = logging.getLogger("epwatch.collector")
-
-
-def parse_hostport(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
-def _grpc_listen(value: str) -> str:
-    parse_hostport(value)
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grpc-listen",
-        type=_grpc_listen,
+        type=hostport_text,
         default="127.0.0.1:50051",
         metavar="HOST:PORT",
         help="gRPC address for agents (default %(default)s; port 0 picks a free one)",
@@ -48,28 +56,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--update-interval",
-        type=float,
+        type=_positive(float),
         default=1.0,
         metavar="S",
         help="seconds between estimator passes (default %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes",
-        type=int,
+        type=_positive(int),
         default=64 << 20,
         metavar="N",
         help="larger messages are rejected with INVALID_ARGUMENT (default 64 MiB)",
     )
     parser.add_argument(
         "--max-groups",
-        type=int,
+        type=_positive(int),
         default=64,
         metavar="N",
         help="EP groups this collector accepts (default %(default)s)",
     )
     parser.add_argument(
         "--max-streams",
-        type=int,
+        type=_positive(int),
         default=256,
         metavar="N",
         help="concurrent agent streams (default %(default)s)",
@@ -82,19 +90,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--record-max-bytes",
-        type=int,
+        type=_positive(int),
         default=256 << 20,
         metavar="N",
         help="rotate a recording after this many bytes (default 256 MiB)",
     )
     parser.add_argument(
         "--record-max-seconds",
-        type=float,
+        type=_positive(float),
         default=3600.0,
         metavar="S",
         help="rotate a recording after this many seconds (default %(default)s)",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="logging level (default %(default)s)")  # fmt: skip
     add_estimator_arguments(parser)
 
 

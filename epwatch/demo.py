@@ -39,19 +39,13 @@ from prometheus_client import disable_created_metrics
 from agent.frames import FrameSender, hook_frame
 from collector.service import CollectorConfig, CollectorService
 from epwatch import promstack
+from epwatch.addresses import parse_hostport
 from epwatch.schema import Entered, PeerRows, RecordColumns
 from simulator.engine import Simulation, StepChunk
 from simulator.node_samples import NodeSampleModel
 from simulator.scenario import Scenario, ScenarioError, load_scenario
 
 AGENT_FLAGS = [f"--no-sampler.{n}" for n in ("nvidia", "amd", "netdev", "infiniband")]
-
-
-def _hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 def _seconds(value: str) -> float:
@@ -97,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metrics-listen",
-        type=_hostport,
+        type=parse_hostport,
         default=("127.0.0.1", 9401),
         metavar="HOST:PORT",
         help="the collector's /metrics (default 127.0.0.1:9401; port 0 picks one)",

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from epwatch.addresses import free_port
 from epwatch.schema import RecordColumns
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
