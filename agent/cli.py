@@ -69,6 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "/run/epwatch/agent.sock, else $TMPDIR/epwatch-agent.sock)",
     )
     parser.add_argument(
+        "--socket-mode",
+        type=lambda text: int(text, 8),
+        default=0o666,
+        metavar="OCTAL",
+        help="permissions of the socket: who may send hook records (default 666, any "
+        "local user: engines often run as another user; 660 with a shared group is "
+        "stricter)",
+    )
+    parser.add_argument(
         "--spool-records",
         type=_positive_int,
         default=1_000_000,
@@ -188,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         collector=args.collector,
         node=args.node,
         socket_path=args.socket or default_socket_path(),
+        socket_mode=args.socket_mode,
         spool_records=args.spool_records,
         batch_records=args.batch_records,
         flush_interval_s=args.flush_interval,

@@ -35,6 +35,7 @@ class AgentConfig:
     collector: str
     node: str
     socket_path: str
+    socket_mode: int = 0o666
     spool_records: int = 1_000_000
     batch_records: int = 16_384
     flush_interval_s: float = 0.2
@@ -58,7 +59,9 @@ class Agent:
         self.spool = Spool(config.spool_records)
         self.batcher = Batcher(self.spool, config.batch_records)
         self.receiver_counters = ReceiverCounters()
-        self.receiver = Receiver(config.socket_path, self.batcher, self.receiver_counters)
+        self.receiver = Receiver(
+            config.socket_path, self.batcher, self.receiver_counters, config.socket_mode
+        )
         self.shipper = Shipper(
             config.collector,
             self.agent_id,

@@ -32,13 +32,17 @@ class FrameError(ValueError):
 
 def default_socket_path(env: Mapping[str, str] | None = None) -> str:
     """The agent's socket as docs/contracts.md fixes it, for the agent and the hooks
-    alike: ``$EPWATCH_AGENT_SOCKET``, else /run/epwatch/agent.sock when /run/epwatch is
-    writable, else $TMPDIR's."""
+    alike: ``$EPWATCH_AGENT_SOCKET``, else /run/epwatch/agent.sock when it exists or
+    /run/epwatch is writable, else $TMPDIR's."""
     env = os.environ if env is None else env
     path = env.get("EPWATCH_AGENT_SOCKET")
     if path:
         return path
-    if os.path.isdir(RUN_DIR) and os.access(RUN_DIR, os.W_OK):
+    # A running agent's socket wins even where this process cannot write the directory
+    # (an engine running as another user than the agent).
+    if os.path.exists(os.path.join(RUN_DIR, "agent.sock")) or (
+        os.path.isdir(RUN_DIR) and os.access(RUN_DIR, os.W_OK)
+    ):
         return os.path.join(RUN_DIR, "agent.sock")
     return os.path.join(tempfile.gettempdir(), "epwatch-agent.sock")
 

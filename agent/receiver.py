@@ -90,7 +90,9 @@ def _prepare_path(path: str) -> None:
 class Receiver:
     """Accepts hook connections; one thread per connected rank."""
 
-    def __init__(self, path: str, batcher: Batcher, counters: ReceiverCounters) -> None:
+    def __init__(
+        self, path: str, batcher: Batcher, counters: ReceiverCounters, mode: int = 0o666
+    ) -> None:
         self.path = path
         self._batcher = batcher
         self.counters = counters
@@ -98,6 +100,9 @@ class Receiver:
         _prepare_path(path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(path)
+        # Serving engines often run as another user than the agent: the socket's mode,
+        # not the agent's umask, decides who may send records.
+        os.chmod(path, mode)
         self._listener.listen(256)
         self._listener.setblocking(False)
         # select() on the listener and this pair: stop() wakes the accept loop at once,

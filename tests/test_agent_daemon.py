@@ -308,3 +308,18 @@ def test_idle_agent_threads_sleep_until_there_is_work(sockdir: str) -> None:
         agent.stop()
         svc.stop(grace_s=0.2)
     assert time.monotonic() - started < 1.5
+
+
+def test_socket_mode_lets_another_user_send(tmp_path) -> None:
+    import stat
+
+    open_agent = make_agent(free_port(), str(tmp_path / "a.sock"))
+    strict = make_agent(free_port(), str(tmp_path / "b.sock"), socket_mode=0o660)
+    open_agent.start()
+    strict.start()
+    try:
+        assert stat.S_IMODE(os.stat(tmp_path / "a.sock").st_mode) == 0o666
+        assert stat.S_IMODE(os.stat(tmp_path / "b.sock").st_mode) == 0o660
+    finally:
+        open_agent.stop(drain_timeout=0.1)
+        strict.stop(drain_timeout=0.1)
