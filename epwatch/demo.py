@@ -453,7 +453,7 @@ def start_prometheus(
     if not promstack.rule_files():
         print(
             f"epwatch demo: --prometheus: no alert rules in {promstack.RULES_DIR} "
-            "(they come with a source checkout); running without Prometheus",
+            "(an incomplete installation?); running without Prometheus",
             file=sys.stderr,
             flush=True,
         )

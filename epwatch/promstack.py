@@ -42,6 +42,10 @@ INSTALL_HINT = (
 )
 
 
+class ServerExited(RuntimeError):
+    """The server process is gone: waiting longer cannot help."""
+
+
 class PromStackError(RuntimeError):
     """A server did not start, answer or produce what was waited for."""
 
@@ -105,6 +109,8 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
             result = check()
             if result:
                 return result
+        except ServerExited as err:
+            raise PromStackError(str(err)) from err
         except (OSError, PromStackError) as err:
             last_error = err
         if time.monotonic() >= deadline:
@@ -198,7 +204,7 @@ class _Server:
 
     def _ready(self) -> bool:
         if self.process is None or self.process.poll() is not None:
-            raise PromStackError(f"{self.name} exited")
+            raise ServerExited(f"{self.name} exited")
         try:
             with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as response:
                 return bool(response.status == 200)
@@ -271,7 +277,7 @@ class Alertmanager(_Server):
 
 
 def rule_files() -> list[Path]:
-    """The committed rule files (empty outside a source checkout)."""
+    """The shipped rule files (dashboards/prometheus/*.rules.yml)."""
     return sorted(RULES_DIR.glob("*.rules.yml"))
 
 
@@ -487,7 +493,7 @@ class PromStack:
         if missing:
             raise PromStackError(f"missing {', '.join(missing)}; {INSTALL_HINT}")
         if not self.rule_sources:
-            raise PromStackError(f"no rule files in {RULES_DIR} (run from a source checkout)")
+            raise PromStackError(f"no rule files in {RULES_DIR} (an incomplete installation?)")
         rules = prepare_rule_files(
             self.rule_sources,
             self.workdir / "rules",
