@@ -93,14 +93,20 @@ class Group:
 
 class GroupTable:
     """Groups by name, created on first use; a group idle for ``expire_after_s`` is
-    forgotten (its series vanish and it may come back with another world size)."""
+    forgotten (its series vanish). A group quiet for ``resize_after_s`` may come back
+    with another world size: its engine restarted at another EP width."""
 
     def __init__(
-        self, factory: EstimatorFactory, max_groups: int = 64, expire_after_s: float = 600.0
+        self,
+        factory: EstimatorFactory,
+        max_groups: int = 64,
+        expire_after_s: float = 600.0,
+        resize_after_s: float = 30.0,
     ) -> None:
         self._factory = factory
         self._max_groups = max_groups
         self._expire_after_s = expire_after_s
+        self._resize_after_s = resize_after_s
         self._groups: dict[str, Group] = {}
         self._lock = threading.Lock()
 
@@ -123,10 +129,19 @@ class GroupTable:
                 log.info("new EP group %s with world_size %d", ep_group, world_size)
                 return g
         if g.world_size != world_size:
-            raise RecordError(
-                "world_size_changed",
-                f"EP group {ep_group!r} has world_size {g.world_size}, batch says {world_size}",
-            )
+            idle = time.monotonic() - g.last_ingest_s
+            if idle < self._resize_after_s:
+                raise RecordError(
+                    "world_size_changed",
+                    f"EP group {ep_group!r} has world_size {g.world_size}, batch says "
+                    f"{world_size} (accepted once the group has been quiet for "
+                    f"{self._resize_after_s:.0f} s: an engine restarted at another size)",
+                )
+            with self._lock:
+                g = self._groups[ep_group] = Group(
+                    ep_group, world_size, self._factory(ep_group, world_size)
+                )
+            log.info("EP group %s restarted with world_size %d", ep_group, world_size)
         return g
 
     def groups(self) -> list[Group]:

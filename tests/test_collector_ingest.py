@@ -123,6 +123,18 @@ def test_world_size_change_is_rejected() -> None:
     assert "16" in out.message and "8" in out.message
 
 
+def test_a_quiet_group_may_come_back_at_another_world_size() -> None:
+    """An engine restarted at another EP width: after the group has been quiet a while
+    the new size is a new group, not a stream of rejections."""
+    rig = Rig()
+    assert rig.ingestor.handle(message(1, make_records(16, 16))).code == 0
+    (group,) = rig.groups.groups()
+    group.last_ingest_s -= 31.0  # quiet for longer than resize_after_s
+    assert rig.ingestor.handle(message(2, make_records(8, 8), ws=8)).code == 0
+    (group,) = rig.groups.groups()
+    assert group.world_size == 8
+
+
 def test_oversized_is_rejected_with_its_seq() -> None:
     rig = Rig(max_message_bytes=10_000)
     out = rig.ingestor.handle(message(5, make_records(1000)))
