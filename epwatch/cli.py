@@ -1,7 +1,7 @@
 """The ``epwatch`` command: one subcommand per job, each in its own module.
 
 Subcommand modules are imported only when chosen, so ``epwatch agent`` never pays for
-(or needs) the collector's pandas, and ``epwatch model`` starts instantly.
+(or needs) the collector's estimators, and ``epwatch model`` starts instantly.
 """
 
 from __future__ import annotations
