@@ -221,8 +221,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     agent.start()
     print(f"epwatch agent {agent.agent_id} ready on {config.socket_path}", flush=True)
-    while not stop.wait(0.5):
-        pass
+    stop.wait()  # the signal handler runs in this thread and sets it: no need to poll
     log.info("shutting down")
     agent.stop()
     close_samplers()
