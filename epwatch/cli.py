@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("epwatch.cmd_fit", "Robust Hockney fit t = L + V/BW_eff of a bytes,seconds CSV."),
     "simulate": ("simulator.cli", "Run a simulated EP cluster scenario through the estimators."),
     "collector": ("collector.cli", "Run the collector: gRPC ingest, estimators, /metrics."),
+    "replay": ("collector.replay", "Post-mortem diagnosis from the collector's --record files."),
     "agent": ("agent.cli", "Run the node agent: hook records and node samples to the collector."),
     "demo": ("epwatch.demo", "A simulated EP cluster through the real agent and collector."),
 }

@@ -1,0 +1,106 @@
+"""``epwatch replay``: a post-mortem from the collector's ``--record`` Parquet files.
+
+The recorded hook records go through the same estimators as they did live, in the
+order the collector received them, and the diagnosis comes out as ``simulate``'s does.
+Recordings hold the records only (no per-peer wait rows, no heartbeats, no node
+samples), so the replay can flag compute and routing stragglers but not network
+ones, hangs, or evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from collector.estimators import EstimatorConfig, GroupEstimator, GroupReport
+from collector.estimators.text import format_report
+from epwatch.schema import RECORD_DTYPES, RecordColumns, RecordError
+
+# Window statistics over (up to) the whole recording, as a post-mortem wants them.
+POST_MORTEM = EstimatorConfig(window_steps=10_000, max_fit_points=1 << 20)
+
+
+class ReplayError(ValueError):
+    """The recording cannot be read."""
+
+
+def recording_files(paths: list[Path]) -> list[Path]:
+    """Files named on the command line, and the finished recordings in folders."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out += sorted(path.glob("*.parquet"))
+        elif path.exists():
+            out.append(path)
+        else:
+            raise ReplayError(f"{path}: no such file or folder")
+    if not out:
+        raise ReplayError("no .parquet recordings found (only finished files are read)")
+    return out
+
+
+def replay(files: list[Path], config: EstimatorConfig | None = None) -> list[GroupReport]:
+    """Run every recorded EP group through fresh estimators; one report per group."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pa.concat_tables([pq.read_table(f) for f in files]).unify_dictionaries()
+    except (OSError, pa.ArrowException) as err:
+        raise ReplayError(f"cannot read the recording: {err}") from None
+    missing = {"ep_group", "node", "world_size", "received_unix_ns", *RECORD_DTYPES} - set(
+        table.column_names
+    )
+    if missing:
+        raise ReplayError(f"not an epwatch recording: missing {', '.join(sorted(missing))}")
+    table = table.sort_by("received_unix_ns")
+    groups = table.column("ep_group").to_pylist()
+    nodes = np.asarray(table.column("node").to_pylist(), dtype=object)
+    group_of = np.asarray(groups, dtype=object)
+    world = table.column("world_size").to_numpy()
+    cols = {name: table.column(name).to_numpy() for name in RECORD_DTYPES}
+    reports = []
+    for group in dict.fromkeys(groups):
+        mine = np.flatnonzero(group_of == group)
+        sizes = np.unique(world[mine])
+        if len(sizes) != 1:
+            raise ReplayError(f"EP group {group!r} changes world size in the recording: {sizes}")
+        est = GroupEstimator(str(group), int(sizes[0]), config or POST_MORTEM, clock=lambda: 0.0)
+        # Ingest as the collector did: one batch per run of the same node.
+        run_starts = np.flatnonzero(np.r_[True, nodes[mine][1:] != nodes[mine][:-1]])
+        for start, end in zip(run_starts, [*run_starts[1:], len(mine)], strict=True):
+            rows = mine[start:end]
+            records = RecordColumns.from_arrays(**{n: c[rows] for n, c in cols.items()})
+            try:
+                records.validate(int(sizes[0]))
+            except RecordError as err:
+                raise ReplayError(f"EP group {group!r}: {err}") from None
+            est.ingest(records, str(nodes[rows[0]]))
+            est.update(now_s=0.0)
+        est.update(now_s=0.0, final=True)
+        reports.append(est.report(include_closed=True))
+    return reports
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("paths", type=Path, nargs="+", help="recording files or --record folders")
+    p.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        reports = replay(recording_files(args.paths))
+    except ReplayError as err:
+        print(f"epwatch replay: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"groups": [r.to_json() for r in reports]}))
+    else:
+        print("\n\n".join(format_report(r) for r in reports))
+    return 0
