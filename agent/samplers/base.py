@@ -452,7 +452,8 @@ class SysfsCache:
                 os.close(fd)
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # also at interpreter exit
+            self.close()
 
     @property
     def open_files(self) -> int:
