@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
+import selectors
 import socket
 import stat
 import threading
@@ -105,9 +105,14 @@ class Receiver:
         os.chmod(path, mode)
         self._listener.listen(256)
         self._listener.setblocking(False)
-        # select() on the listener and this pair: stop() wakes the accept loop at once,
-        # which then sleeps while no rank connects instead of polling
+        # Wait on the listener and this pair: stop() wakes the accept loop at once,
+        # which otherwise sleeps while no rank connects instead of polling. A selector
+        # (epoll), not select(): the samplers keep many files open, and select() fails
+        # on descriptors above 1023.
         self._wake_r, self._wake_w = socket.socketpair()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name="receiver", daemon=True)
@@ -120,6 +125,7 @@ class Receiver:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         self._thread.join(timeout=2)
+        self._selector.close()
         self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -133,8 +139,8 @@ class Receiver:
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                ready, _, _ = select.select([self._listener, self._wake_r], [], [])
-                if self._listener not in ready:
+                events = self._selector.select()
+                if not any(key.fileobj is self._listener for key, _ in events):
                     continue  # woken by stop()
                 conn, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):

@@ -323,3 +323,33 @@ def test_socket_mode_lets_another_user_send(tmp_path) -> None:
     finally:
         open_agent.stop(drain_timeout=0.1)
         strict.stop(drain_timeout=0.1)
+
+
+def test_receiver_works_with_descriptors_above_1023(sockdir: str) -> None:
+    """The samplers keep hundreds of files open; the accept loop must not use select()."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1030)]
+    try:
+        port = free_port()
+        svc = start_collector(port)
+        path = f"{sockdir}/a.sock"
+        agent = make_agent(port, path)
+        assert agent.receiver._listener.fileno() > 1023
+        agent.start()
+        try:
+            with FrameSender(path) as s:
+                s.send(hook_frame("g", 16, make_records(5, 16)))
+            wait_for(lambda: agent.receiver_counters.records_received == 5)
+        finally:
+            agent.stop(drain_timeout=0)
+            svc.stop(grace_s=0.2)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
