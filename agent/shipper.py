@@ -144,6 +144,9 @@ class Shipper:
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", int(self._backoff[1] * 1000)),
+            # BDP probing sizes the window for data we receive: here only small acks,
+            # and each one cost a ping round trip (wake-ups on both ends)
+            ("grpc.http2.bdp_probe", 0),
         ]
         channel = grpc.insecure_channel(self.target, options=options)
         closed = threading.Event()
