@@ -53,17 +53,18 @@ def child(collector: str, sysfs: str, seconds: float) -> None:
     ]
     one_round, close = make_sample_round(samplers, interval_s=1.0)  # what `epwatch agent` runs
 
-    sock = os.path.join(tempfile.mkdtemp(prefix="epwatch-bench-"), "agent.sock")
-    agent = Agent(AgentConfig(collector=collector, node="bench-node", socket_path=sock),
-                  one_round)  # fmt: skip
-    agent.start()
-    time.sleep(2.0)  # first rounds: NVML init, event set, first connection
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    time.sleep(seconds)
-    steady = (time.process_time() - cpu0) / (time.perf_counter() - t0)
-    agent.stop()
-    points = len(one_round()[0])
-    close()
+    with tempfile.TemporaryDirectory(prefix="epwatch-bench-") as sockdir:
+        sock = os.path.join(sockdir, "agent.sock")
+        agent = Agent(AgentConfig(collector=collector, node="bench-node", socket_path=sock),
+                      one_round)  # fmt: skip
+        agent.start()
+        time.sleep(2.0)  # first rounds: NVML init, event set, first connection
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        time.sleep(seconds)
+        steady = (time.process_time() - cpu0) / (time.perf_counter() - t0)
+        agent.stop()
+        points = len(one_round()[0])
+        close()
     print(json.dumps({"points_per_round": points, "steady_share": steady}), flush=True)
 
 

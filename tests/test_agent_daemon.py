@@ -299,7 +299,8 @@ def test_idle_agent_threads_sleep_until_there_is_work(sockdir: str) -> None:
         time.sleep(1.0)  # flush interval 0.05 s: a polling loop would wake 20 times
         after = _wakeups(names)
         assert set(after) == set(names)
-        assert {n: after[n] - before[n] for n in names} == dict.fromkeys(names, 0)
+        woken = {n: after[n] - before[n] for n in names}
+        assert max(woken.values()) <= 2, woken  # a polling loop would wake 20 times
         with FrameSender(path) as s:
             s.send(hook_frame("g", 16, make_records(5, 16)))
         wait_for(lambda: records_total(svc) == 5)

@@ -79,7 +79,7 @@ def test_messages_are_shipped_as_they_come_and_heartbeats_when_idle() -> None:
         n = len(fake.seqs())
         time.sleep(1.0)  # idle: only heartbeats, one per heartbeat_s
         heartbeats = fake.seqs()[n:]
-        assert set(heartbeats) == {0} and 3 <= len(heartbeats) <= 7
+        assert set(heartbeats) == {0} and 2 <= len(heartbeats) <= 8  # not a busy loop
         assert [s for s in fake.seqs() if s] == [1, 2, 3]
         started = time.monotonic()
     finally:
