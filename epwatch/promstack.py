@@ -124,6 +124,26 @@ def labels_match(labels: Mapping[str, str], expected: Mapping[str, str] | None) 
     return all(labels.get(key) == value for key, value in (expected or {}).items())
 
 
+def find_alert(
+    alerts: list[dict[str, Any]],
+    alertname: str,
+    labels: Mapping[str, str] | None,
+    field: str,
+    value: str,
+) -> dict[str, Any] | None:
+    """The first alert with that name and labels whose ``field`` (Prometheus' ``state``,
+    a webhook's ``status``) is ``value``."""
+    for alert in alerts:
+        alert_labels = alert.get("labels", {})
+        if (
+            alert_labels.get("alertname") == alertname
+            and alert.get(field) == value
+            and labels_match(alert_labels, labels)
+        ):
+            return alert
+    return None
+
+
 # -------------------------------------------------------------------------- durations
 
 _DURATION_PART = re.compile(r"(\d+)(ms|[smhdwy])")
@@ -444,18 +464,11 @@ class Prometheus(_Server):
     ) -> dict[str, Any]:
         """The first active alert with that name, labels and state (pending/firing)."""
 
-        def find() -> dict[str, Any] | None:
-            for alert in self.alerts():
-                alert_labels = alert.get("labels", {})
-                if (
-                    alert_labels.get("alertname") == alertname
-                    and alert.get("state") == state
-                    and labels_match(alert_labels, labels)
-                ):
-                    return alert
-            return None
-
-        return wait_until(find, timeout, f"{alertname} {labels or ''} to be {state} in Prometheus")
+        return wait_until(
+            lambda: find_alert(self.alerts(), alertname, labels, "state", state),
+            timeout,
+            f"{alertname} {labels or ''} to be {state} in Prometheus",
+        )
 
 
 class PromStack:

@@ -36,6 +36,7 @@ from epwatch.promstack import (
     Prometheus,
     PromStackError,
     alertmanager_binary,
+    find_alert,
     find_binary,
     free_port,
     http_get_json,
@@ -163,18 +164,11 @@ class WebhookReceiver:
     ) -> dict[str, Any]:
         """The first received alert with that name, labels and status (firing/resolved)."""
 
-        def find() -> dict[str, Any] | None:
-            for alert in self.alerts():
-                alert_labels = alert.get("labels", {})
-                if (
-                    alert_labels.get("alertname") == alertname
-                    and alert.get("status") == status
-                    and labels_match(alert_labels, labels)
-                ):
-                    return alert
-            return None
-
-        return wait_until(find, timeout, f"webhook to receive {status} {alertname} {labels or ''}")
+        return wait_until(
+            lambda: find_alert(self.alerts(), alertname, labels, "status", status),
+            timeout,
+            f"webhook to receive {status} {alertname} {labels or ''}",
+        )
 
     def __enter__(self) -> WebhookReceiver:
         return self.start()
