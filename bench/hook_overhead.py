@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -71,6 +71,22 @@ def flusher_cpu_ns(probe: Probe) -> int:
     with contextlib.suppress(OSError):
         return time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
     return 0
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Kineto writes two lines to stderr per profiler start and stop; the figures are
+    what this benchmark is for."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def main() -> None:
@@ -113,7 +129,7 @@ def main() -> None:
                     with record_function("dispatch"):
                         op(x)
 
-            with profile(activities=[ProfilerActivity.CPU]):
+            with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]):
                 return cpu_and_wall(loop)
 
         loops: dict[str, Callable[[], tuple[int, int]]] = {
