@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.daemon import Agent, AgentConfig, SampleRound
 from agent.frames import default_socket_path
-from epwatch.addresses import hostport_text, parse_hostport
+from epwatch.cliargs import hostport_text, parse_hostport, positive
 
 if TYPE_CHECKING:
     from agent.samplers.base import Sampler
@@ -23,20 +23,6 @@ if TYPE_CHECKING:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 log = logging.getLogger("epwatch.agent")
-
-
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
-def _positive_float(value: str) -> float:
-    x = float(value)
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {x}")
-    return x
 
 
 def _samplers_module() -> Any | None:
@@ -79,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--spool-records",
-        type=_positive_int,
+        type=positive(int),
         default=1_000_000,
         metavar="N",
         help="records kept until acked; beyond it the oldest unsent are dropped and "
@@ -87,14 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batch-records",
-        type=_positive_int,
+        type=positive(int),
         default=16_384,
         metavar="N",
         help="records per shipped batch (default %(default)s)",
     )
     parser.add_argument(
         "--flush-interval",
-        type=_positive_float,
+        type=positive(float),
         default=0.2,
         metavar="S",
         help="ship a partial batch after this many seconds (default %(default)s)",
@@ -108,14 +94,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backoff-max",
-        type=_positive_float,
+        type=positive(float),
         default=5.0,
         metavar="S",
         help="longest reconnect backoff (default %(default)s)",
     )
     parser.add_argument(
         "--sample-interval",
-        type=_positive_float,
+        type=positive(float),
         default=1.0,
         metavar="S",
         help="seconds between node sampler rounds (default %(default)s)",

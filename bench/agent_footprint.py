@@ -21,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from epwatch.addresses import free_port
+from epwatch.cliargs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "sysfs"

@@ -6,9 +6,7 @@ import argparse
 import logging
 import signal
 import threading
-from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 from prometheus_client import disable_created_metrics
 
@@ -16,24 +14,9 @@ from collector.estimators.config import EstimatorConfig
 from collector.groups import default_factory
 from collector.recorder import RecorderConfig
 from collector.service import CollectorConfig, CollectorService
-from epwatch.addresses import hostport_text, parse_hostport
+from epwatch.cliargs import hostport_text, parse_hostport, positive
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def _positive(kind: type) -> Callable[[str], Any]:
-    """An argparse type for a number that must be > 0 (0 would spin or refuse all)."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
 
 
 log = logging.getLogger("epwatch.collector")
@@ -56,28 +39,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--update-interval",
-        type=_positive(float),
+        type=positive(float),
         default=1.0,
         metavar="S",
         help="seconds between estimator passes (default %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes",
-        type=_positive(int),
+        type=positive(int),
         default=64 << 20,
         metavar="N",
         help="larger messages are rejected with INVALID_ARGUMENT (default 64 MiB)",
     )
     parser.add_argument(
         "--max-groups",
-        type=_positive(int),
+        type=positive(int),
         default=64,
         metavar="N",
         help="EP groups this collector accepts (default %(default)s)",
     )
     parser.add_argument(
         "--max-streams",
-        type=_positive(int),
+        type=positive(int),
         default=256,
         metavar="N",
         help="concurrent agent streams (default %(default)s)",
@@ -90,14 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--record-max-bytes",
-        type=_positive(int),
+        type=positive(int),
         default=256 << 20,
         metavar="N",
         help="rotate a recording after this many bytes (default 256 MiB)",
     )
     parser.add_argument(
         "--record-max-seconds",
-        type=_positive(float),
+        type=positive(float),
         default=3600.0,
         metavar="S",
         help="rotate a recording after this many seconds (default %(default)s)",

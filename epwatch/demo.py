@@ -39,7 +39,7 @@ from prometheus_client import disable_created_metrics
 from agent.frames import FrameSender, hook_frame
 from collector.service import CollectorConfig, CollectorService
 from epwatch import promstack
-from epwatch.addresses import parse_hostport
+from epwatch.cliargs import parse_hostport
 from epwatch.schema import Entered, PeerRows, RecordColumns
 from simulator.engine import Simulation, StepChunk
 from simulator.node_samples import NodeSampleModel

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from epwatch.addresses import free_port
+from epwatch.cliargs import free_port
 from epwatch.schema import RecordColumns
 
 

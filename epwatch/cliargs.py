@@ -1,9 +1,14 @@
-"""HOST:PORT arguments and free loopback ports, for every command and test."""
+"""Argument types shared by every command (HOST:PORT, positive numbers), and free
+loopback ports for tests and benchmarks."""
 
 from __future__ import annotations
 
 import argparse
 import socket
+from collections.abc import Callable
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -25,3 +30,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def positive(kind: type[N]) -> Callable[[str], N]:
+    """An argparse type for a number that must be > 0 (0 would spin, or refuse all)."""
+
+    def parse(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
