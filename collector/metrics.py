@@ -88,6 +88,7 @@ OWN_NAMES = frozenset(
         "epwatch_group_restarts",
         "epwatch_group_restarts_total",
         "epwatch_whatif_batch_scale_ratio",
+        "epwatch_suspect_link_slowdown_ratio",
         "epwatch_whatif_overlap_covers_comm",
         "epwatch_ingest_records",
         "epwatch_ingest_records_total",
@@ -281,6 +282,11 @@ class GroupMetrics(Collector):
                 "Times the group's engine restarted its step count (a new run)",
                 labels=g,
             ),
+            "suspect_link": _gauge(
+                "epwatch_suspect_link_slowdown_ratio",
+                "A link slower than both its ends predict (top 5 per group): src's data to dst",
+                [*g, "src_rank", "dst_rank"],
+            ),
             "batch_scale": _gauge(
                 "epwatch_whatif_batch_scale_ratio",
                 "How many times larger the batch must be for per-peer messages to reach "
@@ -361,6 +367,10 @@ def _add_group(fams: dict[str, Any], group: Group, rep: dict[str, Any], stalled:
     fams["stalled"].add_metric([name], stalled)
     for key in ("late_records", "incomplete_steps", "ignored_records", "restarts"):
         _add(fams[key], [name], rep.get(key, 0))
+    for link in rep.get("suspect_links") or []:
+        if link.get("active"):
+            _add(fams["suspect_link"], [name, str(link["src"]), str(link["dst"])],
+                 link.get("slowdown"))  # fmt: skip
     whatif = rep.get("whatif") or {}
     _add(fams["batch_scale"], [name], whatif.get("batch_scale_for_bandwidth_bound"))
     if "overlap_covers_comm" in whatif:

@@ -21,8 +21,9 @@ scenario file (TOML), every key optional but the fault's kind:
   [network]  latency_us = 80, bandwidth_gbps = 40, noise_cv = 0.05
   [compute]  ns_per_token = 40, noise_cv = 0.05
   [probe]    peer_sample_every = 10
-  [[faults]] kind = "slow_gpu" | "slow_nic" | "hot_expert" | "hang", rank, start_step,
-             factor (slow_gpu, slow_nic), expert and share (hot_expert), layer (hang)
+  [[faults]] kind = "slow_gpu" | "slow_nic" | "hot_expert" | "hang" | "slow_link",
+             rank, start_step, factor (slow_gpu, slow_nic, slow_link), expert and share
+             (hot_expert), layer (hang), peer (slow_link: the link's other end)
 examples are in simulator/scenarios/.
 """
 

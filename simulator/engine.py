@@ -111,6 +111,14 @@ class Simulation:
         return p
 
     # -- one collective ------------------------------------------------------------
+    def _slow_links(self, steps: np.ndarray) -> list[tuple[np.ndarray, int, int, float]]:
+        """(active steps, rank, peer, factor) of each slow_link fault."""
+        return [
+            (steps >= f.start_step, f.rank, f.peer, f.factor)
+            for f in self.s.faults
+            if f.kind == "slow_link"
+        ]
+
     def _transfer(
         self,
         enter: np.ndarray,
@@ -118,10 +126,15 @@ class Simulation:
         recv: np.ndarray,
         bw: np.ndarray,
         eta: np.ndarray,
+        slow_links: list[tuple[np.ndarray, int, int, float]] = (),
     ) -> np.ndarray:
         """Exit time [S] of an all-to-all everyone leaves when the last data arrives."""
         tx, rx = send / bw, recv / bw
         link = self.latency_s + np.maximum(tx, rx.max(axis=1, keepdims=True))
+        for on, a, b, factor in slow_links:  # that pair's data, both ways, takes longer
+            for src, dst in ((a, b), (b, a)):
+                pair = (self.latency_s + np.maximum(tx[:, src], rx[:, dst])) * factor
+                link[:, src] = np.where(on, np.maximum(link[:, src], pair), link[:, src])
         return (enter + link * eta[:, None]).max(axis=1)
 
     # -- chunks --------------------------------------------------------------------
@@ -161,15 +174,18 @@ class Simulation:
         send = np.empty((S, L, 2, P))
         recv = np.empty((S, L, 2, P))
         t = _LAYER_GAP_S + rng.uniform(0, _LAYER_GAP_JITTER_S, (S, P))
+        slow = self._slow_links(steps)
         for layer in range(L):
             routed = n[:, layer] * self.slot_bytes  # [S, P] bytes of routed slots
             send[:, layer, 0], recv[:, layer, 0] = dispatch_send, routed
             send[:, layer, 1], recv[:, layer, 1] = routed, dispatch_send
             enter[:, layer, 0] = t
-            done = self._transfer(t, dispatch_send, routed, bw, eta[:, layer, 0])
+            done = self._transfer(t, dispatch_send, routed, bw, eta[:, layer, 0], slow)
             exit_[:, layer, 0] = done[:, None]
             enter[:, layer, 1] = done[:, None] + x[:, layer]
-            done = self._transfer(enter[:, layer, 1], routed, dispatch_send, bw, eta[:, layer, 1])
+            done = self._transfer(
+                enter[:, layer, 1], routed, dispatch_send, bw, eta[:, layer, 1], slow
+            )
             exit_[:, layer, 1] = done[:, None]
             t = done[:, None] + _LAYER_GAP_S + rng.uniform(0, _LAYER_GAP_JITTER_S, (S, P))
         step_len = exit_[:, -1, 1, 0] + _STEP_GAP_S
@@ -255,6 +271,10 @@ class Simulation:
                 rx = recv[si, layer, phase] / bw[si]
                 # link[i, j]: transfer time of j's data to i.
                 link = self.latency_s + np.maximum(tx[None, :], rx[:, None])
+                for on, a, b, factor in self._slow_links(steps[si : si + 1]):
+                    if on[0]:
+                        link[b, a] *= factor  # i = b waiting for j = a's data
+                        link[a, b] *= factor
                 link = link * eta[si, layer, phase] * _lognormal(rng, _LINK_JITTER_CV, (P, P))
                 arrive = np.minimum(e[None, :] + link, exit_[si, layer, phase, 0])
                 waits.append(np.maximum(arrive - e[:, None], 0.0))

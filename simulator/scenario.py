@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-FAULT_KINDS = ("slow_gpu", "slow_nic", "hot_expert", "hang")
+FAULT_KINDS = ("slow_gpu", "slow_nic", "hot_expert", "hang", "slow_link")
 ROUTINGS = ("uniform", "zipf")
 
 
@@ -72,6 +72,7 @@ class Fault:
     expert: int = 0
     share: float = 0.0
     layer: int = 0  # hang: the layer whose dispatch the rank never enters
+    peer: int = 0  # slow_link: the other end of the link (both directions are slow)
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,14 @@ def _validate(s: Scenario) -> None:
             0 <= f.start_step < s.steps,
             f"{where} start_step must be in [0, steps), got {f.start_step}",
         )
-        if f.kind in ("slow_gpu", "slow_nic", "hang"):
+        if f.kind in ("slow_gpu", "slow_nic", "hang", "slow_link"):
             _check(0 <= f.rank < c.ranks, f"{where} rank must be in [0, {c.ranks}), got {f.rank}")
-        if f.kind in ("slow_gpu", "slow_nic"):
+        if f.kind == "slow_link":
+            _check(
+                0 <= f.peer < c.ranks and f.peer != f.rank,
+                f"{where} peer must be another rank in [0, {c.ranks}), got {f.peer}",
+            )
+        if f.kind in ("slow_gpu", "slow_nic", "slow_link"):
             _check(f.factor >= 1.0, f"{where} factor must be >= 1, got {f.factor}")
         if f.kind == "hot_expert":
             _check(

@@ -118,6 +118,7 @@ def test_clean_cluster_of_1000_steps_lists_no_straggler(ranks: int, routing: str
     report, _ = run(ranks, routing, None, steps=1000)
     assert report.steps == 1000
     assert report.stragglers == ()
+    assert report.suspect_links == ()
 
 
 @pytest.mark.parametrize("ranks", [16, 64, 256])
@@ -163,3 +164,16 @@ def test_hot_expert_raises_gamma_and_skew_but_is_never_compute() -> None:
     assert report.gamma_p99 > clean.gamma_p99
     assert "compute" not in {s.cause for s in report.stragglers}
     assert report.balancedness < clean.balancedness
+
+
+@pytest.mark.parametrize("ranks", [16, 64])
+def test_a_slow_link_is_a_suspect_link_not_a_straggler(ranks: int) -> None:
+    """DESIGN: a single cell of the wait matrix far above its row and column."""
+    a, b = 3, ranks - 2
+    report, _ = run(ranks, "uniform", _fault(kind="slow_link", rank=a, peer=b, factor=2.5,
+                                             start_step=ONSET))  # fmt: skip
+    assert report.stragglers == ()
+    assert {(link.src, link.dst) for link in report.suspect_links} == {(a, b), (b, a)}
+    for link in report.suspect_links:
+        assert ONSET <= link.first_step <= ONSET + 30
+        assert link.slowdown == pytest.approx(2.5, rel=0.1)

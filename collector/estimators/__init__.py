@@ -2,6 +2,13 @@
 
 from collector.estimators.config import EstimatorConfig
 from collector.estimators.group import GroupEstimator
-from collector.estimators.report import GroupReport, PhaseReport, StragglerReport
+from collector.estimators.report import GroupReport, PhaseReport, StragglerReport, SuspectLink
 
-__all__ = ["EstimatorConfig", "GroupEstimator", "GroupReport", "PhaseReport", "StragglerReport"]
+__all__ = [
+    "EstimatorConfig",
+    "GroupEstimator",
+    "GroupReport",
+    "PhaseReport",
+    "StragglerReport",
+    "SuspectLink",
+]

@@ -14,6 +14,7 @@ class EstimatorConfig:
     compute_noise_z: float = 5.0  # ... or this many robust spreads above 1, if larger
     routing_threshold: float = 1.5  # routed load over the mean load
     network_threshold: float = 1.25  # a rank's link times over the group's
+    link_threshold: float = 1.5  # one link's time over what its two ends predict
     network_evidence_samples: int = 3  # sampled steps behind a network flag
     network_confirm_samples: int = 2
     hang_after_s: float = 5.0  # no collective completes this long while a rank lags
@@ -26,7 +27,9 @@ class EstimatorConfig:
         for name in ("window_steps", "evidence_steps", "confirm_steps", "max_slots", "max_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("compute_threshold", "routing_threshold", "network_threshold"):
+        for name in (
+            "compute_threshold", "routing_threshold", "network_threshold", "link_threshold"
+        ):  # fmt: skip
             if getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be > 1, got {getattr(self, name)}")
         if self.hang_after_s <= 0:

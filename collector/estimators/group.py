@@ -18,10 +18,10 @@ import numpy as np
 
 from collector.estimators.buffer import StepBuffer
 from collector.estimators.config import EstimatorConfig
-from collector.estimators.network import rank_link_slowdown
-from collector.estimators.report import GroupReport, PhaseReport, StragglerReport
+from collector.estimators.network import link_slowdown
+from collector.estimators.report import GroupReport, PhaseReport, StragglerReport, SuspectLink
 from collector.estimators.stats import StepStats, _quiet_nanmedian, durations, step_stats
-from collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag
+from collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag, LinkTracker
 from epwatch import costmodel, hockney
 from epwatch.schema import PHASE_NAMES, Entered, PeerRows, Phase, RecordColumns
 
@@ -89,6 +89,7 @@ class GroupEstimator:
                 cfg.network_confirm_samples,
             ),
         }
+        self.links = LinkTracker(cfg.link_threshold, cfg.network_confirm_samples)
         self._entered = np.full(world_size, -1, dtype=np.int64)
         self._last_progress = clock()
         self._stalled_s = 0.0
@@ -219,7 +220,7 @@ class GroupEstimator:
         self._restarted[:] = False
         self._entered[:] = -1
         self._fitted_steps = -1
-        for tracker in self.trackers.values():
+        for tracker in (*self.trackers.values(), self.links):
             tracker.reset()
         for rank in list(self.hangs):
             self._close_hang(rank)
@@ -243,12 +244,12 @@ class GroupEstimator:
         self.trackers["compute"].push(step, stats.compute_ratio)
         self.trackers["routing"].push(step, stats.load_ratio)
         if peers:
-            net = self._network(layers, d, peers)
+            net = self._network(step, layers, d, peers)
             if net is not None:
                 self.trackers["network"].push(step, net)
 
     def _network(
-        self, layers: np.ndarray, d: np.ndarray, peers: list[PeerRows]
+        self, step: int, layers: np.ndarray, d: np.ndarray, peers: list[PeerRows]
     ) -> np.ndarray | None:
         """Each rank's link slowdown from every sampled layer of the step (median)."""
         position = {int(layer): i for i, layer in enumerate(layers)}
@@ -263,13 +264,15 @@ class GroupEstimator:
                     phase, np.full((self.P, self.P), np.nan)
                 )
                 m[rows.rank[sel]] = rows.wait_s[sel]
-        ratios = [
-            rank_link_slowdown(m, {ph: d[position[layer], ph] for ph in m})
+        found = [
+            link_slowdown(m, {ph: d[position[layer], ph] for ph in m})
             for layer, m in matrices.items()
         ]
-        if not ratios:
+        if not found:
             return None
-        return ratios[0] if len(ratios) == 1 else _quiet_nanmedian(np.stack(ratios), 0)
+        ranks = _quiet_nanmedian(np.stack([r for r, _ in found]), 0)
+        self.links.push(step, _quiet_nanmedian(np.stack([c for _, c in found]), 0))
+        return ranks
 
     def update(self, now_s: float | None = None, final: bool = False) -> None:
         """Finalise complete steps in order, refit, and check for a hang."""
@@ -442,6 +445,17 @@ class GroupEstimator:
             incomplete_steps=self.incomplete_steps,
             late_records=self.late_records,
             ignored_records=self.ignored_records,
+            suspect_links=tuple(
+                SuspectLink(
+                    f.src,
+                    f.dst,
+                    f.slowdown,
+                    f.first_step,
+                    f.last_step,
+                    f.streak >= self.links.confirm,
+                )
+                for f in self.links.flags(include_closed)
+            ),
             restarts=self.restarts,
             **kw,
         )

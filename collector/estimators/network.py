@@ -44,15 +44,30 @@ def _relative(medians: np.ndarray) -> np.ndarray:
     return medians / ref if ref and np.isfinite(ref) else np.full_like(medians, np.nan)
 
 
-def rank_link_slowdown(
+def cell_slowdown(t: np.ndarray) -> np.ndarray:
+    """``[P, P]`` each link's time over what its receiver's row and sender's column
+    predict (``row_i * col_j / overall``): one slow cable or switch port between two
+    ranks stands out here while every row and column median stays normal."""
+    row = _quiet_nanmedian(t, axis=1)
+    col = _quiet_nanmedian(t, axis=0)
+    overall = _quiet_nanmedian(t)
+    if not overall or not np.isfinite(overall):
+        return np.full_like(t, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return t / (np.outer(row, col) / overall)
+
+
+def link_slowdown(
     matrices: dict[int, np.ndarray], durations: dict[int, np.ndarray]
-) -> np.ndarray:
-    """[P] each rank's links over the group's (NaN where not measurable).
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each rank's links over the group's, ``[P]``, and each link's over what its two
+    ends predict, ``[P, P]`` (receiver i, sender j); NaN where not measurable.
 
     ``matrices[phase]`` is the ``[P, P]`` wait matrix of one sampled layer and
     ``durations[phase]`` the ``[P]`` collective durations d of that layer.
     """
-    out: np.ndarray | None = None
+    ranks: np.ndarray | None = None
+    cells: np.ndarray | None = None
     for phase, wait in matrices.items():
         d = durations[phase]
         t = link_times(wait, d.max() - d)
@@ -62,7 +77,9 @@ def rank_link_slowdown(
             ratio = _relative(_covered_median(t, axis=1))
         else:
             continue
-        out = ratio if out is None else np.fmax(out, ratio)
-    if out is None:
+        ranks = ratio if ranks is None else np.fmax(ranks, ratio)
+        cell = cell_slowdown(t)
+        cells = cell if cells is None else np.fmax(cells, cell)
+    if ranks is None or cells is None:
         raise ValueError("no dispatch or combine matrix given")
-    return out
+    return ranks, cells

@@ -74,6 +74,26 @@ class StragglerReport:
 
 
 @dataclass(frozen=True)
+class SuspectLink:
+    src: int  # sender whose data arrived late
+    dst: int  # receiver that waited
+    slowdown: float
+    first_step: int
+    last_step: int
+    active: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "slowdown": _num(self.slowdown),
+            "first_step": self.first_step,
+            "last_step": self.last_step,
+            "active": self.active,
+        }
+
+
+@dataclass(frozen=True)
 class GroupReport:
     ep_group: str
     ranks: int
@@ -94,6 +114,7 @@ class GroupReport:
     incomplete_steps: int = 0
     late_records: int = 0
     ignored_records: int = 0
+    suspect_links: tuple[SuspectLink, ...] = ()
     restarts: int = 0
     whatif: dict[str, Any] = field(default_factory=dict)
 
@@ -114,6 +135,7 @@ class GroupReport:
         for name in ("dispatch", "combine"):
             out[name] = self.phases.get(name, PhaseReport()).to_json()
         out["stragglers"] = [s.to_json() for s in self.stragglers]
+        out["suspect_links"] = [link.to_json() for link in self.suspect_links]
         out["time_lost_per_step_s"] = _num(self.time_lost_per_step_s)
         out["whatif"] = _clean(self.whatif)
         out["stalled_s"] = _num(self.stalled_s)

@@ -63,6 +63,12 @@ def format_report(r: GroupReport) -> str:
             )
     if r.stalled_s > 0:
         lines.append(f"  group stalled for {r.stalled_s:.1f} s")
+    for link in r.suspect_links:
+        state = "" if link.active else f" (cleared after step {link.last_step})"
+        lines.append(
+            f"  suspect link: rank {link.src} -> rank {link.dst} is {link.slowdown:.2f}x "
+            f"slower than both ends predict, since step {link.first_step}{state}"
+        )
     if r.stragglers:
         lines.append("  stragglers:")
         lines += [f"    {explain(s)}" for s in r.stragglers]

@@ -107,3 +107,70 @@ class CauseTracker:
     def flags(self, include_closed: bool) -> list[Flag]:
         flags = list(self.active.values())
         return flags + list(self.closed) if include_closed else flags
+
+
+@dataclass
+class LinkFlag:
+    src: int  # the sender whose data was slow to arrive
+    dst: int  # the receiver that waited
+    first_step: int
+    last_step: int
+    streak: int = 0
+    ever_active: bool = False
+    values: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+
+    @property
+    def slowdown(self) -> float:
+        return float(np.median(np.fromiter(self.values, float))) if self.values else float("nan")
+
+
+class LinkTracker:
+    """Suspect links (DESIGN: "a single cell a slow link"): a cell of the link-time
+    matrix above ``threshold`` times what its row and column predict, in ``confirm``
+    consecutive samples. Bounded: the ``per_sample`` worst cells of a sample are
+    followed, and a link not seen for ``forget_after`` samples is dropped."""
+
+    def __init__(
+        self, threshold: float, confirm: int, per_sample: int = 16, forget_after: int = 8
+    ) -> None:
+        self.threshold = threshold
+        self.confirm = confirm
+        self.per_sample = per_sample
+        self.forget_after = forget_after
+        self._links: dict[tuple[int, int], LinkFlag] = {}
+        self._seen: dict[tuple[int, int], int] = {}
+        self._samples = 0
+
+    def push(self, step: int, cells: np.ndarray) -> None:
+        self._samples += 1
+        finite = np.where(np.isfinite(cells), cells, 0.0)
+        worst = np.argsort(finite, axis=None)[::-1][: self.per_sample]
+        hits = set()
+        for flat in worst.tolist():
+            dst, src = divmod(flat, cells.shape[1])
+            if finite[dst, src] <= self.threshold:
+                break
+            hits.add((src, dst))
+            flag = self._links.setdefault((src, dst), LinkFlag(src, dst, step, step))
+            flag.streak += 1
+            flag.last_step = step
+            flag.values.append(float(cells[dst, src]))
+            flag.ever_active |= flag.streak >= self.confirm
+            self._seen[(src, dst)] = self._samples
+        for key, flag in list(self._links.items()):
+            if key not in hits:
+                flag.streak = 0
+                if not flag.ever_active and self._samples - self._seen[key] > self.forget_after:
+                    del self._links[key], self._seen[key]
+
+    def flags(self, include_closed: bool, top: int = 5) -> list[LinkFlag]:
+        """The worst active (or, with ``include_closed``, ever confirmed) links."""
+        chosen = [
+            f for f in self._links.values()
+            if f.streak >= self.confirm or (include_closed and f.ever_active)
+        ]  # fmt: skip
+        return sorted(chosen, key=lambda f: -f.slowdown)[:top]
+
+    def reset(self) -> None:
+        self._links.clear()
+        self._seen.clear()
