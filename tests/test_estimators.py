@@ -257,3 +257,19 @@ def test_step_arithmetic_on_a_hand_built_step() -> None:
     # x = a + b n through (10, 50) and (40, 80): a = 40 ns, b = 1 ns/token, so every
     # rank's compute is what its load predicts: nobody is slow.
     np.testing.assert_allclose(s.compute_ratio, [1.0, 1.0, 1.0])
+
+
+def test_a_restart_without_heartbeats_is_noticed_from_the_records() -> None:
+    clock = FakeClock()
+    sim = Simulation(load_scenario({**SCENARIO, "steps": 64, "faults": []}))
+    est = GroupEstimator("ep0", 16, EstimatorConfig(hang_after_s=5.0), clock=clock)
+    for chunk in sim.chunks():
+        rec = sim.records(chunk)
+        est.ingest(RecordColumns(**{**rec.as_dict(), "step": rec.step + 500}), "n")
+        est.update()
+    clock.t = 10.0  # the engine took a while to come back, counting from 0
+    for chunk in sim.chunks():
+        est.ingest(sim.records(chunk), "n")
+        est.update()
+    assert est.restarts == 1
+    assert est.report().last_step >= 40

@@ -115,6 +115,11 @@ class GroupEstimator:
             return
         if node is not None:
             self._set_node(records.rank, node, records.local_device)
+        far_behind = int(records.step.max()) < self.finalized_upto - self.buffer.slots
+        if far_behind and self._clock() - self._last_progress >= self.cfg.hang_after_s:
+            # Only old steps arrive and nothing newer has for a while: the engine
+            # restarted (without heartbeats to say so). Start a new run.
+            self._new_run()
         late = records.step <= self.finalized_upto
         ignored = records.layer >= self.cfg.max_layers
         if late.any() or ignored.any():
