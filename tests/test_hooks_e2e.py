@@ -74,12 +74,13 @@ def _poll(port: int, seen: Observed, stop: threading.Event) -> None:
 
 def _read_lines(proc: subprocess.Popen, sink: list[str], events: dict[str, float]) -> None:
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.strip()
-        sink.append(line)
-        parts = line.split()
-        if parts and parts[0] in ("START", "DONE", "HANG"):
-            events.setdefault(f"{parts[0]} {parts[1]}", time.monotonic())
+    with contextlib.suppress(ValueError, OSError):  # closed by _stop at teardown
+        for line in proc.stdout:
+            line = line.strip()
+            sink.append(line)
+            parts = line.split()
+            if parts and parts[0] in ("START", "DONE", "HANG"):
+                events.setdefault(f"{parts[0]} {parts[1]}", time.monotonic())
 
 
 def _wait(
@@ -103,6 +104,8 @@ def _stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         with contextlib.suppress(Exception):
             p.wait(10)
+        if p.stdout is not None:
+            p.stdout.close()
 
 
 def _collector(grpc_port: int, metrics_port: int) -> list[str]:
