@@ -100,27 +100,16 @@ class AgentTable(Collector):
         connected = GaugeMetricFamily("epwatch_agents_connected", "Agents with an open stream")
         connected.add_metric([], sum(1 for a in agents if a.streams > 0))
         yield connected
-        fam = CounterMetricFamily(
-            "epwatch_agent_records_dropped_total",
-            "Records agents dropped beyond their spool bound (as reported)",
-            labels=["node"],
-        )
-        for node in sorted(dropped):
-            fam.add_metric([node], dropped[node])
-        yield fam
-        fam = CounterMetricFamily(
-            "epwatch_agent_hook_records_dropped_total",
-            "Records hooks dropped (agent absent or slow), as agents report",
-            labels=["node"],
-        )
-        for node in sorted(hook_dropped):
-            fam.add_metric([node], hook_dropped[node])
-        yield fam
-        g = GaugeMetricFamily(
-            "epwatch_agent_spool_records",
-            "Records waiting for an ack in the agents",
-            labels=["node"],
-        )
-        for node in sorted(spool):
-            g.add_metric([node], spool[node])
-        yield g
+        per_node = (
+            (CounterMetricFamily, "epwatch_agent_records_dropped_total",
+             "Records agents dropped beyond their spool bound (as reported)", dropped),
+            (CounterMetricFamily, "epwatch_agent_hook_records_dropped_total",
+             "Records hooks dropped (agent absent or slow), as agents report", hook_dropped),
+            (GaugeMetricFamily, "epwatch_agent_spool_records",
+             "Records waiting for an ack in the agents", spool),
+        )  # fmt: skip
+        for family, name, doc, values in per_node:
+            fam = family(name, doc, labels=["node"])
+            for node in sorted(values):
+                fam.add_metric([node], values[node])
+            yield fam
