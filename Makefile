@@ -33,13 +33,13 @@ test: $(STAMP) system-deps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m dashboards.generate --check
+	$(PY) -m epwatch.dashboards.generate --check
 
 protos: $(STAMP)
-	$(PY) -m protos.generate
+	$(PY) -m epwatch.protos.generate
 
 dashboards: $(STAMP)
-	$(PY) -m dashboards.generate
+	$(PY) -m epwatch.dashboards.generate
 
 bench: $(STAMP)
 	$(PY) bench/simulate.py

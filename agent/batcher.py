@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.spool import Spool
 from epwatch import wire
+from epwatch.agent.spool import Spool
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import RECORD_DTYPES, Entered, PeerRows, RecordColumns
-from protos import epwatch_pb2 as pb
 
 # A message must stay well below the collector's size limit whatever the peer rows add.
 MAX_PENDING_BYTES = 8 << 20

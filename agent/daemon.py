@@ -16,25 +16,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.batcher import Batcher
-from agent.nodesample import NodeSampleEncoder
-from agent.receiver import Receiver, ReceiverCounters
-from agent.shipper import Shipper
-from agent.spool import Spool
-from protos import epwatch_pb2 as pb
+from epwatch.agent.batcher import Batcher
+from epwatch.agent.nodesample import NodeSampleEncoder
+from epwatch.agent.receiver import Receiver, ReceiverCounters
+from epwatch.agent.shipper import Shipper
+from epwatch.agent.spool import Spool
+from epwatch.protos import epwatch_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 # One round of node samplers: () -> (points, statuses with .to_proto()); a point is a
-# sampler Point or anything with .to_proto() (see agent.nodesample).
+# catalogue Point or anything with .to_proto() (see epwatch.agent.nodesample).
 SampleRound = Callable[[], tuple[Sequence[Any], Sequence[Any]]]
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    collector: str
     node: str
     socket_path: str
+    collector: str = "127.0.0.1:50051"
     socket_mode: int = 0o666
     spool_records: int = 1_000_000
     batch_records: int = 16_384

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.daemon import Agent
+from epwatch.agent.daemon import Agent
 
 
 class AgentMetrics(Collector):

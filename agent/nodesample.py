@@ -16,7 +16,7 @@ import struct
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
-from protos import epwatch_pb2 as pb
+from epwatch.protos import epwatch_pb2 as pb
 
 _POINT_TAG = b"\x12"  # NodeSample.points: field 2, length-delimited
 _VALUE_TAG = b"\x19"  # MetricPoint.value: field 3, 64-bit

@@ -17,11 +17,11 @@ from collections import Counter, OrderedDict
 
 from google.protobuf.message import DecodeError
 
-from agent.batcher import Batcher
-from agent.frames import FrameError, read_frame
 from epwatch import wire
+from epwatch.agent.batcher import Batcher
+from epwatch.frames import FrameError, read_frame
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import RecordError
-from protos import epwatch_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -184,22 +184,12 @@ class Receiver:
             self.counters.hook_dropped(msg.agent_id, msg.stats.hook_records_dropped)
         if msg.WhichOneof("payload") != "batch":
             return True  # stats-only frames are fine; hooks do not send samples
-        batch = msg.batch
         try:
-            if not batch.ep_group:
-                raise RecordError("missing_group", "batch has no ep_group")
-            records = wire.decode_records(batch)
-            records.validate(batch.world_size)
-            peer_rows = wire.decode_peer_rows(batch) if batch.HasField("peer_rows") else None
-            if peer_rows is not None:
-                peer_rows.validate(batch.world_size)
-            entered = wire.decode_entered(batch) if batch.HasField("entered") else None
-            if entered is not None:
-                entered.validate(batch.world_size)
+            d = wire.decode_batch(msg.batch)
         except RecordError as exc:
             self.counters.rejected(exc.reason)
             log.warning("dropping hook frame from %s: %s", msg.agent_id or "?", exc)
             return True
-        self.counters.received(len(records))
-        self._batcher.add(batch.ep_group, batch.world_size, records, peer_rows, entered)
+        self.counters.received(len(d.records))
+        self._batcher.add(d.ep_group, d.world_size, d.records, d.peer_rows, d.entered)
         return True

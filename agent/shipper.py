@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from agent.spool import Spool
-from protos import epwatch_pb2 as pb
+from epwatch.agent.spool import Spool
+from epwatch.protos import epwatch_pb2 as pb
 
 log = logging.getLogger(__name__)
 

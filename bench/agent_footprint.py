@@ -39,11 +39,11 @@ def sysfs_with_eight_hcas(dest: Path) -> Path:
 def child(collector: str, sysfs: str, seconds: float) -> None:
     """The agent process under measurement."""
     sys.path.insert(0, str(ROOT))
-    from agent.cli import make_sample_round
-    from agent.daemon import Agent, AgentConfig
-    from agent.samplers.infiniband import InfinibandSampler
-    from agent.samplers.netdev import NetdevSampler
-    from agent.samplers.nvidia import NvidiaSampler
+    from epwatch.agent.daemon import Agent, AgentConfig
+    from epwatch.agent.samplers.infiniband import InfinibandSampler
+    from epwatch.agent.samplers.netdev import NetdevSampler
+    from epwatch.agent.samplers.nvidia import NvidiaSampler
+    from epwatch.cli.agent import make_sample_round
     from tests.recorded_nvml import RecordedNvml, load_recording
 
     samplers = [

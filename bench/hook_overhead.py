@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from agent.hooks import DISPATCH, Probe, flusher_of, get_probe, shutdown
+from epwatch.hooks import DISPATCH, Probe, flusher_of, get_probe, shutdown
 
 READER = """
 import socket, sys

@@ -55,9 +55,9 @@ def _encode_cycle(group: str, args: argparse.Namespace) -> tuple[list[bytes], li
     import numpy as np
 
     from epwatch import wire
-    from protos import epwatch_pb2 as pb
-    from simulator.engine import Simulation
-    from simulator.scenario import load_scenario
+    from epwatch.protos import epwatch_pb2 as pb
+    from epwatch.simulator.engine import Simulation
+    from epwatch.simulator.scenario import load_scenario
 
     scenario = load_scenario(
         {
@@ -85,7 +85,7 @@ def _sender(
 ) -> None:
     import grpc
 
-    from protos import epwatch_pb2 as pb
+    from epwatch.protos import epwatch_pb2 as pb
 
     payloads, steps, cycle = _encode_cycle(f"bench{index}", args)
     agent_id = f"bench-{index}-{os.getpid()}"

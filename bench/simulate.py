@@ -11,8 +11,8 @@ import argparse
 import json
 import time
 
-from simulator.run import run_scenario
-from simulator.scenario import load_scenario
+from epwatch.cli.simulate import run_scenario
+from epwatch.simulator.scenario import load_scenario
 
 
 def main() -> None:

@@ -17,9 +17,18 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from protos import epwatch_pb2 as pb
+from epwatch.protos import epwatch_pb2 as pb
 
 SPOOL_STALE_S = 300.0
+
+_CONNECTED = ("epwatch_agents_connected", "Agents with an open stream")
+_PER_NODE = (
+    (CounterMetricFamily, "epwatch_agent_records_dropped_total",
+     "Records agents dropped beyond their spool bound (as reported)"),
+    (CounterMetricFamily, "epwatch_agent_hook_records_dropped_total",
+     "Records hooks dropped (agent absent or slow), as agents report"),
+    (GaugeMetricFamily, "epwatch_agent_spool_records", "Records waiting for an ack in the agents"),
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -83,6 +92,11 @@ class AgentTable(Collector):
         with self._lock:
             return sum(1 for a in self._agents.values() if a.streams > 0)
 
+    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield GaugeMetricFamily(*_CONNECTED)
+        for family, name, doc in _PER_NODE:
+            yield family(name, doc, labels=["node"])
+
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         now = time.monotonic()
         dropped: dict[str, int] = {}
@@ -97,18 +111,12 @@ class AgentTable(Collector):
             hook_dropped[a.node] = hook_dropped.get(a.node, 0) + a.hook_records_dropped
             if a.streams > 0 or now - a.seen_s < SPOOL_STALE_S:
                 spool[a.node] = spool.get(a.node, 0) + a.spool_records
-        connected = GaugeMetricFamily("epwatch_agents_connected", "Agents with an open stream")
+        connected = GaugeMetricFamily(*_CONNECTED)
         connected.add_metric([], sum(1 for a in agents if a.streams > 0))
         yield connected
-        per_node = (
-            (CounterMetricFamily, "epwatch_agent_records_dropped_total",
-             "Records agents dropped beyond their spool bound (as reported)", dropped),
-            (CounterMetricFamily, "epwatch_agent_hook_records_dropped_total",
-             "Records hooks dropped (agent absent or slow), as agents report", hook_dropped),
-            (GaugeMetricFamily, "epwatch_agent_spool_records",
-             "Records waiting for an ack in the agents", spool),
-        )  # fmt: skip
-        for family, name, doc, values in per_node:
+        for (family, name, doc), values in zip(
+            _PER_NODE, (dropped, hook_dropped, spool), strict=True
+        ):
             fam = family(name, doc, labels=["node"])
             for node in sorted(values):
                 fam.add_metric([node], values[node])

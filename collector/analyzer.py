@@ -12,8 +12,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from collector.groups import EvidenceFn, Group, GroupTable
-from collector.metrics import IngestMetrics
+from epwatch.collector.groups import EvidenceFn, Group, GroupTable
+from epwatch.collector.metrics import IngestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ class Analyzer:
         try:
             with group.lock:
                 group.estimator.update(now, final=final)
-                report = group.estimator.report(evidence=self.evidence)
-            group.report = report.to_json()
-            group.report_obj = report
+                group.report = group.estimator.report(evidence=self.evidence)
         except Exception:
             log.exception("estimators failed for EP group %s", group.ep_group)
 

@@ -15,15 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from epwatch.collector.estimators.report import GroupReport
 from epwatch.schema import Entered, PeerRows, RecordColumns, RecordError
 
 log = logging.getLogger(__name__)
 
 EvidenceFn = Callable[[str, str, int], list[str]]
-
-
-class Report(Protocol):
-    def to_json(self) -> dict[str, Any]: ...
 
 
 class Estimator(Protocol):
@@ -33,18 +30,12 @@ class Estimator(Protocol):
     def ingest_peer_rows(self, rows: PeerRows) -> None: ...
     def ingest_entered(self, entered: Entered, node: str, now_s: float) -> None: ...
     def update(self, now_s: float, final: bool = False) -> None: ...
-    def report(self, evidence: EvidenceFn | None = None) -> Report: ...
+    def report(
+        self, evidence: EvidenceFn | None = None, include_closed: bool = False
+    ) -> GroupReport: ...
 
 
 EstimatorFactory = Callable[[str, int], Estimator]
-
-
-class _NullReport:
-    def __init__(self, ep_group: str, ranks: int) -> None:
-        self._json = {"ep_group": ep_group, "ranks": ranks, "steps": 0, "stragglers": []}
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self._json)
 
 
 class NullEstimator:
@@ -65,15 +56,17 @@ class NullEstimator:
     def update(self, now_s: float, final: bool = False) -> None:
         pass
 
-    def report(self, evidence: EvidenceFn | None = None) -> Report:
-        return _NullReport(self.ep_group, self.world_size)
+    def report(
+        self, evidence: EvidenceFn | None = None, include_closed: bool = False
+    ) -> GroupReport:
+        return GroupReport(self.ep_group, self.world_size, steps=0, last_step=-1)
 
 
 def default_factory(config: Any = None) -> EstimatorFactory:
     """The real estimators (tuned by an ``EstimatorConfig``) when installed, else
     :class:`NullEstimator` (with a warning)."""
     try:
-        from collector.estimators import GroupEstimator
+        from epwatch.collector.estimators import GroupEstimator
     except ImportError as exc:
         log.warning("estimators unavailable (%s): ingest and /metrics only", exc)
         return NullEstimator
@@ -87,8 +80,7 @@ class Group:
     estimator: Estimator
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_ingest_s: float = field(default_factory=time.monotonic)
-    report: dict[str, Any] | None = None  # newest report.to_json(), set by the analyzer
-    report_obj: Any = None
+    report: GroupReport | None = None  # the newest, set by the analyzer
 
 
 class GroupTable:

@@ -13,15 +13,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from collector.agents import AgentTable
-from collector.decode import check_size, decode_batch, parse_message
-from collector.dedup import SeqDeduper
-from collector.groups import GroupTable
-from collector.metrics import IngestMetrics
-from collector.recorder import Recorder
-from collector.samples import NodeSampleStore
+from epwatch import wire
+from epwatch.collector.agents import AgentTable
+from epwatch.collector.decode import check_size, parse_message
+from epwatch.collector.dedup import SeqDeduper
+from epwatch.collector.groups import GroupTable
+from epwatch.collector.metrics import IngestMetrics
+from epwatch.collector.recorder import Recorder
+from epwatch.collector.samples import NodeSampleStore
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import RecordError
-from protos import epwatch_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class Ingestor:
             return self._reject(seq, "internal", f"internal error: {exc}", INTERNAL, agent_id, node)
 
     def _batch(self, batch: pb.RecordBatch, node: str) -> None:
-        d = decode_batch(batch)
+        d = wire.decode_batch(batch)
         group = self.groups.get(d.ep_group, d.world_size)
         now = time.monotonic()
         with group.lock:

@@ -1,7 +1,7 @@
 """The collector's Prometheus surface (names and labels: docs/contracts.md).
 
 Ingest health uses ordinary prometheus-client counters (the collector owns those
-values). Everything the estimators compute is read from each group's newest report at
+values). Everything the estimators compute is read from each group's newest typed report at
 scrape time by :class:`GroupMetrics`, a custom collector, so straggler series appear
 and disappear with the flags and a scrape never sees a half-updated group.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -18,7 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from collector.groups import Group, finite
+from epwatch.collector.estimators.report import GroupReport, PhaseReport
+from epwatch.collector.groups import Group, finite
 
 MAX_EVIDENCE = 4
 PHASES = ("dispatch", "combine")
@@ -53,64 +54,6 @@ REJECT_REASONS = (
     "world_size_changed",
 )
 
-# Every family name the collector itself exposes; node samples may not reuse them.
-OWN_NAMES = frozenset(
-    {
-        "epwatch_straggler_factor_ratio",
-        "epwatch_routing_skew_ratio",
-        "epwatch_routing_balancedness_ratio",
-        "epwatch_collective_latency_seconds",
-        "epwatch_collective_bandwidth_bytes_per_second",
-        "epwatch_collective_fit_r2_ratio",
-        "epwatch_collective_fit_points",
-        "epwatch_collective_crossover_bytes",
-        "epwatch_collective_per_peer_message_bytes",
-        "epwatch_collective_latency_bound",
-        "epwatch_collective_transfer_seconds",
-        "epwatch_straggler_seconds_per_step",
-        "epwatch_rank_compute_slowdown_ratio",
-        "epwatch_rank_load_ratio",
-        "epwatch_rank_arrival_lag_seconds",
-        "epwatch_straggler",
-        "epwatch_straggler_first_step",
-        "epwatch_straggler_evidence",
-        "epwatch_group_steps",
-        "epwatch_group_steps_total",
-        "epwatch_group_last_step",
-        "epwatch_group_world_size",
-        "epwatch_group_stalled_seconds",
-        "epwatch_group_late_records",
-        "epwatch_group_late_records_total",
-        "epwatch_group_incomplete_steps",
-        "epwatch_group_incomplete_steps_total",
-        "epwatch_group_ignored_records",
-        "epwatch_group_ignored_records_total",
-        "epwatch_group_restarts",
-        "epwatch_group_restarts_total",
-        "epwatch_whatif_batch_scale_ratio",
-        "epwatch_suspect_link_slowdown_ratio",
-        "epwatch_whatif_overlap_covers_comm",
-        "epwatch_ingest_records",
-        "epwatch_ingest_records_total",
-        "epwatch_ingest_batches",
-        "epwatch_ingest_batches_total",
-        "epwatch_ingest_duplicates",
-        "epwatch_ingest_duplicates_total",
-        "epwatch_ingest_rejected",
-        "epwatch_ingest_rejected_total",
-        "epwatch_agents_connected",
-        "epwatch_agent_records_dropped",
-        "epwatch_agent_records_dropped_total",
-        "epwatch_agent_hook_records_dropped",
-        "epwatch_agent_hook_records_dropped_total",
-        "epwatch_agent_spool_records",
-        "epwatch_estimator_duration_seconds",
-        "epwatch_recorder_records_dropped",
-        "epwatch_recorder_records_dropped_total",
-    }
-)
-
-
 class IngestMetrics:
     """Counters the ingest path increments (once per message, never per record)."""
 
@@ -142,6 +85,14 @@ class IngestMetrics:
             "Records the Parquet recorder could not keep up with",
             registry=registry,
         )
+        self.members = (
+            self.records,
+            self.batches,
+            self.duplicates,
+            self.rejected,
+            self.estimator_duration,
+            self.recorder_dropped,
+        )
 
     def forget_group(self, ep_group: str) -> None:
         """An expired group's counter goes with it (bounded label values over time)."""
@@ -166,8 +117,22 @@ class _Quantiles(Metric):
         self.add_sample(self.name, {"ep_group": group, "quantile": quantile}, value)
 
 
+def family_names(collectors: Iterable[Any]) -> frozenset[str]:
+    """Every metric and sample name the collectors' ``describe()`` announces: what the
+    collector exposes itself, and node samples from agents may therefore not reuse."""
+    names: set[str] = set()
+    for collector in collectors:
+        for family in collector.describe():
+            names.add(family.name)
+            names.update(family.name + suffix for suffix in _SUFFIXES.get(family.type, ()))
+    return frozenset(names)
+
+
+_SUFFIXES = {"counter": ("_total", "_created"), "summary": ("_sum", "_count", "_created")}
+
+
 class GroupMetrics(Collector):
-    """Per-group estimator series, from each group's newest report JSON."""
+    """Per-group estimator series, from each group's newest report."""
 
     def __init__(
         self, groups: Callable[[], list[Group]], stalled: Callable[[Group], float]
@@ -175,9 +140,20 @@ class GroupMetrics(Collector):
         self._groups = groups
         self._stalled = stalled
 
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families().values()
+
     def collect(self) -> Iterator[Metric]:
+        fams = self._families()
+        for group in sorted(self._groups(), key=lambda x: x.ep_group):
+            report = group.report or GroupReport(group.ep_group, group.world_size, 0, -1)
+            _add_group(fams, group, report, self._stalled(group))
+        yield from fams.values()
+
+    @staticmethod
+    def _families() -> dict[str, Metric]:
         g = ["ep_group"]
-        fams: dict[str, Metric] = {
+        return {
             "gamma": _Quantiles(
                 "epwatch_straggler_factor_ratio",
                 "Straggler factor: max over mean expert compute time, window quantile",
@@ -300,9 +276,6 @@ class GroupMetrics(Collector):
                 g,
             ),
         }
-        for group in sorted(self._groups(), key=lambda x: x.ep_group):
-            _add_group(fams, group, group.report or {}, self._stalled(group))
-        yield from fams.values()
 
 
 def _add(fam: Any, labels: list[str], value: Any) -> None:
@@ -311,71 +284,64 @@ def _add(fam: Any, labels: list[str], value: Any) -> None:
         fam.add_metric(labels, v)
 
 
-def _add_group(fams: dict[str, Any], group: Group, rep: dict[str, Any], stalled: float) -> None:
+def _add_group(fams: dict[str, Any], group: Group, rep: GroupReport, stalled: float) -> None:
     name = group.ep_group
-    gamma = rep.get("gamma") or {}
-    _add(fams["gamma"], [name, "0.5"], gamma.get("median"))
-    _add(fams["gamma"], [name, "0.99"], gamma.get("p99"))
-    skew = rep.get("skew") or {}
-    _add(fams["skew"], [name, "0.5"], skew.get("median"))
-    _add(fams["skew"], [name, "1"], skew.get("max"))
-    _add(fams["balancedness"], [name], rep.get("balancedness"))
+    _add(fams["gamma"], [name, "0.5"], rep.gamma_median)
+    _add(fams["gamma"], [name, "0.99"], rep.gamma_p99)
+    _add(fams["skew"], [name, "0.5"], rep.skew_median)
+    _add(fams["skew"], [name, "1"], rep.skew_max)
+    _add(fams["balancedness"], [name], rep.balancedness)
     for phase in PHASES:
-        fit = rep.get(phase) or {}
-        for key in (
-            "latency_s",
-            "bandwidth_Bps",
-            "r2",
-            "crossover_bytes",
-            "per_peer_message_bytes",
-            "transfer_s",
-        ):
-            _add(fams[key], [name, phase], fit.get(key))
-        if fit.get("n"):
-            _add(fams["n"], [name, phase], fit.get("n"))
-        regime = fit.get("regime")
-        if regime in ("latency-bound", "bandwidth-bound"):
+        fit = rep.phases.get(phase, PhaseReport())
+        for key in _PHASE_GAUGES:
+            _add(fams[key], [name, phase], getattr(fit, key))
+        if fit.n:
+            _add(fams["n"], [name, phase], fit.n)
+        if fit.regime in ("latency-bound", "bandwidth-bound"):
             fams["latency_bound"].add_metric(
-                [name, phase], 1.0 if regime == "latency-bound" else 0.0
+                [name, phase], 1.0 if fit.regime == "latency-bound" else 0.0
             )
-    _add(fams["lost"], [name], rep.get("time_lost_per_step_s"))
-    per_rank = rep.get("per_rank") or {}
-    nodes = per_rank.get("node") or []
+    _add(fams["lost"], [name], rep.time_lost_per_step_s)
     for key in ("compute_slowdown", "load_ratio", "arrival_lag_s"):
-        for rank, value in enumerate(per_rank.get(key) or []):
-            node = nodes[rank] if rank < len(nodes) else ""
+        for rank, value in enumerate(getattr(rep, key)):
+            node = rep.nodes[rank] if rank < len(rep.nodes) else ""
             _add(fams[key], [name, str(rank), node], value)
     seen: set[tuple[str, str, str]] = set()
-    for s in rep.get("stragglers") or []:
-        if s.get("active") is False:
-            continue
-        key = (str(s.get("rank")), str(s.get("node", "")), str(s.get("cause", "")))
-        if key in seen:
+    for s in rep.stragglers:
+        key = (str(s.rank), s.node, s.cause)
+        if not s.active or key in seen:
             continue
         seen.add(key)
-        slowdown = finite(s.get("slowdown"))
+        slowdown = finite(s.slowdown)
         fams["straggler"].add_metric([name, *key], slowdown if slowdown is not None else 1.0)
-        _add(fams["first_step"], [name, *key], s.get("first_step"))
-        lines = dict.fromkeys(evidence_label(str(x)) for x in s.get("evidence") or [])
+        _add(fams["first_step"], [name, *key], s.first_step)
+        lines = dict.fromkeys(evidence_label(x) for x in s.evidence)
         for line in list(lines)[:MAX_EVIDENCE]:
             fams["evidence"].add_metric([name, *key, line], 1.0)
-    _add(fams["steps"], [name], rep.get("steps", 0))
-    last = rep.get("last_step")
-    if last is not None and last >= 0:
-        _add(fams["last_step"], [name], last)
+    _add(fams["steps"], [name], rep.steps)
+    if rep.last_step >= 0:
+        _add(fams["last_step"], [name], rep.last_step)
     fams["world_size"].add_metric([name], float(group.world_size))
     fams["stalled"].add_metric([name], stalled)
     for key in ("late_records", "incomplete_steps", "ignored_records", "restarts"):
-        _add(fams[key], [name], rep.get(key, 0))
-    for link in rep.get("suspect_links") or []:
-        if link.get("active"):
-            _add(fams["suspect_link"], [name, str(link["src"]), str(link["dst"])],
-                 link.get("slowdown"))  # fmt: skip
-    whatif = rep.get("whatif") or {}
+        _add(fams[key], [name], getattr(rep, key))
+    for link in rep.suspect_links:
+        if link.active:
+            _add(fams["suspect_link"], [name, str(link.src), str(link.dst)], link.slowdown)
+    whatif = rep.whatif
     _add(fams["batch_scale"], [name], whatif.get("batch_scale_for_bandwidth_bound"))
     if "overlap_covers_comm" in whatif:
         fams["covers"].add_metric([name], 1.0 if whatif["overlap_covers_comm"] else 0.0)
 
+
+_PHASE_GAUGES = (
+    "latency_s",
+    "bandwidth_Bps",
+    "r2",
+    "crossover_bytes",
+    "per_peer_message_bytes",
+    "transfer_s",
+)
 
 _SPAN = re.compile(r" (?:for|in) [\d.]+ ?(?:s|min|h|d)\b")
 _NUMBER = re.compile(r"(?<![\w.])\d{3,}(?:\.\d+)?(?![\w.])")

@@ -1,4 +1,4 @@
-"""``epwatch replay``: a post-mortem from the collector's ``--record`` Parquet files.
+"""Post-mortems from the collector's ``--record`` Parquet files (``epwatch replay``).
 
 The recorded hook records go through the same estimators as they did live, in the
 order the collector received them, and the diagnosis comes out as ``simulate``'s does.
@@ -9,19 +9,13 @@ ones, hangs, or evidence.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from collector.estimators import EstimatorConfig, GroupEstimator, GroupReport
-from collector.estimators.text import format_report
+from epwatch.collector.estimators import EstimatorConfig, GroupReport
+from epwatch.collector.offline import OfflineRun
 from epwatch.schema import RECORD_DTYPES, RecordColumns, RecordError
-
-# Window statistics over (up to) the whole recording, as a post-mortem wants them.
-POST_MORTEM = EstimatorConfig(window_steps=10_000, max_fit_points=1 << 20)
 
 
 class ReplayError(ValueError):
@@ -69,7 +63,7 @@ def replay(files: list[Path], config: EstimatorConfig | None = None) -> list[Gro
         sizes = np.unique(world[mine])
         if len(sizes) != 1:
             raise ReplayError(f"EP group {group!r} changes world size in the recording: {sizes}")
-        est = GroupEstimator(str(group), int(sizes[0]), config or POST_MORTEM, clock=lambda: 0.0)
+        run = OfflineRun(str(group), int(sizes[0]), config)
         # Ingest as the collector did: one batch per run of the same node.
         run_starts = np.flatnonzero(np.r_[True, nodes[mine][1:] != nodes[mine][:-1]])
         for start, end in zip(run_starts, [*run_starts[1:], len(mine)], strict=True):
@@ -79,28 +73,7 @@ def replay(files: list[Path], config: EstimatorConfig | None = None) -> list[Gro
                 records.validate(int(sizes[0]))
             except RecordError as err:
                 raise ReplayError(f"EP group {group!r}: {err}") from None
-            est.ingest(records, str(nodes[rows[0]]))
-            est.update(now_s=0.0)
-        est.update(now_s=0.0, final=True)
-        reports.append(est.report(include_closed=True))
+            run.ingest(records, str(nodes[rows[0]]))
+        reports.append(run.finish())
     return reports
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = __doc__
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("paths", type=Path, nargs="+", help="recording files or --record folders")
-    p.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        reports = replay(recording_files(args.paths))
-    except ReplayError as err:
-        print(f"epwatch replay: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({"groups": [r.to_json() for r in reports]}))
-    else:
-        print("\n\n".join(format_report(r) for r in reports))
-    return 0

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import RecordError
-from protos import epwatch_pb2 as pb
 
 NAME_RE = re.compile(r"^epwatch_[a-zA-Z0-9_]+$")
 LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")

@@ -17,9 +17,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from collector.agents import AgentTable
-from collector.ingest import Ingestor
-from protos import epwatch_pb2 as pb
+from epwatch.collector.agents import AgentTable
+from epwatch.collector.ingest import Ingestor
+from epwatch.protos import epwatch_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Collector"].full_name  # "epwatch.v1.Collector"
 

@@ -13,15 +13,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
-from collector.agents import AgentTable
-from collector.analyzer import Analyzer
-from collector.dedup import SeqDeduper
-from collector.groups import EstimatorFactory, Group, GroupTable, default_factory, finite
-from collector.ingest import Ingestor
-from collector.metrics import OWN_NAMES, GroupMetrics, IngestMetrics
-from collector.recorder import Recorder, RecorderConfig
-from collector.samples import NodeSampleStore
-from collector.server import CollectorHandlers, build_server
+from epwatch.collector.agents import AgentTable
+from epwatch.collector.analyzer import Analyzer
+from epwatch.collector.dedup import SeqDeduper
+from epwatch.collector.estimators.report import GroupReport
+from epwatch.collector.groups import EstimatorFactory, Group, GroupTable, default_factory, finite
+from epwatch.collector.ingest import Ingestor
+from epwatch.collector.metrics import GroupMetrics, IngestMetrics, family_names
+from epwatch.collector.recorder import Recorder, RecorderConfig
+from epwatch.collector.samples import NodeSampleStore
+from epwatch.collector.server import CollectorHandlers, build_server
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class CollectorConfig:
 def _node_evidence() -> Any | None:
     """``collector.evidence.NodeEvidence`` when present (GPU/NIC corroboration)."""
     try:
-        from collector.evidence import NodeEvidence
+        from epwatch.collector.estimators.evidence import NodeEvidence
     except ImportError:
         return None
     return NodeEvidence()
@@ -58,7 +59,13 @@ class CollectorService:
             estimator_factory or default_factory(), config.max_groups, config.group_expire_s
         )
         self.agents = AgentTable()
-        self.samples = NodeSampleStore(OWN_NAMES)
+        group_metrics = GroupMetrics(self.groups.groups, self._stalled_s)
+        for c in (group_metrics, self.agents):
+            self.registry.register(c)
+        # Node samples may not take a name the collector exposes itself.
+        self.reserved_names = family_names([*self.metrics.members, group_metrics, self.agents])
+        self.samples = NodeSampleStore(self.reserved_names)
+        self.registry.register(self.samples)
         self.evidence = _node_evidence()
         self.recorder = (
             Recorder(config.record, self.metrics.recorder_dropped.inc) if config.record else None
@@ -79,8 +86,6 @@ class CollectorService:
             config.update_interval_s,
             evidence=self.evidence.evidence_for if self.evidence is not None else None,
         )
-        for c in (GroupMetrics(self.groups.groups, self._stalled_s), self.agents, self.samples):
-            self.registry.register(c)
         self._server, self.grpc_port, self._health = build_server(
             CollectorHandlers(self.ingestor, self.agents),
             config.grpc_listen,
@@ -91,7 +96,7 @@ class CollectorService:
         self.metrics_port = 0
 
     def _stalled_s(self, group: Group) -> float:
-        reported = finite((group.report or {}).get("stalled_s"))
+        reported = finite(group.report.stalled_s) if group.report is not None else None
         if reported is not None:
             return reported
         idle = time.monotonic() - group.last_ingest_s
@@ -124,6 +129,15 @@ class CollectorService:
     def metrics_text(self) -> str:
         return generate_latest(self.registry).decode()
 
-    def reports(self) -> list[dict[str, Any]]:
-        """Newest report JSON of every group (after at least one estimator pass)."""
+    def reports(self) -> list[GroupReport]:
+        """Newest report of every group (after at least one estimator pass)."""
         return [g.report for g in self.groups.groups() if g.report is not None]
+
+    def diagnosis(self) -> list[GroupReport]:
+        """Every group's report now, with the flags that cleared during the run."""
+        evidence = self.analyzer.evidence
+        out = []
+        for group in self.groups.groups():
+            with group.lock:
+                out.append(group.estimator.report(evidence, include_closed=True))
+        return out

@@ -1,11 +1,16 @@
-"""Argument types shared by every command (HOST:PORT, positive numbers), and free
-loopback ports for tests and benchmarks."""
+"""What every command shares: argument types (HOST:PORT, positive numbers), the
+log-level flag, running until SIGTERM or SIGINT, and free loopback ports for tests
+and benchmarks."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import socket
+import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import TypeVar
 
 N = TypeVar("N", int, float)
@@ -45,3 +50,38 @@ def positive(kind: type[N]) -> Callable[[str], N]:
         return value
 
     return parse
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def add_log_level_argument(parser: argparse.ArgumentParser, default: str = "INFO") -> None:
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="logging level (default %(default)s)",
+    )
+
+
+def setup_logging(level: str) -> None:
+    """Log lines with time, level and the module that speaks, to stderr."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM or SIGINT sets: a daemon's main thread waits on it.
+
+    The handler runs in the main thread and only sets the event, so nothing polls and
+    the shutdown itself happens in ordinary code after ``wait()`` returns.
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop

@@ -1,4 +1,4 @@
-"""The hook record of DESIGN section 3, as columns.
+"""The hook record of docs/design.md §3, as columns.
 
 Every part of epwatch (hooks, agent, wire codec, simulator, estimators) passes records
 as :class:`RecordColumns`: one numpy array per field, all of one length. Columnar
@@ -37,7 +37,7 @@ RECORD_DTYPES: dict[str, str] = {
     "recv_tokens": "<i8",
 }
 
-# Optional, sampled per-peer rows (DESIGN section 3): one row of world_size values.
+# Optional, sampled per-peer rows (design §3): one row of world_size values.
 PEER_KEY_DTYPES: dict[str, str] = {"rank": "<i4", "step": "<i8", "layer": "<i4", "phase": "<u1"}
 PEER_WAIT_DTYPE = "<f8"  # seconds waited for each source rank
 PEER_SEND_DTYPE = "<i8"  # bytes sent to each destination rank

@@ -1,4 +1,5 @@
-"""Codec between :mod:`epwatch.schema` columns and the protobuf wire messages.
+"""Codec between :mod:`epwatch.schema` columns and the protobuf wire messages, and the
+one decode-and-validate of a batch that the agent and the collector both run.
 
 Array columns travel as little-endian bytes; decoding is ``np.frombuffer`` (no copy),
 which is what keeps the collector's ingest loop cheap. Needs numpy and protobuf only.
@@ -6,8 +7,11 @@ which is what keeps the collector's ingest loop cheap. Needs numpy and protobuf 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import (
     ENTERED_DTYPES,
     PEER_KEY_DTYPES,
@@ -19,7 +23,6 @@ from epwatch.schema import (
     RecordColumns,
     RecordError,
 )
-from protos import epwatch_pb2 as pb
 
 
 def _column(raw: bytes, dtype: str, count: int, name: str) -> np.ndarray:
@@ -95,4 +98,39 @@ def decode_entered(batch: pb.RecordBatch) -> Entered:
             name: _column(getattr(hb, name), d, hb.count, name)
             for name, d in ENTERED_DTYPES.items()
         }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    ep_group: str
+    world_size: int
+    records: RecordColumns
+    peer_rows: PeerRows | None
+    entered: Entered | None
+
+
+def decode_batch(batch: pb.RecordBatch) -> DecodedBatch:
+    """Columns of a batch, fully validated: the agent runs this on every hook frame and
+    the collector on every batch, so nothing of a bad batch is accepted anywhere.
+    Raises :class:`RecordError` naming the first problem."""
+    if not batch.ep_group:
+        raise RecordError("missing_group", "batch has no ep_group")
+    ws = batch.world_size
+    records = decode_records(batch)
+    records.validate(ws)
+    peer_rows = None
+    if batch.HasField("peer_rows"):
+        peer_rows = decode_peer_rows(batch)
+        peer_rows.validate(ws)
+    entered = None
+    if batch.HasField("entered"):
+        entered = decode_entered(batch)
+        entered.validate(ws)
+    return DecodedBatch(
+        batch.ep_group,
+        ws,
+        records,
+        peer_rows if peer_rows is not None and len(peer_rows) else None,
+        entered if entered is not None and len(entered) else None,
     )

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import epwatch_pb2 as protos_dot_epwatch__pb2
+from epwatch.protos import epwatch_pb2 as epwatch_dot_protos_dot_epwatch__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/epwatch_pb2_grpc.py depends on'
+        + ' but the generated code in epwatch/protos/epwatch_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class CollectorStub:
         """
         self.Stream = channel.stream_stream(
                 '/epwatch.v1.Collector/Stream',
-                request_serializer=protos_dot_epwatch__pb2.AgentMessage.SerializeToString,
-                response_deserializer=protos_dot_epwatch__pb2.Ack.FromString,
+                request_serializer=epwatch_dot_protos_dot_epwatch__pb2.AgentMessage.SerializeToString,
+                response_deserializer=epwatch_dot_protos_dot_epwatch__pb2.Ack.FromString,
                 _registered_method=True)
         self.Push = channel.unary_unary(
                 '/epwatch.v1.Collector/Push',
-                request_serializer=protos_dot_epwatch__pb2.AgentMessage.SerializeToString,
-                response_deserializer=protos_dot_epwatch__pb2.Ack.FromString,
+                request_serializer=epwatch_dot_protos_dot_epwatch__pb2.AgentMessage.SerializeToString,
+                response_deserializer=epwatch_dot_protos_dot_epwatch__pb2.Ack.FromString,
                 _registered_method=True)
 
 
@@ -68,13 +68,13 @@ def add_CollectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Stream': grpc.stream_stream_rpc_method_handler(
                     servicer.Stream,
-                    request_deserializer=protos_dot_epwatch__pb2.AgentMessage.FromString,
-                    response_serializer=protos_dot_epwatch__pb2.Ack.SerializeToString,
+                    request_deserializer=epwatch_dot_protos_dot_epwatch__pb2.AgentMessage.FromString,
+                    response_serializer=epwatch_dot_protos_dot_epwatch__pb2.Ack.SerializeToString,
             ),
             'Push': grpc.unary_unary_rpc_method_handler(
                     servicer.Push,
-                    request_deserializer=protos_dot_epwatch__pb2.AgentMessage.FromString,
-                    response_serializer=protos_dot_epwatch__pb2.Ack.SerializeToString,
+                    request_deserializer=epwatch_dot_protos_dot_epwatch__pb2.AgentMessage.FromString,
+                    response_serializer=epwatch_dot_protos_dot_epwatch__pb2.Ack.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,8 +102,8 @@ class Collector:
             request_iterator,
             target,
             '/epwatch.v1.Collector/Stream',
-            protos_dot_epwatch__pb2.AgentMessage.SerializeToString,
-            protos_dot_epwatch__pb2.Ack.FromString,
+            epwatch_dot_protos_dot_epwatch__pb2.AgentMessage.SerializeToString,
+            epwatch_dot_protos_dot_epwatch__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,
@@ -129,8 +129,8 @@ class Collector:
             request,
             target,
             '/epwatch.v1.Collector/Push',
-            protos_dot_epwatch__pb2.AgentMessage.SerializeToString,
-            protos_dot_epwatch__pb2.Ack.FromString,
+            epwatch_dot_protos_dot_epwatch__pb2.AgentMessage.SerializeToString,
+            epwatch_dot_protos_dot_epwatch__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,

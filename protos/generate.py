@@ -6,30 +6,42 @@ they no longer match what this script would produce.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PROTO = "protos/epwatch.proto"
+HERE = Path(__file__).resolve().parent
+PROTO = HERE / "epwatch.proto"
+# Where the schema sits in the import namespace: the stubs import each other as
+# ``epwatch.protos.epwatch_pb2``, which protoc derives from the file's include path.
+PACKAGE_PATH = Path("epwatch", "protos")
 OUTPUTS = ("epwatch_pb2.py", "epwatch_pb2.pyi", "epwatch_pb2_grpc.py")
 
 
-def generate(out_root: Path) -> list[Path]:
-    """Run protoc (grpcio-tools) into ``out_root``; return the generated files."""
+def generate(out_dir: Path) -> list[Path]:
+    """Run protoc (grpcio-tools) and put the stubs in ``out_dir``; return their paths."""
     from grpc_tools import protoc
 
-    args = [
-        "protoc",
-        f"-I{ROOT}",
-        f"--python_out={out_root}",
-        f"--pyi_out={out_root}",
-        f"--grpc_python_out={out_root}",
-        str(ROOT / PROTO),
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {PROTO}")
-    return [out_root / "protos" / name for name in OUTPUTS]
+    with tempfile.TemporaryDirectory() as tmp:
+        include, out = Path(tmp, "include"), Path(tmp, "out")
+        (include / PACKAGE_PATH).mkdir(parents=True)
+        out.mkdir()
+        shutil.copyfile(PROTO, include / PACKAGE_PATH / PROTO.name)
+        args = [
+            "protoc",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            str(include / PACKAGE_PATH / PROTO.name),
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {PROTO}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUTS:
+            shutil.copyfile(out / PACKAGE_PATH / name, out_dir / name)
+    return [out_dir / name for name in OUTPUTS]
 
 
 def stale_outputs() -> list[str]:
@@ -39,14 +51,13 @@ def stale_outputs() -> list[str]:
         return [
             f.name
             for f in fresh
-            if not (ROOT / "protos" / f.name).exists()
-            or (ROOT / "protos" / f.name).read_bytes() != f.read_bytes()
+            if not (HERE / f.name).exists() or (HERE / f.name).read_bytes() != f.read_bytes()
         ]
 
 
 def main() -> int:
-    generate(ROOT)
-    print(f"generated {', '.join(OUTPUTS)} from {PROTO}", file=sys.stderr)
+    generate(HERE)
+    print(f"generated {', '.join(OUTPUTS)} from {PROTO.name}", file=sys.stderr)
     return 0
 
 

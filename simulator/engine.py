@@ -24,7 +24,7 @@ import numpy as np
 
 from epwatch import costmodel
 from epwatch.schema import Entered, PeerRows, Phase, RecordColumns
-from simulator.scenario import Fault, Scenario
+from epwatch.simulator.scenario import Fault, Scenario
 
 CHUNK_STEPS = 16
 _LAYER_GAP_S = 20e-6  # attention and friends between combine and the next dispatch

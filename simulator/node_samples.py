@@ -13,8 +13,8 @@ rules see what they would see on such a node.
 
 from __future__ import annotations
 
-from agent.samplers.base import Point, metric
-from simulator.scenario import Scenario
+from epwatch.catalogue import Point, metric
+from epwatch.simulator.scenario import Scenario
 
 BASE_SM_CLOCK_HZ = 1.98e9
 LINK_RATE_BPS = 400e9 / 8  # 400 Gb/s

@@ -95,8 +95,6 @@ class Scenario:
         per = self.cluster.ranks_per_node
         return [f"node-{i}" for i in range((self.cluster.ranks + per - 1) // per)]
 
-    def experts_per_rank(self) -> int:
-        return self.model.experts // self.cluster.ranks
 
 
 _SECTIONS = {

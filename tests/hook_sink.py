@@ -18,8 +18,8 @@ from collections.abc import Callable
 import numpy as np
 
 from epwatch import wire
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import PeerRows, RecordColumns
-from protos import epwatch_pb2 as pb
 
 
 class FrameSink:

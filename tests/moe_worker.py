@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from agent.hooks import COMBINE, DISPATCH, get_probe
-from agent.hooks.torch_a2a import EPAllToAll
+from epwatch.hooks import COMBINE, DISPATCH, get_probe
+from epwatch.hooks.torch_a2a import EPAllToAll
 
 HIDDEN = 32
 TOKENS = 48
@@ -55,7 +55,7 @@ class Scenario:
 
 
 class BareSpan:
-    """The uninstrumented twin of :class:`agent.hooks.torch_a2a.A2ASpan`."""
+    """The uninstrumented twin of :class:`epwatch.hooks.torch_a2a.A2ASpan`."""
 
     def __init__(self, group: Any = None) -> None:
         self.group = group

@@ -2,7 +2,7 @@
 
 The alert rules and dashboards are only worth something if a real Prometheus loads
 them, evaluates them against what epwatch really exposes, and a real Alertmanager
-delivers the alerts. ``epwatch.promstack`` starts both on 127.0.0.1 (free ports, a
+delivers the alerts. ``epwatch.cli.promstack`` starts both on 127.0.0.1 (free ports, a
 work directory, 1 s scrape and evaluation intervals); this module adds a tiny webhook
 receiver that records what Alertmanager posts, and the dashboard query check:
 
@@ -26,8 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from epwatch import promstack as _product
-from epwatch.promstack import (
+from epwatch.cli import promstack as _product
+from epwatch.cli.promstack import (
     COLLECTOR_JOB,
     INSTALL_HINT,
     REPO_ROOT,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.batcher import Batcher
-from agent.spool import Spool
 from epwatch import wire
+from epwatch.agent.batcher import Batcher
+from epwatch.agent.spool import Spool
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import PeerRows, RecordColumns
-from protos import epwatch_pb2 as pb
 
 P = 4
 

@@ -10,24 +10,18 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from agent.daemon import Agent, AgentConfig
-from agent.frames import FrameSender, encode_frame, hook_frame
-from collector.groups import NullEstimator
-from collector.service import CollectorConfig, CollectorService
-from tests.conftest import free_port, make_records, value
+from epwatch.agent.daemon import Agent, AgentConfig
+from epwatch.cliargs import free_port
+from epwatch.collector.groups import NullEstimator
+from epwatch.collector.service import CollectorConfig, CollectorService
+from epwatch.frames import FrameSender, encode_frame, hook_frame
+from tests.helpers import make_records, value, wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -38,6 +32,7 @@ def sockdir() -> Iterator[str]:
 
 
 def start_collector(grpc_port: int) -> CollectorService:
+    """On a given port: the agents are made before it, and some must find it gone."""
     svc = CollectorService(
         CollectorConfig(grpc_listen=f"127.0.0.1:{grpc_port}", metrics_listen=None),
         estimator_factory=NullEstimator,
@@ -136,7 +131,7 @@ class _Point:
         self.name, self.value = name, value
 
     def to_proto(self) -> object:
-        from protos import epwatch_pb2 as pb
+        from epwatch.protos import epwatch_pb2 as pb
 
         return pb.MetricPoint(name=self.name, labels={"gpu": "0"}, value=self.value)
 
@@ -165,9 +160,10 @@ def test_sample_rounds_are_shipped_and_reexposed(sockdir: str) -> None:
 
 def test_agent_daemon_imports_neither_pandas_nor_the_collector() -> None:
     code = (
-        "import argparse, sys, agent.cli, agent.daemon, agent.metrics;"
-        "agent.cli.add_arguments(argparse.ArgumentParser());"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('pandas', 'collector', 'pyarrow')];"
+        "import argparse, sys, epwatch.cli.agent, epwatch.agent.daemon, epwatch.agent.metrics;"
+        "epwatch.cli.agent.add_arguments(argparse.ArgumentParser());"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('pandas', 'pyarrow')"
+        " or m.startswith('epwatch.collector')];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
@@ -190,7 +186,7 @@ def test_stale_socket_file_is_replaced(sockdir: str) -> None:
 
 
 def test_real_hooks_through_the_agent(sockdir: str) -> None:
-    hooks = pytest.importorskip("agent.hooks")
+    hooks = pytest.importorskip("epwatch.hooks")
     port = free_port()
     svc = start_collector(port)
     path = f"{sockdir}/a.sock"
@@ -249,8 +245,8 @@ def test_agent_metrics_pass_promtool(sockdir: str) -> None:
         pytest.skip(
             "promtool not installed: sudo apt-get install --no-install-recommends prometheus"
         )
-    from agent.metrics import serve_metrics
-    from tests.conftest import scrape
+    from epwatch.agent.metrics import serve_metrics
+    from tests.helpers import scrape
 
     agent = make_agent(free_port(), f"{sockdir}/a.sock")
     agent.start()

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from agent.nodesample import NodeSampleEncoder, varint
-from agent.samplers.base import Kind, Point, SamplerResult, metric, run_sampler, status_points
-from agent.samplers.infiniband import InfinibandSampler
-from agent.samplers.netdev import NetdevSampler
-from collector.samples import NodeSampleStore
-from protos import epwatch_pb2 as pb
+from epwatch.agent.nodesample import NodeSampleEncoder, varint
+from epwatch.agent.samplers.base import SamplerResult, run_sampler, status_points
+from epwatch.agent.samplers.infiniband import InfinibandSampler
+from epwatch.agent.samplers.netdev import NetdevSampler
+from epwatch.catalogue import Kind, Point, metric
+from epwatch.collector.samples import NodeSampleStore
+from epwatch.protos import epwatch_pb2 as pb
 
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
 

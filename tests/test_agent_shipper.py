@@ -5,14 +5,15 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
 
-from agent.shipper import Shipper, backoff_delay
-from agent.spool import Spool
-from protos import epwatch_pb2 as pb
+from epwatch.agent.shipper import Shipper, backoff_delay
+from epwatch.agent.spool import Spool
+from epwatch.protos import epwatch_pb2 as pb
+from tests.helpers import wait_for
 
 
 def test_backoff_grows_caps_and_jitters() -> None:
@@ -53,13 +54,6 @@ class _FakeCollector:
             return [m.seq for m in self.received]
 
 
-def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def _shipper(port: int, spool: Spool, **kw: float) -> Shipper:
     return Shipper(f"127.0.0.1:{port}", "n1:1:ab", "n1", spool, pb.AgentStats, **kw)
 
@@ -70,11 +64,11 @@ def test_messages_are_shipped_as_they_come_and_heartbeats_when_idle() -> None:
     shipper = _shipper(fake.port, spool, heartbeat_s=0.2)
     shipper.start()
     try:
-        _wait_for(lambda: shipper.connected)
+        wait_for(lambda: shipper.connected)
         for i in range(3):
             sent = time.monotonic()
             spool.put(pb.AgentMessage(sample=pb.NodeSample(time_unix_ns=i)).SerializeToString(), 0)
-            _wait_for(lambda: len(spool) == 0)
+            wait_for(lambda: len(spool) == 0)
             assert time.monotonic() - sent < 0.5  # woken by the message, not by a poll
         n = len(fake.seqs())
         time.sleep(1.0)  # idle: only heartbeats, one per heartbeat_s
@@ -95,10 +89,10 @@ def test_missing_ack_reconnects_and_resends() -> None:
     shipper.start()
     try:
         spool.put(pb.AgentMessage(sample=pb.NodeSample()).SerializeToString(), 0)
-        _wait_for(lambda: fake.seqs().count(1) >= 2)  # sent, no ack, sent again
+        wait_for(lambda: fake.seqs().count(1) >= 2)  # sent, no ack, sent again
         assert shipper.reconnects >= 1
         fake.ack = True
-        _wait_for(lambda: len(spool) == 0)
+        wait_for(lambda: len(spool) == 0)
     finally:
         shipper.stop()
         fake.server.stop(0)

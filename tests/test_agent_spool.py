@@ -8,12 +8,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from agent.batcher import Batcher
-from agent.spool import Spool
 from epwatch import wire
+from epwatch.agent.batcher import Batcher
+from epwatch.agent.spool import Spool
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import Entered
-from protos import epwatch_pb2 as pb
-from tests.conftest import make_records
+from tests.helpers import make_records
 
 
 def test_in_order_ack_and_requeue() -> None:

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from collector import cli
-from collector.groups import default_factory
+from epwatch.cli import collector as cli
+from epwatch.collector.groups import default_factory
 
 
 def parse(*argv: str) -> argparse.Namespace:

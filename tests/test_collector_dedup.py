@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collector.dedup import SeqDeduper
+from epwatch.collector.dedup import SeqDeduper
 
 
 def test_in_order_resend_after_reconnect_is_duplicate() -> None:

@@ -13,25 +13,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from collector.groups import NullEstimator
-from collector.service import CollectorConfig, CollectorService
 from epwatch import wire
-from protos import epwatch_pb2 as pb
-from protos import epwatch_pb2_grpc
-from tests.conftest import make_records, value
+from epwatch.collector.service import CollectorService
+from epwatch.protos import epwatch_pb2 as pb
+from tests.helpers import make_records, raw_push, raw_stream, start_collector, stub, value
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
 def service() -> Iterator[CollectorService]:
-    svc = CollectorService(
-        CollectorConfig(
-            grpc_listen="127.0.0.1:0", metrics_listen=None, max_message_bytes=256 << 10
-        ),
-        estimator_factory=NullEstimator,
-    )
-    svc.start()
+    svc = start_collector(max_message_bytes=256 << 10)
     yield svc
     svc.stop(grace_s=0.2)
 
@@ -50,17 +42,11 @@ def msg(agent: str, seq: int, n: int, group: str = "grpc", ws: int = 16) -> pb.A
     return pb.AgentMessage(agent_id=agent, node="n0", seq=seq, batch=batch)
 
 
-def raw_push(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
-    return channel.unary_unary(
-        "/epwatch.v1.Collector/Push", response_deserializer=pb.Ack.FromString
-    )
-
-
 def test_push_accepts_with_the_generated_stub(channel: grpc.Channel) -> None:
-    stub = epwatch_pb2_grpc.CollectorStub(channel)
-    ack = stub.Push(msg("push-a", 1, 32), timeout=5)
+    client = stub(channel)
+    ack = client.Push(msg("push-a", 1, 32), timeout=5)
     assert (ack.seq, ack.code, ack.duplicate) == (1, 0, False)
-    assert stub.Push(msg("push-a", 1, 32), timeout=5).duplicate
+    assert client.Push(msg("push-a", 1, 32), timeout=5).duplicate
 
 
 @pytest.mark.parametrize(
@@ -83,9 +69,7 @@ def test_push_rejects_with_invalid_argument(
 def test_bad_message_on_a_stream_gets_a_rejecting_ack_and_the_stream_lives(
     channel: grpc.Channel, service: CollectorService
 ) -> None:
-    stream = channel.stream_stream(
-        "/epwatch.v1.Collector/Stream", response_deserializer=pb.Ack.FromString
-    )
+    stream = raw_stream(channel)
     bad = msg("stream-a", 2, 16)
     bad.batch.rank = np.full(16, 99, np.int32).tobytes()
     requests = [
@@ -109,9 +93,7 @@ def test_bad_message_on_a_stream_gets_a_rejecting_ack_and_the_stream_lives(
 def test_other_agents_are_served_while_one_misbehaves(
     channel: grpc.Channel, service: CollectorService
 ) -> None:
-    stream = channel.stream_stream(
-        "/epwatch.v1.Collector/Stream", response_deserializer=pb.Ack.FromString
-    )
+    stream = raw_stream(channel)
     good_q: queue.Queue[bytes | None] = queue.Queue()
 
     def requests() -> Iterator[bytes]:

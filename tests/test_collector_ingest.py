@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from collector.agents import AgentTable
-from collector.dedup import SeqDeduper
-from collector.groups import GroupTable, NullEstimator
-from collector.ingest import INVALID_ARGUMENT, Ingestor
-from collector.metrics import OWN_NAMES, IngestMetrics
-from collector.samples import NodeSampleStore
 from epwatch import wire
+from epwatch.collector.agents import AgentTable
+from epwatch.collector.dedup import SeqDeduper
+from epwatch.collector.groups import GroupTable, NullEstimator
+from epwatch.collector.ingest import INVALID_ARGUMENT, Ingestor
+from epwatch.collector.metrics import IngestMetrics, family_names
+from epwatch.collector.samples import NodeSampleStore
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import PeerRows, RecordColumns
-from protos import epwatch_pb2 as pb
-from tests.conftest import make_records, value
+from tests.helpers import make_records, value
 
 
 class CountingEstimator(NullEstimator):
@@ -34,7 +34,8 @@ class Rig:
         self.registry = CollectorRegistry(auto_describe=False)
         self.groups = GroupTable(CountingEstimator)
         self.agents = AgentTable()
-        self.samples = NodeSampleStore(OWN_NAMES)
+        metrics = IngestMetrics(self.registry)
+        self.samples = NodeSampleStore(family_names([*metrics.members, self.agents]))
         self.registry.register(self.agents)
         self.registry.register(self.samples)
         self.ingestor = Ingestor(
@@ -42,7 +43,7 @@ class Rig:
             SeqDeduper(),
             self.agents,
             self.samples,
-            IngestMetrics(self.registry),
+            metrics,
             max_message_bytes=max_message_bytes,
         )
 
@@ -215,7 +216,7 @@ def test_estimator_failure_is_internal_not_fatal() -> None:
 
 
 def test_idle_group_expires_and_may_return_with_another_world_size() -> None:
-    from collector.analyzer import Analyzer
+    from epwatch.collector.analyzer import Analyzer
 
     rig = Rig()
     rig.groups = rig.ingestor.groups = GroupTable(CountingEstimator, expire_after_s=0.0)
@@ -232,7 +233,7 @@ def test_every_reject_reason_exists_at_zero_from_the_start() -> None:
     import re
     from pathlib import Path
 
-    from collector.metrics import REJECT_REASONS
+    from epwatch.collector.metrics import REJECT_REASONS
 
     root = Path(__file__).resolve().parents[1]
     raised = {"internal"}

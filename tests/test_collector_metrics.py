@@ -10,13 +10,15 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from collector.service import CollectorConfig, CollectorService
 from epwatch import wire
-from protos import epwatch_pb2 as pb
-from simulator.engine import Simulation
-from simulator.scenario import load_scenario
-from tests.conftest import samples, scrape, value
+from epwatch.catalogue import METRICS
+from epwatch.collector.service import CollectorService
+from epwatch.protos import epwatch_pb2 as pb
+from epwatch.simulator.engine import Simulation
+from epwatch.simulator.scenario import load_scenario
+from tests.helpers import samples, scrape, start_collector, stub, value
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,12 +33,9 @@ SCENARIO = {
 
 @pytest.fixture(scope="module")
 def running() -> Iterator[tuple[CollectorService, str]]:
-    svc = CollectorService(
-        CollectorConfig(grpc_listen="127.0.0.1:0", metrics_listen=("127.0.0.1", 0))
-    )
-    svc.start()
+    svc = start_collector(estimators=None, metrics=True)
     ch = grpc.insecure_channel(f"127.0.0.1:{svc.grpc_port}")
-    push = ch.unary_unary("/epwatch.v1.Collector/Push", response_deserializer=pb.Ack.FromString)
+    push = stub(ch).Push
     scenario = load_scenario(SCENARIO)
     sim = Simulation(scenario)
     seq = 0
@@ -47,7 +46,7 @@ def running() -> Iterator[tuple[CollectorService, str]]:
             seq += 1
             batch = wire.encode_records("ep0", 16, mine, chunk.peer_rows, chunk.entered)
             msg = pb.AgentMessage(agent_id=f"a-{node}", node=node, seq=seq, batch=batch)
-            assert push(msg.SerializeToString(), timeout=10).code == 0
+            assert push(msg, timeout=10).code == 0
     sample = pb.NodeSample(
         points=[
             pb.MetricPoint(name="epwatch_gpu_sm_clock_hertz", labels={"gpu": "5"}, value=1.4e9),
@@ -65,7 +64,7 @@ def running() -> Iterator[tuple[CollectorService, str]]:
         ]
     )
     msg = pb.AgentMessage(agent_id="a-node-0", node="node-0", seq=seq + 1, sample=sample)
-    push(msg.SerializeToString(), timeout=10)
+    push(msg, timeout=10)
     svc.analyzer.run_once()
     yield svc, scrape(svc.metrics_port)
     ch.close()
@@ -120,7 +119,7 @@ def test_node_samples_reexposed_with_node(running: tuple[CollectorService, str])
 
 
 def test_straggler_evidence_from_node_samples(running: tuple[CollectorService, str]) -> None:
-    pytest.importorskip("collector.evidence")
+    pytest.importorskip("epwatch.collector.estimators.evidence")
     lines = samples(running[1], "epwatch_straggler_evidence")
     mine = [dict(k) for k in lines if dict(k)["rank"] == "5"]
     assert mine and len(mine) <= 4
@@ -136,7 +135,7 @@ def test_group_health_counters_are_exposed(running: tuple[CollectorService, str]
 
 
 def test_evidence_labels_do_not_churn() -> None:
-    from collector.metrics import evidence_label
+    from epwatch.collector.metrics import evidence_label
 
     assert evidence_label("gpu 5: hw_thermal_slowdown active for 30 s") == (
         "gpu 5: hw_thermal_slowdown active"
@@ -145,3 +144,19 @@ def test_evidence_labels_do_not_churn() -> None:
     b = evidence_label("gpu 5 SM clock 1591 MHz, 20% below node median")
     assert a == b == "gpu 5 SM clock 1600 MHz, 20% below node median"
     assert evidence_label("mlx5_1/1 XID 79 +1 in 20 s") == "mlx5_1/1 XID 79 +1"
+
+
+def test_reserved_names_cover_every_series_the_collector_makes(
+    running: tuple[CollectorService, str],
+) -> None:
+    """Node samples may not reuse a collector name: the reserved set, derived from the
+    collectors' describe(), holds every family and sample name the collector exposed."""
+    svc, text = running
+    node_samples = set(METRICS) | {name.removesuffix("_total") for name in METRICS}
+    exposed = set()
+    for family in text_string_to_metric_families(text):
+        if family.name in node_samples:
+            continue
+        exposed |= {family.name} | {s.name for s in family.samples}
+    assert "epwatch_straggler" in exposed and "epwatch_ingest_records_total" in exposed
+    assert exposed <= svc.reserved_names, sorted(exposed - svc.reserved_names)

@@ -12,13 +12,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.samplers.infiniband import InfinibandSampler
-from agent.samplers.netdev import NetdevSampler
-from agent.samplers.nvidia import NvidiaSampler
-from agent.samplers.registry import collect_round, to_node_sample
-from collector.service import CollectorConfig, CollectorService
-from protos import epwatch_pb2 as pb
-from tests.conftest import samples, scrape
+from epwatch.agent.nodesample import NodeSampleEncoder
+from epwatch.agent.samplers.infiniband import InfinibandSampler
+from epwatch.agent.samplers.netdev import NetdevSampler
+from epwatch.agent.samplers.nvidia import NvidiaSampler
+from epwatch.agent.samplers.runner import collect_round
+from epwatch.protos import epwatch_pb2 as pb
+from tests.helpers import samples, scrape, start_collector, stub
 from tests.recorded_nvml import RecordedNvml, load_recording
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,18 +33,13 @@ def test_a_sampler_round_is_reexposed_per_node_and_promtool_clean() -> None:
         NetdevSampler("/sys"),
     ]
     points, results = collect_round(samplers)
-    sample = to_node_sample(points, results)
-    svc = CollectorService(
-        CollectorConfig(grpc_listen="127.0.0.1:0", metrics_listen=("127.0.0.1", 0))
-    )
-    svc.start()
+    encoded = NodeSampleEncoder().encode(123, points, results)
+    sample = pb.AgentMessage.FromString(encoded).sample
+    svc = start_collector(estimators=None, metrics=True)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{svc.grpc_port}") as ch:
-            push = ch.unary_unary(
-                "/epwatch.v1.Collector/Push", response_deserializer=pb.Ack.FromString
-            )
             msg = pb.AgentMessage(agent_id="a", node="gpu-node-7", seq=1, sample=sample)
-            assert push(msg.SerializeToString(), timeout=10).code == 0
+            assert stub(ch).Push(msg, timeout=10).code == 0
         text = scrape(svc.metrics_port)
     finally:
         svc.stop(grace_s=0.2)

@@ -17,11 +17,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from collector.groups import NullEstimator
-from collector.service import CollectorConfig, CollectorService
+from epwatch.collector.service import CollectorService
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import RECORD_DTYPES
-from protos import epwatch_pb2 as pb
-from tests.conftest import value
+from tests.helpers import raw_push, start_collector, value
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,13 +32,9 @@ _group = itertools.count()
 
 @pytest.fixture(scope="module")
 def rig() -> Iterator[tuple[CollectorService, grpc.UnaryUnaryMultiCallable]]:
-    svc = CollectorService(
-        CollectorConfig(grpc_listen="127.0.0.1:0", metrics_listen=None, max_groups=100_000),
-        estimator_factory=NullEstimator,
-    )
-    svc.start()
+    svc = start_collector(max_groups=100_000)
     ch = grpc.insecure_channel(f"127.0.0.1:{svc.grpc_port}")
-    push = ch.unary_unary("/epwatch.v1.Collector/Push", response_deserializer=pb.Ack.FromString)
+    push = raw_push(ch)  # hypothesis builds byte strings, valid or not
     first = pb.AgentMessage(
         agent_id="prop",
         node="n",

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collector.recorder import Recorder, RecorderConfig
-from tests.conftest import make_records
+from epwatch.collector.recorder import Recorder, RecorderConfig
+from tests.helpers import make_records
 
 pq = pytest.importorskip("pyarrow.parquet")
 pytestmark = pytest.mark.timeout(60)

@@ -9,6 +9,7 @@ shuts both daemons down cleanly and the recorder's Parquet holds what was ingest
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -17,15 +18,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.frames import FrameSender, hook_frame
-from simulator.engine import Simulation
-from simulator.scenario import load_scenario
-from tests.conftest import free_port, scrape, value
+from epwatch.cliargs import free_port
+from epwatch.frames import FrameSender, hook_frame
+from epwatch.simulator.engine import Simulation
+from epwatch.simulator.scenario import load_scenario
+from tests import helpers
+from tests.helpers import scrape, value
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,16 +68,8 @@ class Proc:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if cond():
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+# Processes start and reconnect here: more patience than in-process tests need.
+wait_for = functools.partial(helpers.wait_for, timeout=20.0)
 
 
 @pytest.fixture
@@ -177,13 +172,14 @@ def test_sigkill_restart_loses_nothing_silently(workdir: Path, procs: list[Proc]
         )
     try:
         wait_for(
-            "agents connected", lambda: value(scrape(metrics_port), "epwatch_agents_connected") == 2
+            what="agents connected",
+            cond=lambda: value(scrape(metrics_port), "epwatch_agents_connected") == 2
         )
         load = Load(sockets)
         load.start()
         wait_for(
-            "records flowing",
-            lambda: (
+            what="records flowing",
+            cond=lambda: (
                 (value(scrape(metrics_port), "epwatch_ingest_records_total", ep_group="ep0") or 0)
                 > 20_000
             ),
@@ -191,8 +187,8 @@ def test_sigkill_restart_loses_nothing_silently(workdir: Path, procs: list[Proc]
         first.stop(signal.SIGKILL)
         for port in agent_ports:
             wait_for(
-                "agent disconnect",
-                lambda p=port: agent_metric(p, "epwatch_agent_collector_connected") == 0,
+            what="agent disconnect",
+            cond=lambda p=port: agent_metric(p, "epwatch_agent_collector_connected") == 0,
             )
         acked_by_first = [
             agent_metric(p, "epwatch_agent_records_delivered_total") for p in agent_ports
@@ -204,8 +200,8 @@ def test_sigkill_restart_loses_nothing_silently(workdir: Path, procs: list[Proc]
         second = Proc(workdir, "collector-2", *collector_args(grpc_port, metrics_port))
         procs.append(second)
         wait_for(
-            "agents reconnected",
-            lambda: value(scrape(metrics_port), "epwatch_agents_connected") == 2,
+            what="agents reconnected",
+            cond=lambda: value(scrape(metrics_port), "epwatch_agents_connected") == 2,
         )
         time.sleep(1.0)
         load.stop()
@@ -216,7 +212,9 @@ def test_sigkill_restart_loses_nothing_silently(workdir: Path, procs: list[Proc]
             return got == load.sent[node] and value(text, "epwatch_agent_spool_records") == 0
 
         for node, port in enumerate(agent_ports):
-            wait_for("agent drained", lambda p=port, n=node: settled(p, n))
+            wait_for(
+            what="agent drained",
+            cond=lambda p=port, n=node: settled(p, n))
         final = [scrape(p) for p in agent_ports]
         delivered = [value(t, "epwatch_agent_records_delivered_total") for t in final]
         dropped = [value(t, "epwatch_agent_records_dropped_total") for t in final]
@@ -233,12 +231,12 @@ def test_sigkill_restart_loses_nothing_silently(workdir: Path, procs: list[Proc]
         )
         assert counted_by_second == sum(delivered) - sum(acked_by_first)
         wait_for(
-            "drops mirrored",
-            lambda: (
+            what="drops mirrored",
+            cond=lambda: (
                 value(scrape(metrics_port), "epwatch_agent_records_dropped_total", node="node-1")
                 == dropped[1]
             ),
-            timeout=10,
+            timeout=10.0,
         )
     except AssertionError:
         for p in procs:
@@ -262,15 +260,16 @@ def test_sigterm_is_clean_and_the_recording_holds_what_was_ingested(
     )
     procs.extend([collector, agent])
     wait_for(
-        "agent connected", lambda: value(scrape(metrics_port), "epwatch_agents_connected") == 1
+            what="agent connected",
+            cond=lambda: value(scrape(metrics_port), "epwatch_agents_connected") == 1
     )
     load = Load([workdir / "a.sock"])
     load.start()
     time.sleep(1.0)
     load.stop()
     wait_for(
-        "delivered",
-        lambda: (
+            what="delivered",
+            cond=lambda: (
             value(scrape(metrics_port), "epwatch_ingest_records_total", ep_group="ep0")
             == load.sent[0]
         ),

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from dashboards.builder import DATASOURCE, GRID_WIDTH
-from dashboards.generate import DASHBOARDS, build_all, dashboards_json, main, stale_files
+from epwatch.dashboards.builder import DATASOURCE, GRID_WIDTH
+from epwatch.dashboards.generate import DASHBOARDS, build_all, dashboards_json, main, stale_files
 from tests.promstack import (
     GRAFANA_BUILTINS,
     GRAFANA_DIR,
@@ -43,7 +43,7 @@ def _recorded_names() -> set[str]:
 
 def test_committed_json_is_current() -> None:
     stale = stale_files()
-    assert not stale, f"stale dashboards {stale}: run `python -m dashboards.generate`"
+    assert not stale, f"stale dashboards {stale}: run `python -m epwatch.dashboards.generate`"
     assert sorted(p.name for p in dashboard_files()) == sorted(DASHBOARDS)
 
 

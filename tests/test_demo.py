@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from tests.conftest import free_port, samples, scrape
+from epwatch.cliargs import free_port
+from tests.helpers import samples, scrape
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from epwatch.demo import AlertWatch, alert_line
+from epwatch.cli.demo_view import AlertWatch, alert_line
 from tests.promstack import (
     INSTALL_HINT,
     WebhookReceiver,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from collector.estimators import EstimatorConfig, GroupEstimator
+from epwatch.collector.estimators import EstimatorConfig, GroupEstimator
 from epwatch.schema import Entered, RecordColumns
-from simulator.engine import Simulation
-from simulator.scenario import load_scenario
+from epwatch.simulator.engine import Simulation
+from epwatch.simulator.scenario import load_scenario
 
 SCENARIO = {
     "seed": 11,
@@ -171,7 +171,7 @@ def test_a_backlog_older_than_the_assembly_window_counts_as_late() -> None:
 
 def test_a_fixed_cost_per_call_does_not_make_light_ranks_look_slow() -> None:
     """Grouped GEMMs cost a + b n: x / n alone would flag every lightly loaded rank."""
-    from collector.estimators.stats import expected_compute
+    from epwatch.collector.estimators.stats import expected_compute
 
     rng = np.random.default_rng(4)
     n = rng.integers(200, 4000, (8, 32)).astype(float)  # very uneven loads
@@ -241,7 +241,7 @@ def test_step_arithmetic_on_a_hand_built_step() -> None:
     recv = np.array([[[500, 500, 2000], [1000, 1000, 1000]]], dtype=np.int64)
     arrays = {"enter_ns": enter, "exit_ns": exit_, "recv_tokens": tokens,
               "send_bytes": send, "recv_bytes": recv}  # fmt: skip
-    from collector.estimators.stats import durations, step_stats
+    from epwatch.collector.estimators.stats import durations, step_stats
 
     s = step_stats(7, arrays, durations(arrays))
     assert s.transfer_s[0, 0] == pytest.approx(70e-9)  # min_r d on dispatch

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from collector.evidence import NodeEvidence
-from protos import epwatch_pb2 as pb
+from epwatch.collector.estimators.evidence import NodeEvidence
+from epwatch.protos import epwatch_pb2 as pb
 
 GAUGE, COUNTER = pb.MetricPoint.GAUGE, pb.MetricPoint.COUNTER
 REASONS = (
@@ -311,7 +311,7 @@ def test_unknown_node_and_routing_are_empty():
 
 
 def test_accepts_sampler_points_and_dicts():
-    from agent.samplers.base import metric
+    from epwatch.catalogue import metric
 
     ev = new_evidence()
     for t in (0.0, 5.0):

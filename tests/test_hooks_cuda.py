@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from agent.hooks import DISPATCH, get_probe, shutdown
+from epwatch.hooks import DISPATCH, get_probe, shutdown
 from tests.hook_sink import FrameSink
 
 pytestmark = pytest.mark.skipif(
@@ -58,7 +58,7 @@ def test_stamps_time_the_device_and_the_caller_never_waits(sink: FrameSink) -> N
 
 
 def test_host_copy_reads_device_values_as_of_the_copy() -> None:
-    from agent.hooks.tensors import HostCopy
+    from epwatch.hooks.tensors import HostCopy
 
     t = torch.arange(4, device="cuda")
     torch.cuda._sleep(_spin_cycles(0.02))
@@ -71,7 +71,7 @@ def test_host_copy_reads_device_values_as_of_the_copy() -> None:
 
 
 def test_deepep_wait_stats_on_the_device(sink: FrameSink) -> None:
-    from agent.hooks.deepep import InstrumentedBuffer
+    from epwatch.hooks.deepep import InstrumentedBuffer
     from tests.test_hooks_deepep import SM_HZ, TOPK, WAIT_CYCLES, E, H, P, StandInBuffer
 
     raw = StandInBuffer()

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from agent.hooks import COMBINE, DISPATCH, get_probe, shutdown
-from agent.hooks.deepep import InstrumentedBuffer
+from epwatch.hooks import COMBINE, DISPATCH, get_probe, shutdown
+from epwatch.hooks.deepep import InstrumentedBuffer
 from tests.hook_sink import FrameSink
 
 FAST = {"flush_interval_s": 0.02, "heartbeat_interval_s": 0.05, "reconnect_interval_s": 0.1}

@@ -17,13 +17,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, samples, scrape
+from epwatch.cliargs import free_port
+from tests.helpers import samples, scrape, wait_for
 from tests.moe_worker import Scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,20 +82,6 @@ def _read_lines(proc: subprocess.Popen, sink: list[str], events: dict[str, float
             parts = line.split()
             if parts and parts[0] in ("START", "DONE", "HANG"):
                 events.setdefault(f"{parts[0]} {parts[1]}", time.monotonic())
-
-
-def _wait(
-    cond: Callable[[], bool], timeout: float, what: str, lines: list[str] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    tail = "\n".join((lines or [])[-12:])
-    raise AssertionError(
-        f"timed out waiting for {what}" + (f"; workers said:\n{tail}" if tail else "")
-    )
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -159,8 +146,8 @@ def cluster() -> Iterator[Cluster]:
         try:
             procs.append(subprocess.Popen(_collector(grpc_port, metrics_port), cwd=ROOT, env=env))
             procs.append(subprocess.Popen(_agent(grpc_port, sock), cwd=ROOT, env=env))
-            _wait(lambda: os.path.exists(sock), 60, "the agent's socket")
-            _wait(lambda: _scrapes(metrics_port), 60, "the collector's /metrics")
+            wait_for(lambda: os.path.exists(sock), 60, "the agent's socket")
+            wait_for(lambda: _scrapes(metrics_port), 60, "the collector's /metrics")
             threading.Thread(target=_poll, args=(metrics_port, seen, stop), daemon=True).start()
             workers = [
                 subprocess.Popen(
@@ -176,18 +163,19 @@ def cluster() -> Iterator[Cluster]:
             for w in workers:
                 threading.Thread(target=_read_lines, args=(w, lines, events), daemon=True).start()
             # The hang is the last act: wait for it, then for its diagnosis (or give up).
-            _wait(
+            wait_for(
                 lambda: hang_started() or any(w.poll() is not None for w in workers),
                 150,
                 "the hang to start",
-                lines,
+                detail=lambda: "workers said:\n" + "\n".join(lines[-12:]),
+                interval=0.1,
             )
             if not hang_started():
                 codes = [w.poll() for w in workers]
                 raise AssertionError(f"a worker exited early {codes}: " + "\n".join(lines[-12:]))
             events["hang_started"] = min(t for e, t in events.items() if e.startswith("HANG"))
             with contextlib.suppress(AssertionError):
-                _wait(lambda: ("moe-hang", HANG_RANK, "hang") in seen.flags, 20, "hang flag")
+                wait_for(lambda: ("moe-hang", HANG_RANK, "hang") in seen.flags, 20, "hang flag")
             yield Cluster(metrics_port, seen, events, lines, workers)
         finally:
             stop.set()

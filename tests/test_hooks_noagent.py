@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from agent.hooks import flusher_of, get_probe, shutdown
-from agent.hooks.torch_a2a import EPAllToAll
-from tests.conftest import free_port
+from epwatch.cliargs import free_port
+from epwatch.hooks import flusher_of, get_probe, shutdown
+from epwatch.hooks.torch_a2a import EPAllToAll
 from tests.moe_worker import BareA2A, MoE, Scenario, run_steps
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.hooks import (
+from epwatch import wire
+from epwatch.hooks import (
     COMBINE,
     DISPATCH,
     HookConfig,
@@ -23,7 +24,6 @@ from agent.hooks import (
     get_probe,
     shutdown,
 )
-from epwatch import wire
 from tests.hook_sink import FrameSink
 
 FAST = {"flush_interval_s": 0.02, "heartbeat_interval_s": 0.05, "reconnect_interval_s": 0.1}
@@ -318,7 +318,7 @@ def test_core_imports_without_torch() -> None:
         "        if name == 'torch' or name.startswith('torch.'):\n"
         "            raise ImportError('torch blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import agent.hooks as h\n"
+        "import epwatch.hooks as h\n"
         "p = h.get_probe('g', 0, 2, socket_path='/nonexistent/a.sock', clock='auto')\n"
         "p.end(p.begin(0, 0, h.DISPATCH), 1, 2, 3)\n"
         "assert p.clock.name == 'host' and 'torch' not in sys.modules\n"
@@ -378,8 +378,8 @@ def test_layer_cursor_numbers_layers_and_wraps_steps() -> None:
 
 
 def test_outbox_keeps_the_newest_records_and_counts_the_rest() -> None:
-    from agent.hooks.outbox import Outbox
-    from tests.conftest import make_records
+    from epwatch.hooks.outbox import Outbox
+    from tests.helpers import make_records
 
     p = Probe(ep_group="g", rank=0, world_size=16)
     box = Outbox(p, max_records=100)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from agent.hooks import COMBINE, DISPATCH, Probe, get_probe, shutdown
-from agent.hooks.torch_a2a import A2ASpan, EPAllToAll, all_to_all_single
-from tests.conftest import free_port
+from epwatch.cliargs import free_port
+from epwatch.hooks import COMBINE, DISPATCH, Probe, get_probe, shutdown
+from epwatch.hooks.torch_a2a import A2ASpan, EPAllToAll, all_to_all_single
 from tests.hook_sink import FrameSink
 
 FAST = {"flush_interval_s": 0.02, "heartbeat_interval_s": 0.05, "reconnect_interval_s": 0.1}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from epwatch.promstack import format_duration, parse_duration
+from epwatch.cli.promstack import format_duration, parse_duration
 from tests.promstack import (
     INSTALL_HINT,
     PanelQuery,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from protos import epwatch_pb2 as pb
+from epwatch.protos import epwatch_pb2 as pb
 
 
 @pytest.mark.timeout(60)
 def test_generated_stubs_are_current() -> None:
     pytest.importorskip("grpc_tools", reason="pip install grpcio-tools (the test extra)")
-    from protos.generate import stale_outputs
+    from epwatch.protos.generate import stale_outputs
 
-    assert stale_outputs() == [], "run: python -m protos.generate"
+    assert stale_outputs() == [], "run: make protos"
 
 
 def test_service_shape() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from collector.recorder import Recorder, RecorderConfig
-from simulator.engine import Simulation
-from simulator.scenario import load_scenario
+from epwatch.collector.recorder import Recorder, RecorderConfig
+from epwatch.simulator.engine import Simulation
+from epwatch.simulator.scenario import load_scenario
 
 pytest.importorskip("pyarrow.parquet")
 pytestmark = pytest.mark.timeout(120)

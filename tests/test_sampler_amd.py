@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from agent.samplers import amd as amd_module
-from agent.samplers.amd import AmdSampler, parse_quantity, parse_rocm_smi
-from agent.samplers.base import run_sampler
-from agent.samplers.gpumap import parse_local_ranks
+from epwatch.agent.samplers import amd as amd_module
+from epwatch.agent.samplers.amd import AmdSampler, parse_quantity, parse_rocm_smi
+from epwatch.agent.samplers.base import run_sampler
+from epwatch.agent.samplers.gpumap import parse_local_ranks
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gpu"
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.samplers.base import Kind, Point, read_sysfs, run_sampler
-from agent.samplers.infiniband import InfinibandSampler, parse_rate, parse_state
+from epwatch.agent.samplers.base import run_sampler
+from epwatch.agent.samplers.infiniband import InfinibandSampler, parse_rate, parse_state
+from epwatch.agent.samplers.sysfs import read_sysfs
+from epwatch.catalogue import Kind, Point
 from tests.sysfs_removal import removed_files_answer_enodev
 
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.samplers.base import read_sysfs, run_sampler
-from agent.samplers.netdev import DEFAULT_EXCLUDE, NetdevSampler
+from epwatch.agent.samplers.base import run_sampler
+from epwatch.agent.samplers.netdev import DEFAULT_EXCLUDE, NetdevSampler
+from epwatch.agent.samplers.sysfs import read_sysfs
 from tests.sysfs_removal import removed_files_answer_enodev
 
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"

@@ -15,9 +15,9 @@ from typing import Any
 import pynvml
 import pytest
 
-from agent.samplers.base import run_sampler
-from agent.samplers.gpumap import LocalRankMap, parse_local_ranks
-from agent.samplers.nvidia import NvidiaSampler, decode_reasons, reason_bits
+from epwatch.agent.samplers.base import run_sampler
+from epwatch.agent.samplers.gpumap import LocalRankMap, parse_local_ranks
+from epwatch.agent.samplers.nvidia import NvidiaSampler, decode_reasons, reason_bits
 from tests.recorded_nvml import RecordedNvml, load_recording
 
 

@@ -18,19 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.samplers.amd import AmdSampler
-from agent.samplers.base import METRICS, Kind, Point, RoundRunner, Sampler, metric
-from agent.samplers.infiniband import InfinibandSampler
-from agent.samplers.netdev import NetdevSampler
-from agent.samplers.nvidia import NvidiaSampler
-from agent.samplers.registry import (
-    add_sampler_arguments,
-    build_samplers,
-    collect_round,
-    sample_once,
-    to_node_sample,
-)
-from protos import epwatch_pb2 as pb
+from epwatch.agent.nodesample import NodeSampleEncoder
+from epwatch.agent.samplers.amd import AmdSampler
+from epwatch.agent.samplers.base import Sampler
+from epwatch.agent.samplers.infiniband import InfinibandSampler
+from epwatch.agent.samplers.netdev import NetdevSampler
+from epwatch.agent.samplers.nvidia import NvidiaSampler
+from epwatch.agent.samplers.registry import add_sampler_arguments, build_samplers, sample_once
+from epwatch.agent.samplers.runner import RoundRunner, collect_round
+from epwatch.catalogue import METRICS, Kind, Point, metric
+from epwatch.protos import epwatch_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
@@ -264,7 +261,7 @@ def test_replaced_sampler_gets_a_fresh_worker():
 
 def test_agent_round_has_every_point_and_status_and_releases_the_samplers():
     """What `epwatch agent` (and bench/agent_footprint.py) runs once per interval."""
-    from agent.cli import make_sample_round
+    from epwatch.cli.agent import make_sample_round
 
     class Closing(Fixed):
         closed = False
@@ -318,8 +315,7 @@ def test_sample_once_is_json_ready():
 
 def test_node_sample_on_the_wire():
     points, results = collect_round([Boom(), InfinibandSampler(SYSFS)])
-    msg = to_node_sample(points, results, time_unix_ns=123)
-    back = pb.NodeSample.FromString(msg.SerializeToString())
+    back = pb.AgentMessage.FromString(NodeSampleEncoder().encode(123, points, results)).sample
     assert back.time_unix_ns == 123
     assert [s.name for s in back.samplers] == ["boom", "infiniband"]
     assert back.samplers[0].error == "RuntimeError: sensor on fire" and not back.samplers[0].ok

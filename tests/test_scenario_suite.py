@@ -9,8 +9,8 @@ import functools
 import numpy as np
 import pytest
 
-from simulator.run import run_scenario
-from simulator.scenario import load_scenario
+from epwatch.cli.simulate import run_scenario
+from epwatch.simulator.scenario import load_scenario
 
 ONSET = 60
 EXPERTS = 256
@@ -168,7 +168,7 @@ def test_hot_expert_raises_gamma_and_skew_but_is_never_compute() -> None:
 
 @pytest.mark.parametrize("ranks", [16, 64])
 def test_a_slow_link_is_a_suspect_link_not_a_straggler(ranks: int) -> None:
-    """DESIGN: a single cell of the wait matrix far above its row and column."""
+    """Design §4: a single cell of the wait matrix far above its row and column."""
     a, b = 3, ranks - 2
     report, _ = run(ranks, "uniform", _fault(kind="slow_link", rank=a, peer=b, factor=2.5,
                                              start_step=ONSET))  # fmt: skip

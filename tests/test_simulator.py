@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from epwatch.schema import RecordColumns
-from simulator.engine import Simulation
-from simulator.scenario import ScenarioError, load_scenario
+from epwatch.simulator.engine import Simulation
+from epwatch.simulator.scenario import ScenarioError, load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {
@@ -199,7 +199,7 @@ def test_shipped_example_scenarios_load(path: Path) -> None:
     ],
 )
 def test_stragglers_carry_node_evidence_consistent_with_the_fault(fault, expected) -> None:
-    from simulator.run import run_scenario
+    from epwatch.cli.simulate import run_scenario
 
     data = {
         **SMALL,
@@ -216,8 +216,8 @@ def test_stragglers_carry_node_evidence_consistent_with_the_fault(fault, expecte
 def test_node_samples_cover_every_node_metric_and_healthy_errors_stay_at_zero() -> None:
     """The node dashboard and rules read every catalogued series; a clean cluster's
     error counters must not move (or NICLinkErrors and friends would fire)."""
-    from agent.samplers.base import METRICS
-    from simulator.node_samples import NodeSampleModel
+    from epwatch.catalogue import METRICS
+    from epwatch.simulator.node_samples import NodeSampleModel
 
     model = NodeSampleModel(load_scenario({**SMALL, "cluster": {"ranks": 16}}))
     first = model.advance(0, 1.0)
@@ -234,7 +234,7 @@ def test_node_samples_cover_every_node_metric_and_healthy_errors_stay_at_zero() 
 
 def test_simulate_report_carries_the_what_if() -> None:
     from epwatch import costmodel
-    from simulator.run import run_scenario
+    from epwatch.cli.simulate import run_scenario
 
     report, truth = run_scenario(load_scenario({**SMALL, "steps": 60}))
     w = report.to_json()["whatif"]

@@ -7,11 +7,11 @@ import socket
 import numpy as np
 import pytest
 
-from agent.frames import FrameError, encode_frame, hook_frame, read_frame
 from epwatch import wire
+from epwatch.frames import FrameError, encode_frame, hook_frame, read_frame
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import Entered, PeerRows, RecordError
-from protos import epwatch_pb2 as pb
-from tests.conftest import make_records
+from tests.helpers import make_records
 
 
 def test_records_round_trip() -> None:

@@ -1,32 +1,7 @@
 """Node samplers of the agent: GPU (NVML, amdsmi/rocm-smi) and NIC (netdev, InfiniBand).
 
-One sampler per module, one small interface (:class:`~agent.samplers.base.Sampler`),
-each switched by ``--sampler.<name>``; :mod:`agent.samplers.registry` is the entry
-point for the agent's CLI and daemon. Imports no GPU library until a sampler runs.
+One sampler per module behind one small interface (:mod:`.base`), run each round by
+:mod:`.runner`; the network samplers read sysfs through :mod:`.sysfs`. Each is
+switched by ``--sampler.<name>``, and :mod:`.registry` is the entry point for the
+agent's command line. No GPU library is imported until its sampler runs.
 """
-
-from agent.samplers.base import (
-    METRICS,
-    Kind,
-    Point,
-    RoundRunner,
-    Sampler,
-    SamplerResult,
-    SamplerUnavailable,
-    collect_round,
-    metric,
-    run_sampler,
-)
-
-__all__ = [
-    "METRICS",
-    "Kind",
-    "Point",
-    "RoundRunner",
-    "Sampler",
-    "SamplerResult",
-    "SamplerUnavailable",
-    "collect_round",
-    "metric",
-    "run_sampler",
-]

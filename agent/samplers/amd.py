@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent.samplers.base import Point, Sampler, SamplerUnavailable, metric
-from agent.samplers.gpumap import LocalRankMap
+from epwatch.agent.samplers.base import Sampler, SamplerUnavailable
+from epwatch.agent.samplers.gpumap import LocalRankMap
+from epwatch.catalogue import Point, metric
 
 ROCM_SMI_ARGS = (
     "--showtemp",

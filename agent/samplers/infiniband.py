@@ -25,19 +25,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-from agent.samplers.base import (
-    METRICS,
+from epwatch.agent.samplers.base import Sampler, SamplerUnavailable
+from epwatch.agent.samplers.sysfs import (
     FileReader,
-    Kind,
-    Point,
-    Sampler,
-    SamplerUnavailable,
     SysfsCache,
     describe_os_error,
-    metric,
     read_sysfs,
     sysfs_reader,
 )
+from epwatch.catalogue import METRICS, Kind, Point, metric
 
 # counters/ file -> (metric, multiplier)
 _COUNTERS: dict[str, tuple[str, int]] = {

@@ -15,17 +15,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.samplers.base import (
+from epwatch.agent.samplers.base import Sampler, SamplerUnavailable
+from epwatch.agent.samplers.sysfs import (
     FileReader,
-    Point,
-    Sampler,
-    SamplerUnavailable,
     SysfsCache,
     describe_os_error,
-    metric,
     read_sysfs,
     sysfs_reader,
 )
+from epwatch.catalogue import Point, metric
 
 # statistics file -> metric (all counters); error files go to epwatch_nic_errors_total.
 _TRAFFIC = {

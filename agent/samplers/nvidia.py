@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.samplers.base import Point, Sampler, SamplerUnavailable, metric
-from agent.samplers.gpumap import LocalRankMap
+from epwatch.agent.samplers.base import Sampler, SamplerUnavailable
+from epwatch.agent.samplers.gpumap import LocalRankMap
+from epwatch.catalogue import Point, metric
 
 # Contract reason label -> NVML constant suffix (nvmlClocksEventReason<X>; before
 # nvidia-ml-py 12.535 only nvmlClocksThrottleReason<X> existed, same bits).

@@ -1,34 +1,27 @@
-"""The sampler catalogue: flags, construction, and one-shot sampling.
+"""The samplers an agent can run: flags, construction, and one-shot sampling.
 
-``agent.cli`` calls :func:`add_sampler_arguments` on its parser, then
-:func:`build_samplers` with the parsed options; the daemon calls
-:func:`collect_round` (or keeps a :class:`~agent.samplers.base.RoundRunner`) each
-interval, and ``epwatch agent --sample-once --json`` prints :func:`sample_once`.
-Every sampler has ``--sampler.<name>`` / ``--no-sampler.<name>``, as in node_exporter.
+``epwatch agent`` calls :func:`add_sampler_arguments` on its parser, then
+:func:`build_samplers` with the parsed options and runs them each interval with
+:func:`~epwatch.agent.samplers.runner.make_sample_round`; ``epwatch agent
+--sample-once --json`` prints :func:`sample_once`. Every sampler has
+``--sampler.<name>`` / ``--no-sampler.<name>``, as in node_exporter.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.samplers.amd import AmdSampler
-from agent.samplers.base import (
-    Point,
-    RoundRunner,
-    Sampler,
-    SamplerResult,
-    collect_round,
-    status_points,
-)
-from agent.samplers.gpumap import LocalRankMap, parse_local_ranks
-from agent.samplers.infiniband import InfinibandSampler
-from agent.samplers.netdev import DEFAULT_EXCLUDE, NetdevSampler
-from agent.samplers.nvidia import NvidiaSampler
+from epwatch.agent.samplers.amd import AmdSampler
+from epwatch.agent.samplers.base import Sampler
+from epwatch.agent.samplers.gpumap import LocalRankMap, parse_local_ranks
+from epwatch.agent.samplers.infiniband import InfinibandSampler
+from epwatch.agent.samplers.netdev import DEFAULT_EXCLUDE, NetdevSampler
+from epwatch.agent.samplers.nvidia import NvidiaSampler
+from epwatch.agent.samplers.runner import collect_round
 
 
 @dataclass(frozen=True)
@@ -176,36 +169,11 @@ def sample_once(samplers: Iterable[Sampler], timeout_s: float | None = 30.0) -> 
     }
 
 
-def to_node_sample(
-    points: Iterable[Point], results: Iterable[SamplerResult], time_unix_ns: int | None = None
-) -> Any:
-    """The wire ``NodeSample`` for one round (what the daemon ships)."""
-    from protos import epwatch_pb2 as pb
-
-    return pb.NodeSample(
-        time_unix_ns=time.time_ns() if time_unix_ns is None else time_unix_ns,
-        points=[p.to_proto() for p in points],
-        samplers=[r.to_proto() for r in results],
-    )
-
-
-def close_samplers(samplers: Iterable[Sampler]) -> None:
-    """Release library handles (NVML, amdsmi) at shutdown; never raises."""
-    for sampler in samplers:
-        with contextlib.suppress(Exception):
-            sampler.close()
-
-
 __all__ = [
     "SAMPLERS",
-    "RoundRunner",
     "SamplerSpec",
     "add_sampler_arguments",
     "build_samplers",
-    "close_samplers",
-    "collect_round",
     "enabled_sampler_names",
     "sample_once",
-    "status_points",
-    "to_node_sample",
 ]

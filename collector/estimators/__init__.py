@@ -1,8 +1,13 @@
-"""The estimators of DESIGN section 4, streaming over sliding windows per EP group."""
+"""The estimators of docs/design.md §4, streaming over sliding windows per EP group."""
 
-from collector.estimators.config import EstimatorConfig
-from collector.estimators.group import GroupEstimator
-from collector.estimators.report import GroupReport, PhaseReport, StragglerReport, SuspectLink
+from epwatch.collector.estimators.config import EstimatorConfig
+from epwatch.collector.estimators.group import GroupEstimator
+from epwatch.collector.estimators.report import (
+    GroupReport,
+    PhaseReport,
+    StragglerReport,
+    SuspectLink,
+)
 
 __all__ = [
     "EstimatorConfig",

@@ -16,13 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from collector.estimators.buffer import StepBuffer
-from collector.estimators.config import EstimatorConfig
-from collector.estimators.network import link_slowdown
-from collector.estimators.report import GroupReport, PhaseReport, StragglerReport, SuspectLink
-from collector.estimators.stats import StepStats, _quiet_nanmedian, durations, step_stats
-from collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag, LinkTracker
 from epwatch import costmodel, hockney
+from epwatch.collector.estimators.buffer import StepBuffer
+from epwatch.collector.estimators.config import EstimatorConfig
+from epwatch.collector.estimators.network import link_slowdown
+from epwatch.collector.estimators.report import (
+    GroupReport,
+    PhaseReport,
+    StragglerReport,
+    SuspectLink,
+)
+from epwatch.collector.estimators.stats import StepStats, _quiet_nanmedian, durations, step_stats
+from epwatch.collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag, LinkTracker
 from epwatch.schema import PHASE_NAMES, Entered, PeerRows, Phase, RecordColumns
 
 EvidenceFn = Callable[[str, str, int], list[str]]

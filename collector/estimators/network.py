@@ -1,4 +1,4 @@
-"""Network attribution from per-peer wait rows (DESIGN section 4).
+"""Network attribution from per-peer wait rows (docs/design.md §4).
 
 ``wait[i, j]`` is how long rank i waited, from entering, for rank j's data. Part of
 that wait is only j arriving late (a compute straggler), which the clock-free arrival
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from collector.estimators.stats import C, D, _quiet_nanmedian
+from epwatch.collector.estimators.stats import C, D, _quiet_nanmedian
 
 
 def link_times(wait_s: np.ndarray, lag_s: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""What one complete step says (DESIGN section 4), computed from its dense arrays.
+"""What one complete step says (design §4), computed from its dense arrays.
 
 No estimator compares clocks across ranks: every quantity is a difference of two
 times on the same rank (durations, expert compute) or a ratio across ranks of such
@@ -27,7 +27,7 @@ def expected_compute(x: np.ndarray, n: np.ndarray) -> np.ndarray:
     """The group's expert compute for each rank's load, ``a + b n``, fitted over every
     (layer, rank) of the step; NaN where the rank received nothing.
 
-    With no fixed cost (a = 0) ``x / expected`` is DESIGN's per-token cost ``x / n``
+    With no fixed cost (a = 0) ``x / expected`` is design §4's per-token cost ``x / n``
     up to a constant. Grouped GEMMs do have a fixed cost per call, and then ``x / n``
     would call every lightly loaded rank slow; the ratio to the fitted line does not.
     One straggler among P ranks barely moves the line, and the ratios are compared
@@ -72,7 +72,7 @@ def step_stats(step: int, a: dict[str, np.ndarray], d: np.ndarray) -> StepStats:
 
     The Hockney fit pairs t_xfer with the busiest NIC direction, max(send, recv): on
     dispatch a hot expert's rank receives far more than anyone sends, and that is what
-    the transfer waits for. The per-peer message size (the regime) stays DESIGN's
+    the transfer waits for. The per-peer message size (the regime) stays design §4's
     ``max_r send_bytes / (P - 1)``.
     """
     enter, exit_ = a["enter_ns"], a["exit_ns"]

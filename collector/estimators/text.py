@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from collector.estimators.report import GroupReport, StragglerReport
+from epwatch.collector.estimators.report import GroupReport, StragglerReport
 
 _CAUSE_TEXT = {
     "compute": "per-token expert compute {slowdown:.3f}x the group median (slow GPU)",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from collector.estimators.stats import _quiet_nanmedian
+from epwatch.collector.estimators.stats import _quiet_nanmedian
 
 _KEEP_VALUES = 4096
 CLOSED_FLAGS_KEPT = 64  # cleared flags remembered for the post-mortem report
@@ -125,7 +125,7 @@ class LinkFlag:
 
 
 class LinkTracker:
-    """Suspect links (DESIGN: "a single cell a slow link"): a cell of the link-time
+    """Suspect links (design §4: a single cell of the wait matrix): a cell of the link-time
     matrix above ``threshold`` times what its row and column predict, in ``confirm``
     consecutive samples. Bounded: the ``per_sample`` worst cells of a sample are
     followed, and a link not seen for ``forget_after`` samples is dropped."""

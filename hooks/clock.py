@@ -3,7 +3,7 @@
 On a GPU the host returns from a collective long before the device finishes it, so a
 host clock would time the launch, not the transfer. ``auto`` therefore picks CUDA
 events when torch is already imported with a usable GPU, and the host clock otherwise.
-The core never imports torch itself: checking ``sys.modules`` keeps ``agent.hooks``
+The core never imports torch itself: checking ``sys.modules`` keeps ``epwatch.hooks``
 importable (and cheap) without it.
 """
 
@@ -64,7 +64,7 @@ def make_clock(kind: str, local_device: int) -> Clock:
     if kind == "host" or (kind == "auto" and not cuda_usable(local_device)):
         return HostClock()
     try:
-        from agent.hooks.cuda_clock import CudaClock
+        from epwatch.hooks.cuda_clock import CudaClock
 
         return CudaClock(local_device)
     except Exception:

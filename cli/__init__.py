@@ -12,13 +12,19 @@ import sys
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "model": ("epwatch.cmd_model", "Wide-EP cost model: payload, bytes/s, t_comm, regime."),
-    "fit": ("epwatch.cmd_fit", "Robust Hockney fit t = L + V/BW_eff of a bytes,seconds CSV."),
-    "simulate": ("simulator.cli", "Run a simulated EP cluster scenario through the estimators."),
-    "collector": ("collector.cli", "Run the collector: gRPC ingest, estimators, /metrics."),
-    "replay": ("collector.replay", "Post-mortem diagnosis from the collector's --record files."),
-    "agent": ("agent.cli", "Run the node agent: hook records and node samples to the collector."),
-    "demo": ("epwatch.demo", "A simulated EP cluster through the real agent and collector."),
+    "model": ("epwatch.cli.model", "Wide-EP cost model: payload, bytes/s, t_comm, regime."),
+    "fit": ("epwatch.cli.fit", "Robust Hockney fit t = L + V/BW_eff of a bytes,seconds CSV."),
+    "simulate": (
+        "epwatch.cli.simulate",
+        "Run a simulated EP cluster scenario through the estimators.",
+    ),
+    "collector": ("epwatch.cli.collector", "Run the collector: gRPC ingest, estimators, /metrics."),
+    "replay": ("epwatch.cli.replay", "Post-mortem diagnosis from the collector's --record files."),
+    "agent": (
+        "epwatch.cli.agent",
+        "Run the node agent: hook records and node samples to the collector.",
+    ),
+    "demo": ("epwatch.cli.demo", "A simulated EP cluster through the real agent and collector."),
 }
 
 
@@ -49,7 +55,3 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,33 +19,23 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import numpy as np
 from prometheus_client import disable_created_metrics
 
-from agent.frames import FrameSender, hook_frame
-from collector.service import CollectorConfig, CollectorService
-from epwatch import promstack
-from epwatch.cliargs import parse_hostport
-from epwatch.schema import Entered, PeerRows, RecordColumns
-from simulator.engine import Simulation, StepChunk
-from simulator.node_samples import NodeSampleModel
-from simulator.scenario import Scenario, ScenarioError, load_scenario
-
-AGENT_FLAGS = [f"--no-sampler.{n}" for n in ("nvidia", "amd", "netdev", "infiniband")]
+from epwatch.cli import promstack
+from epwatch.cli.demo_cluster import Agents, Ranks, SimulatedSamplers
+from epwatch.cli.demo_view import HEADER, AlertWatch, table_row
+from epwatch.cliargs import parse_hostport, stop_on_signals
+from epwatch.collector.estimators.text import format_report
+from epwatch.collector.offline import diagnosis_json
+from epwatch.collector.service import CollectorConfig, CollectorService
+from epwatch.simulator.scenario import Scenario, ScenarioError, load_scenario
 
 
 def _seconds(value: str) -> float:
@@ -161,221 +151,6 @@ def _default_faults(args: argparse.Namespace, p: int, experts: int) -> list[dict
     ]
 
 
-class Agents:
-    """``epwatch agent`` subprocesses, one per simulated node."""
-
-    def __init__(self, nodes: list[str], collector: str, workdir: str) -> None:
-        self.sockets = {node: os.path.join(workdir, f"{node}.sock") for node in nodes}
-        self.procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "epwatch.cli",
-                    "agent",
-                    f"--collector={collector}",
-                    f"--node={node}",
-                    f"--socket={path}",
-                    "--flush-interval=0.1",
-                    "--backoff-max=1",
-                    "--log-level=WARNING",
-                    *AGENT_FLAGS,
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-            for node, path in self.sockets.items()
-        ]
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        for path in self.sockets.values():
-            while True:
-                if any(p.poll() is not None for p in self.procs):
-                    raise RuntimeError("an agent exited during start-up")
-                try:
-                    with socket.socket(socket.AF_UNIX) as s:
-                        s.connect(path)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"agent socket {path} did not come up") from None
-                    time.sleep(0.05)
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-
-
-class Ranks:
-    """Simulated ranks: each has its own hook connection and sends its records of a
-    step as one frame, at ``steps_per_second`` forward passes per second."""
-
-    def __init__(self, scenario: Scenario, sockets: dict[str, str], sps: float) -> None:
-        self.sim = Simulation(scenario)
-        self.scenario = scenario
-        self.P = scenario.cluster.ranks
-        self.group = scenario.cluster.ep_group
-        self.senders = [FrameSender(sockets[scenario.node_of(r)]) for r in range(self.P)]
-        self.sps = sps
-        self.sent = 0
-        self.step = -1
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ranks", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        for s in self.senders:
-            s.close()
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        for chunk in self.sim.chunks():
-            records = self.sim.records(chunk)
-            order = np.lexsort((records.rank, records.step))
-            records = records.take(order)
-            first = int(chunk.steps[0])
-            key = (records.step - first) * self.P + records.rank
-            bounds = np.searchsorted(key, np.arange(len(chunk.steps) * self.P + 1))
-            for i, step in enumerate(chunk.steps.tolist()):
-                delay = t0 + step / self.sps - time.monotonic()
-                if self._stop.wait(max(0.0, delay)):
-                    return
-                last = i == len(chunk.steps) - 1
-                for rank in range(self.P):
-                    j = i * self.P + rank
-                    mine = records.take(slice(int(bounds[j]), int(bounds[j + 1])))
-                    self._send(rank, mine, chunk, step, last)
-                self.step = step
-
-    def _send(
-        self, rank: int, records: RecordColumns, chunk: StepChunk, step: int, last: bool
-    ) -> None:
-        rows = chunk.peer_rows
-        sel = (rows.rank == rank) & (rows.step == step)
-        peer = None
-        if sel.any():
-            peer = PeerRows(
-                rank=rows.rank[sel],
-                step=rows.step[sel],
-                layer=rows.layer[sel],
-                phase=rows.phase[sel],
-                wait_s=rows.wait_s[sel],
-                send_bytes=rows.send_bytes[sel],
-            )
-        entered = None
-        if last:  # heartbeat: where the rank is at the end of the chunk
-            e = chunk.entered
-            at = e.rank == rank
-            entered = Entered(
-                rank=e.rank[at], step=e.step[at], layer=e.layer[at], phase=e.phase[at]
-            )
-        frame = hook_frame(self.group, self.P, records, peer, entered, pid=100_000 + rank)
-        try:
-            self.senders[rank].send(frame)
-        except OSError:
-            self._stop.set()
-            return
-        self.sent += len(records)
-
-
-class SimulatedSamplers:
-    """Node samples consistent with the injected faults (the simulated nodes have no
-    GPUs or NICs of their own), pushed to the collector the way an agent ships them:
-    sequenced ``NodeSample`` messages over gRPC, one sender per node."""
-
-    def __init__(self, scenario: Scenario, target: str) -> None:
-        import grpc
-
-        from protos import epwatch_pb2 as pb
-
-        self._pb = pb
-        self.model = NodeSampleModel(scenario)
-        self._channel = grpc.insecure_channel(target)
-        self._push = self._channel.unary_unary(
-            "/epwatch.v1.Collector/Push", response_deserializer=pb.Ack.FromString
-        )
-        self._seq = 0
-        self._last = time.monotonic()
-
-    def push(self, step: int) -> None:
-        now = time.monotonic()
-        pb = self._pb
-        self._seq += 1
-        for node, points in self.model.advance(max(step, 0), now - self._last).items():
-            msg = pb.AgentMessage(
-                agent_id=f"demo-samplers:{node}",
-                node=node,
-                seq=self._seq,
-                sample=pb.NodeSample(
-                    time_unix_ns=time.time_ns(), points=[p.to_proto() for p in points]
-                ),
-            )
-            self._push(msg.SerializeToString(), timeout=5)
-        self._last = now
-
-    def close(self) -> None:
-        self._channel.close()
-
-
-def _num(v: Any, scale: float = 1.0, fmt: str = ".2f") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    return f"{v * scale:{fmt}}"
-
-
-HEADER = (
-    f"{'t':>5} {'step':>5}  {'γ p50':>6} {'γ p99':>6}  {'skew':>5} {'max':>5}  "
-    f"{'L disp':>8} {'BW_eff disp':>12}  {'regime':<15}  flagged"
-)
-
-
-def table_row(elapsed: float, rep: dict[str, Any] | None) -> str:
-    rep = rep or {}
-    gamma, skew = rep.get("gamma") or {}, rep.get("skew") or {}
-    disp = rep.get("dispatch") or {}
-    flagged = ", ".join(
-        f"{s['rank']}@{s['node']} {s['cause']} x{_num(s.get('slowdown'))}"
-        for s in rep.get("stragglers") or []
-        if s.get("active", True)
-    )
-    return (
-        f"{elapsed:>4.0f}s {rep.get('last_step', -1):>5}  "
-        f"{_num(gamma.get('median'), fmt='.3f'):>6} "
-        f"{_num(gamma.get('p99'), fmt='.3f'):>6}  {_num(skew.get('median')):>5} "
-        f"{_num(skew.get('max')):>5}  {_num(disp.get('latency_s'), 1e6, '.0f') + ' µs':>8} "
-        f"{_num(disp.get('bandwidth_Bps'), 1e-9, '.1f') + ' GB/s':>12}  "
-        f"{disp.get('regime', '-'):<15}  {flagged or '-'}"
-    )
-
-
-def _final_report(service: CollectorService) -> list[Any]:
-    """Every group's report including flags that cleared during the run."""
-    service.analyzer.run_once()
-    out = []
-    for group in service.groups.groups():
-        with group.lock:
-            try:
-                out.append(group.estimator.report(service.analyzer.evidence, include_closed=True))  # type: ignore[call-arg]
-            except TypeError:
-                out.append(group.estimator.report(service.analyzer.evidence))
-    return out
-
-
 def _ingested(service: CollectorService) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -389,53 +164,6 @@ def _ingested(service: CollectorService) -> float:
 
 
 # Labels every alert of the demo carries; they say nothing about the alert.
-_QUIET_LABELS = frozenset({"alertname", "job", "instance"})
-
-
-def alert_key(alert: dict[str, Any]) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """Identity of an alert: its name and labels (as Prometheus and Alertmanager see it)."""
-    labels = alert.get("labels") or {}
-    return str(labels.get("alertname", "?")), tuple(sorted(labels.items()))
-
-
-def alert_line(elapsed: float, event: str, alert: dict[str, Any]) -> str:
-    """``  16s FIRING   EPStragglerRank{cause="compute", ...}: summary``."""
-    labels = alert.get("labels") or {}
-    shown = ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()) if k not in _QUIET_LABELS)
-    summary = " ".join(str((alert.get("annotations") or {}).get("summary", "")).split())
-    line = f"{elapsed:>4.0f}s {event:<8} {labels.get('alertname', '?')}{{{shown}}}"
-    return f"{line}: {summary}" if summary and event == "FIRING" else line
-
-
-class AlertWatch:
-    """Polls Prometheus's alerts API and says when an alert starts firing or resolves
-    (pending alerts are not news yet: their `for:` has not passed)."""
-
-    def __init__(self, prometheus: promstack.Prometheus) -> None:
-        self.prometheus = prometheus
-        self.firing: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
-        self._lost = False
-
-    def poll(self, elapsed: float) -> list[str]:
-        """Lines for what changed since the last poll; none while Prometheus is away."""
-        if not self.prometheus.running:
-            if self._lost:
-                return []
-            self._lost = True
-            return [f"{elapsed:>4.0f}s Prometheus exited; see {self.prometheus.log_path}"]
-        try:
-            active = self.prometheus.alerts(timeout=2.0)
-        except (OSError, ValueError, promstack.PromStackError):
-            return []
-        now = {alert_key(a): a for a in active if a.get("state") == "firing"}
-        lines = [alert_line(elapsed, "FIRING", a) for k, a in now.items() if k not in self.firing]
-        lines += [
-            alert_line(elapsed, "RESOLVED", a) for k, a in self.firing.items() if k not in now
-        ]
-        self.firing = now
-        return lines
-
-
 def start_prometheus(
     args: argparse.Namespace, metrics_host: str, metrics_port: int, workdir: str
 ) -> promstack.PromStack | None:
@@ -502,13 +230,7 @@ def run(args: argparse.Namespace) -> int:
     except ScenarioError as err:
         print(f"epwatch demo: {err}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     disable_created_metrics()  # as `epwatch collector`: no *_created twin per counter
     service = CollectorService(
         CollectorConfig(grpc_listen="127.0.0.1:0", metrics_listen=args.metrics_listen)
@@ -573,13 +295,12 @@ def run(args: argparse.Namespace) -> int:
             ranks.stop()
         agents.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    reports = _final_report(service)
+    service.analyzer.run_once()
+    reports = service.diagnosis()
     service.stop(grace_s=0.5)
-    from collector.estimators.text import format_report
-
     print()
     for report in reports:
         print(format_report(report))
     if args.json:
-        print(json.dumps({"groups": [r.to_json() for r in reports]}))
+        print(json.dumps(diagnosis_json(reports)))
     return 0

@@ -14,8 +14,8 @@ import tempfile
 from collections.abc import Mapping
 
 from epwatch import wire
+from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import Entered, PeerRows, RecordColumns
-from protos import epwatch_pb2 as pb
 
 MAX_FRAME_BYTES = 64 << 20
 HEADER = struct.Struct("<I")

@@ -14,10 +14,10 @@ import os
 import threading
 from typing import Any
 
-from agent.hooks.clock import make_clock
-from agent.hooks.config import HookConfig
-from agent.hooks.flusher import Flusher
-from agent.hooks.probe import NullProbe, Probe
+from epwatch.hooks.clock import make_clock
+from epwatch.hooks.config import HookConfig
+from epwatch.hooks.flusher import Flusher
+from epwatch.hooks.probe import NullProbe, Probe
 
 log = logging.getLogger("epwatch.hooks")
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent.hooks.config import HookConfig
-from agent.hooks.deferred import Deferred
+from epwatch.hooks.config import HookConfig
+from epwatch.hooks.deferred import Deferred
 
 
 def parts_of(x: Any) -> list[torch.Tensor]:
@@ -71,13 +71,6 @@ class HostCopy(Deferred):
 
     def value(self) -> np.ndarray:
         return self.host.numpy()
-
-
-def device_values(x: Any) -> Any:
-    """A tensor becomes a :class:`HostCopy`; lists and numbers pass through."""
-    if isinstance(x, torch.Tensor):
-        return HostCopy(x)
-    return x
 
 
 def split_total(splits: Sequence[int] | None, tensor: torch.Tensor) -> int:

@@ -13,8 +13,8 @@ from collections import deque
 
 import numpy as np
 
-from agent.frames import hook_frame
-from agent.hooks.probe import Probe
+from epwatch.frames import hook_frame
+from epwatch.hooks.probe import Probe
 from epwatch.schema import MAX_LAYER, MAX_STEP, Entered, PeerRows, RecordColumns, RecordError
 
 log = logging.getLogger("epwatch.hooks")

@@ -5,39 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import socket
-import sys
-import threading
-from collections.abc import Callable, Sequence
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
-from agent.daemon import Agent, AgentConfig, SampleRound
-from agent.frames import default_socket_path
-from epwatch.cliargs import hostport_text, parse_hostport, positive
-
-if TYPE_CHECKING:
-    from agent.samplers.base import Sampler
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+from epwatch.agent.daemon import Agent, AgentConfig, SampleRound
+from epwatch.agent.samplers import registry
+from epwatch.agent.samplers.runner import make_sample_round
+from epwatch.cliargs import (
+    add_log_level_argument,
+    hostport_text,
+    parse_hostport,
+    positive,
+    setup_logging,
+    stop_on_signals,
+)
+from epwatch.frames import default_socket_path
 
 log = logging.getLogger("epwatch.agent")
 
-
-def _samplers_module() -> Any | None:
-    """``agent.samplers.registry`` (absent in a hooks-only install)."""
-    try:
-        from agent.samplers import registry
-    except ImportError:
-        return None
-    return registry
+D = AgentConfig  # the defaults below are the config's own
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--collector",
-        default="127.0.0.1:50051",
+        default=D.collector,
         type=hostport_text,
         metavar="HOST:PORT",
         help="collector gRPC address (default %(default)s)",
@@ -57,16 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--socket-mode",
         type=lambda text: int(text, 8),
-        default=0o666,
+        default=D.socket_mode,
         metavar="OCTAL",
-        help="permissions of the socket: who may send hook records (default 666, any "
+        help="permissions of the socket: who may send hook records (default %(default)o, any "
         "local user: engines often run as another user; 660 with a shared group is "
         "stricter)",
     )
     parser.add_argument(
         "--spool-records",
         type=positive(int),
-        default=1_000_000,
+        default=D.spool_records,
         metavar="N",
         help="records kept until acked; beyond it the oldest unsent are dropped and "
         "counted (default %(default)s)",
@@ -74,14 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-records",
         type=positive(int),
-        default=16_384,
+        default=D.batch_records,
         metavar="N",
         help="records per shipped batch (default %(default)s)",
     )
     parser.add_argument(
         "--flush-interval",
         type=positive(float),
-        default=0.2,
+        default=D.flush_interval_s,
         metavar="S",
         help="ship a partial batch after this many seconds (default %(default)s)",
     )
@@ -95,14 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backoff-max",
         type=positive(float),
-        default=5.0,
+        default=D.backoff_max_s,
         metavar="S",
         help="longest reconnect backoff (default %(default)s)",
     )
     parser.add_argument(
         "--sample-interval",
         type=positive(float),
-        default=1.0,
+        default=D.sample_interval_s,
         metavar="S",
         help="seconds between node sampler rounds (default %(default)s)",
     )
@@ -112,61 +104,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run one sampler round, print it and exit",
     )
     parser.add_argument("--json", action="store_true", help="with --sample-once: JSON output")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
-                        help="logging level (default %(default)s)")  # fmt: skip
-    registry = _samplers_module()
-    if registry is not None:
-        registry.add_sampler_arguments(parser)
+    add_log_level_argument(parser)
+    registry.add_sampler_arguments(parser)
 
 
 def _sample_once(args: argparse.Namespace) -> int:
-    registry = _samplers_module()
-    if registry is None:
-        print("node samplers are not available in this build", file=sys.stderr)
-        return 2
     samplers = registry.build_samplers(args)
     result = registry.sample_once(samplers)
-    if args.json:
-        print(json.dumps(result, default=str))
-    else:
-        print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, default=str, indent=None if args.json else 2))
     return 0
-
-
-def make_sample_round(
-    samplers: Sequence[Sampler], interval_s: float
-) -> tuple[SampleRound, Callable[[], None]]:
-    """The :class:`Agent`'s round function over ``samplers``, and how to release them.
-
-    A :class:`RoundRunner` is kept across rounds so that a sampler stuck in a driver
-    call is reported failed and not started again until that call returns; a round
-    gets 80% of the interval (at least 0.2 s) before its stragglers count as failed.
-    """
-    from agent.samplers import registry
-
-    runner = registry.RoundRunner(samplers, timeout_s=max(0.2, 0.8 * interval_s))
-
-    def one_round() -> tuple[list[Any], list[Any]]:
-        results = runner.run()
-        points = []
-        for r in results:
-            points.extend(r.points)
-            points.extend(registry.status_points(r))
-        return points, results
-
-    def close() -> None:
-        runner.close()
-        registry.close_samplers(samplers)
-
-    return one_round, close
 
 
 def _sample_round(args: argparse.Namespace) -> tuple[SampleRound | None, Callable[[], None]]:
     """The enabled samplers' round function (None when there is none) and its release."""
-    registry = _samplers_module()
-    if registry is None:
-        log.warning("node samplers unavailable: shipping hook records only")
-        return None, lambda: None
     samplers = registry.build_samplers(args)
     if not samplers:
         return None, lambda: None
@@ -174,9 +124,7 @@ def _sample_round(args: argparse.Namespace) -> tuple[SampleRound | None, Callabl
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_level)
     if args.sample_once:
         return _sample_once(args)
     config = AgentConfig(
@@ -194,20 +142,14 @@ def run(args: argparse.Namespace) -> int:
     agent = Agent(config, sample_round)
     metrics_server = None
     if args.metrics_listen is not None:
-        from agent.metrics import serve_metrics
+        from epwatch.agent.metrics import serve_metrics
 
         metrics_server, port = serve_metrics(agent, *args.metrics_listen)
         log.info("agent /metrics on %s:%d", args.metrics_listen[0], port)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     agent.start()
     print(f"epwatch agent {agent.agent_id} ready on {config.socket_path}", flush=True)
-    stop.wait()  # the signal handler runs in this thread and sets it: no need to poll
+    stop.wait()
     log.info("shutting down")
     agent.stop()
     close_samplers()

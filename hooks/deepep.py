@@ -33,11 +33,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from agent.hooks.deferred import Derived
-from agent.hooks.layers import LayerCursor
-from agent.hooks.probe import COMBINE, DISPATCH, NullProbe, Probe, Token
-from agent.hooks.registry import get_probe
-from agent.hooks.tensors import (
+from epwatch.hooks.deferred import Derived
+from epwatch.hooks.layers import LayerCursor
+from epwatch.hooks.probe import COMBINE, DISPATCH, NullProbe, Probe, Token
+from epwatch.hooks.registry import get_probe
+from epwatch.hooks.tensors import (
     HostCopy,
     SmClock,
     cycles_to_seconds,

@@ -15,7 +15,7 @@ from collections import deque
 from types import TracebackType
 from typing import Any
 
-from agent.hooks.clock import Clock, HostClock
+from epwatch.hooks.clock import Clock, HostClock
 from epwatch.schema import MAX_WORLD_SIZE, Phase
 
 log = logging.getLogger("epwatch.hooks")
@@ -31,7 +31,7 @@ Record = tuple[int, int, int, Any, Any, Any, Any, Any, Any, Any]
 
 
 class Probe:
-    """One rank of one EP group. Create it with :func:`agent.hooks.get_probe`."""
+    """One rank of one EP group. Create it with :func:`epwatch.hooks.get_probe`."""
 
     enabled = True
 

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from agent.hooks.layers import LayerCursor
-from agent.hooks.probe import DISPATCH, NullProbe, Probe, Token
-from agent.hooks.registry import get_probe
-from agent.hooks.tensors import row_bytes, split_total
+from epwatch.hooks.layers import LayerCursor
+from epwatch.hooks.probe import DISPATCH, NullProbe, Probe, Token
+from epwatch.hooks.registry import get_probe
+from epwatch.hooks.tensors import row_bytes, split_total
 
 
 class A2ASpan:

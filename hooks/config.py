@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from agent.frames import default_socket_path
+from epwatch.frames import default_socket_path
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 CLOCKS = ("auto", "host", "cuda")
@@ -20,7 +20,7 @@ CLOCKS = ("auto", "host", "cuda")
 
 @dataclass(frozen=True)
 class HookConfig:
-    """Everything a :class:`~agent.hooks.probe.Probe` needs besides its identity."""
+    """Everything a :class:`~epwatch.hooks.probe.Probe` needs besides its identity."""
 
     socket_path: str
     ep_group: str = "default"

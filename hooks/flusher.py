@@ -15,10 +15,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent.hooks.outbox import Outbox
-from agent.hooks.probe import Probe
-from agent.hooks.records import RecordResolver
-from agent.hooks.transport import Transport
+from epwatch.hooks.outbox import Outbox
+from epwatch.hooks.probe import Probe
+from epwatch.hooks.records import RecordResolver
+from epwatch.hooks.transport import Transport
 
 log = logging.getLogger("epwatch.hooks")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.hooks.deferred import Deferred
-from agent.hooks.probe import Probe, Record
+from epwatch.hooks.deferred import Deferred
+from epwatch.hooks.probe import Probe, Record
 from epwatch.schema import (
     MAX_COUNT,
     MAX_DURATION_NS,

@@ -1,6 +1,6 @@
 """EP probes a serving engine calls around each dispatch/combine collective.
 
-    from agent.hooks import get_probe, DISPATCH
+    from epwatch.hooks import get_probe, DISPATCH
 
     probe = get_probe(ep_group="decode-0", rank=r, world_size=p)
     token = probe.begin(step, layer, DISPATCH)
@@ -8,14 +8,14 @@
     probe.end(token, send_bytes=..., recv_bytes=..., recv_tokens=...)
 
 This package imports without torch. The adapters for ``torch.distributed`` and DeepEP
-live in :mod:`agent.hooks.torch_a2a` and :mod:`agent.hooks.deepep` and import torch
+live in :mod:`epwatch.hooks.torch_a2a` and :mod:`epwatch.hooks.deepep` and import torch
 when they are used. See docs/hooks.md.
 """
 
-from agent.hooks.config import HookConfig, default_socket_path
-from agent.hooks.layers import LayerCursor
-from agent.hooks.probe import COMBINE, DISPATCH, NullProbe, Probe, Span
-from agent.hooks.registry import flusher_of, get_probe, shutdown
+from epwatch.hooks.config import HookConfig, default_socket_path
+from epwatch.hooks.layers import LayerCursor
+from epwatch.hooks.probe import COMBINE, DISPATCH, NullProbe, Probe, Span
+from epwatch.hooks.registry import flusher_of, get_probe, shutdown
 
 __all__ = [
     "COMBINE",

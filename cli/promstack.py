@@ -451,10 +451,6 @@ class Prometheus(_Server):
 
         return wait_until(all_up, timeout, "every scrape target to be up")
 
-    def wait_for_query(self, expr: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Wait until `expr` returns a non-empty result."""
-        return wait_until(lambda: self.query(expr), timeout, f"a result for {expr!r}")
-
     def wait_for_alert(
         self,
         alertname: str,

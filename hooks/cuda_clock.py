@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from agent.hooks.deferred import Deferred
+from epwatch.hooks.deferred import Deferred
 
 POOL_MAX = 4096
 

@@ -48,10 +48,6 @@ class Derived(Deferred):
                 p.release()
 
 
-def is_ready(value: object) -> bool:
-    return not isinstance(value, Deferred) or value.ready()
-
-
 def resolve(value: Any) -> Any:
     """The plain value of a ready field (releasing what it pooled)."""
     if isinstance(value, Deferred):

@@ -4,64 +4,67 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
-from types import FrameType
 
 from prometheus_client import disable_created_metrics
 
-from collector.estimators.config import EstimatorConfig
-from collector.groups import default_factory
-from collector.recorder import RecorderConfig
-from collector.service import CollectorConfig, CollectorService
-from epwatch.cliargs import hostport_text, parse_hostport, positive
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
+from epwatch.cliargs import (
+    add_log_level_argument,
+    hostport_text,
+    parse_hostport,
+    positive,
+    setup_logging,
+    stop_on_signals,
+)
+from epwatch.collector.estimators.config import EstimatorConfig
+from epwatch.collector.groups import default_factory
+from epwatch.collector.recorder import RecorderConfig
+from epwatch.collector.service import CollectorConfig, CollectorService
 
 log = logging.getLogger("epwatch.collector")
+
+D, R = CollectorConfig, RecorderConfig  # the defaults below are the configs' own
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grpc-listen",
         type=hostport_text,
-        default="127.0.0.1:50051",
+        default=D.grpc_listen,
         metavar="HOST:PORT",
         help="gRPC address for agents (default %(default)s; port 0 picks a free one)",
     )
     parser.add_argument(
         "--metrics-listen",
         type=parse_hostport,
-        default=("127.0.0.1", 9401),
+        default=D.metrics_listen,
         metavar="HOST:PORT",
-        help="Prometheus /metrics address (default 127.0.0.1:9401)",
+        help="Prometheus /metrics address (default {}:{})".format(*D.metrics_listen),
     )
     parser.add_argument(
         "--update-interval",
         type=positive(float),
-        default=1.0,
+        default=D.update_interval_s,
         metavar="S",
         help="seconds between estimator passes (default %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes",
         type=positive(int),
-        default=64 << 20,
+        default=D.max_message_bytes,
         metavar="N",
-        help="larger messages are rejected with INVALID_ARGUMENT (default 64 MiB)",
+        help="larger messages are rejected with INVALID_ARGUMENT (default %(default)s)",
     )
     parser.add_argument(
         "--max-groups",
         type=positive(int),
-        default=64,
+        default=D.max_groups,
         metavar="N",
         help="EP groups this collector accepts (default %(default)s)",
     )
     parser.add_argument(
         "--max-streams",
         type=positive(int),
-        default=256,
+        default=D.max_streams,
         metavar="N",
         help="concurrent agent streams (default %(default)s)",
     )
@@ -74,19 +77,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--record-max-bytes",
         type=positive(int),
-        default=256 << 20,
+        default=R.max_file_bytes,
         metavar="N",
-        help="rotate a recording after this many bytes (default 256 MiB)",
+        help="rotate a recording after this many bytes (default %(default)s)",
     )
     parser.add_argument(
         "--record-max-seconds",
         type=positive(float),
-        default=3600.0,
+        default=R.max_file_seconds,
         metavar="S",
         help="rotate a recording after this many seconds (default %(default)s)",
     )
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
-                        help="logging level (default %(default)s)")  # fmt: skip
+    add_log_level_argument(parser)
     add_estimator_arguments(parser)
 
 
@@ -151,9 +153,7 @@ def estimator_config(args: argparse.Namespace) -> EstimatorConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_level)
     record = None
     if args.record:
         record = RecorderConfig(
@@ -172,21 +172,14 @@ def run(args: argparse.Namespace) -> int:
         record=record,
     )
     service = CollectorService(config, default_factory(estimator_config(args)))
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     service.start()
     print(
         f"epwatch collector ready: grpc port {service.grpc_port}, "
         f"metrics port {service.metrics_port}",
         flush=True,
     )
-    while not stop.wait(0.5):
-        pass
+    stop.wait()
     log.info("shutting down")
     service.stop()
     return 0

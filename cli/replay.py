@@ -1,0 +1,39 @@
+"""``epwatch replay``: a post-mortem diagnosis from the collector's ``--record`` files.
+
+The recorded hook records go through the same estimators as they did live, in the
+order the collector received them, and the diagnosis comes out as ``simulate``'s does.
+Recordings hold the records only (no per-peer wait rows, no heartbeats, no node
+samples), so the replay can flag compute and routing stragglers but not network
+ones, hangs, or evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from epwatch.collector.estimators.text import format_report
+from epwatch.collector.offline import diagnosis_json
+from epwatch.collector.replay import ReplayError, recording_files, replay
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("paths", type=Path, nargs="+", help="recording files or --record folders")
+    p.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        reports = replay(recording_files(args.paths))
+    except ReplayError as err:
+        print(f"epwatch replay: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(diagnosis_json(reports)))
+    else:
+        print("\n\n".join(format_report(r) for r in reports))
+    return 0

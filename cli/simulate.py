@@ -1,0 +1,100 @@
+"""``epwatch simulate``: a scenario through the estimators, with its diagnosis."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from epwatch.collector.estimators import EstimatorConfig, GroupReport
+from epwatch.collector.estimators.text import format_report
+from epwatch.collector.offline import OfflineRun, diagnosis_json, post_mortem_config
+from epwatch.simulator.engine import Simulation
+from epwatch.simulator.node_samples import NodeSampleModel
+from epwatch.simulator.scenario import Scenario, ScenarioError, load_scenario
+
+EXAMPLE = """\
+scenario file (TOML), every key optional but the fault's kind:
+  seed = 1
+  steps = 400
+  [cluster]  ranks = 64, ranks_per_node = 8, ep_group = "ep0"
+  [model]    layers = 61, experts = 256, topk = 8, hidden = 7168, bytes_per_elem = 1
+  [workload] batch_tokens = 16384, batch_jitter = 0.3, routing = "uniform" | "zipf", zipf_s = 1.0
+  [network]  latency_us = 80, bandwidth_gbps = 40, noise_cv = 0.05
+  [compute]  ns_per_token = 40, noise_cv = 0.05
+  [probe]    peer_sample_every = 10
+  [[faults]] kind = "slow_gpu" | "slow_nic" | "hot_expert" | "hang" | "slow_link",
+             rank, start_step, factor (slow_gpu, slow_nic, slow_link), expert and share
+             (hot_expert), layer (hang), peer (slow_link: the link's other end)
+examples are in simulator/scenarios/.
+"""
+
+
+@dataclass
+class Truth:
+    """What the simulator knows and the estimators must recover (for tests)."""
+
+    gamma: list[np.ndarray] = field(default_factory=list)  # [S, L] per chunk
+    latency_s: float = 0.0
+    bandwidth_Bps: float = 0.0
+
+
+def run_scenario(
+    scenario: Scenario,
+    config: EstimatorConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[GroupReport, Truth]:
+    """Simulate, feed the collector's estimators chunk by chunk (with the nodes' GPU
+    and NIC samples about once a chunk, as agents would ship them), and return the
+    run's report with the simulator's ground truth."""
+    sim = Simulation(scenario)
+    P = scenario.cluster.ranks
+    run = OfflineRun(
+        scenario.cluster.ep_group,
+        P,
+        post_mortem_config(scenario.steps, config),
+        nodes={r: scenario.node_of(r) for r in range(P)},
+    )
+    truth = Truth(latency_s=sim.latency_s, bandwidth_Bps=sim.bandwidth_Bps)
+    nodes = NodeSampleModel(scenario)
+    for chunk in sim.chunks():
+        run.ingest(sim.records(chunk), peer_rows=chunk.peer_rows, entered=chunk.entered)
+        end = float(chunk.exit_s[chunk.valid].max())
+        for node, points in nodes.advance(int(chunk.steps[-1]), end - run.source_time_s).items():
+            run.node_sample(node, points, end)
+        truth.gamma.append(sim.true_gamma(chunk)[chunk.valid.all(axis=(2, 3))])
+        if progress:
+            progress(int(chunk.steps[-1]) + 1, sim.last_step + 1)
+    return run.finish(), truth
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EXAMPLE
+    p.add_argument("scenario", type=Path, help="scenario file (TOML)")
+    p.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"\rsimulating step {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        scenario = load_scenario(args.scenario)
+    except ScenarioError as err:
+        print(f"epwatch simulate: {err}", file=sys.stderr)
+        return 2
+    show = not args.quiet and sys.stderr.isatty()
+    report, _ = run_scenario(scenario, progress=_progress if show else None)
+    if args.json:
+        print(json.dumps(diagnosis_json([report])))
+    else:
+        print(format_report(report))
+    return 0
