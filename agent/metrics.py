@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from epwatch.agent.daemon import Agent
+from epwatch.webserver import WebServer
 
 
 class AgentMetrics(Collector):
@@ -86,9 +87,8 @@ class AgentMetrics(Collector):
         yield rejected
 
 
-def serve_metrics(agent: Agent, host: str, port: int) -> tuple[object, int]:
-    """Start /metrics; return the server (for shutdown) and the bound port."""
+def serve_metrics(agent: Agent, host: str, port: int) -> WebServer:
+    """Start /metrics; the server's ``port`` is the bound one, ``stop()`` ends it."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentMetrics(agent))
-    server, _ = start_http_server(port, host, registry=registry)
-    return server, server.server_port
+    return WebServer(registry, host, port).start()

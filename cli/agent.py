@@ -144,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_listen is not None:
         from epwatch.agent.metrics import serve_metrics
 
-        metrics_server, port = serve_metrics(agent, *args.metrics_listen)
-        log.info("agent /metrics on %s:%d", args.metrics_listen[0], port)
+        metrics_server = serve_metrics(agent, *args.metrics_listen)
+        log.info("agent /metrics on %s:%d", args.metrics_listen[0], metrics_server.port)
     stop = stop_on_signals()
     agent.start()
     print(f"epwatch agent {agent.agent_id} ready on {config.socket_path}", flush=True)
@@ -154,5 +154,5 @@ def run(args: argparse.Namespace) -> int:
     agent.stop()
     close_samplers()
     if metrics_server is not None:
-        metrics_server.shutdown()  # type: ignore[attr-defined]
+        metrics_server.stop()
     return 0

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest
 
 from epwatch.collector.agents import AgentTable
 from epwatch.collector.analyzer import Analyzer
@@ -23,6 +23,7 @@ from epwatch.collector.metrics import GroupMetrics, IngestMetrics, family_names
 from epwatch.collector.recorder import Recorder, RecorderConfig
 from epwatch.collector.samples import NodeSampleStore
 from epwatch.collector.server import CollectorHandlers, build_server
+from epwatch.webserver import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class CollectorService:
             max_message_bytes=config.max_message_bytes,
             max_workers=config.max_streams,
         )
-        self._http: Any = None
+        self._http: WebServer | None = None
         self.metrics_port = 0
 
     def _stalled_s(self, group: Group) -> float:
@@ -109,8 +110,8 @@ class CollectorService:
         self.analyzer.start()
         if self.config.metrics_listen is not None:
             host, port = self.config.metrics_listen
-            self._http, _ = start_http_server(port, host, registry=self.registry)
-            self.metrics_port = self._http.server_port
+            self._http = WebServer(self.registry, host, port).start()
+            self.metrics_port = self._http.port
         log.info(
             "collector: gRPC on port %d, /metrics on port %d", self.grpc_port, self.metrics_port
         )
@@ -123,8 +124,7 @@ class CollectorService:
         if self.recorder is not None:
             self.recorder.stop()
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
 
     def metrics_text(self) -> str:
         return generate_latest(self.registry).decode()

@@ -250,7 +250,8 @@ def test_agent_metrics_pass_promtool(sockdir: str) -> None:
 
     agent = make_agent(free_port(), f"{sockdir}/a.sock")
     agent.start()
-    server, port = serve_metrics(agent, "127.0.0.1", 0)
+    server = serve_metrics(agent, "127.0.0.1", 0)
+    port = server.port
     try:
         with FrameSender(f"{sockdir}/a.sock") as s:
             s.send(encode_frame(b"\xff"))
@@ -263,7 +264,7 @@ def test_agent_metrics_pass_promtool(sockdir: str) -> None:
         assert value(text, "epwatch_agent_frames_rejected_total", node="n0", reason="garbage") == 1
         assert value(text, "epwatch_agent_collector_connected", node="n0") == 0
     finally:
-        server.shutdown()  # type: ignore[attr-defined]
+        server.stop()
         agent.stop(drain_timeout=0)
 
 
