@@ -12,6 +12,7 @@ and the report's wait matrix need). :class:`Recording` writes both.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -34,6 +35,9 @@ from epwatch.schema import (
 )
 
 log = logging.getLogger(__name__)
+# File numbers, unique in the process: two recorders writing one folder in the same
+# second (a test, a tool) must not take each other's file names.
+_FILE_SEQ = itertools.count(1)
 
 
 def _batch_fields() -> list[tuple[str, Any]]:
@@ -163,7 +167,6 @@ class Recorder:
         self._writer: Any = None
         self._path = ""
         self._opened_s = 0.0
-        self._seq = 0
         self.files: list[str] = []
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
 
@@ -248,9 +251,9 @@ class Recorder:
     def _open(self) -> None:
         import pyarrow.parquet as pq
 
-        self._seq += 1
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        name = f"{self.kind.prefix}-{stamp}-{os.getpid()}-{self._seq:04d}.parquet.partial"
+        seq = next(_FILE_SEQ)
+        name = f"{self.kind.prefix}-{stamp}-{os.getpid()}-{seq:04d}.parquet.partial"
         self._path = os.path.join(self.config.directory, name)
         self._writer = pq.ParquetWriter(self._path, self.kind.schema(), compression="zstd")
         self._opened_s = time.monotonic()
