@@ -44,8 +44,7 @@ def parse_time(value: str) -> int:
             when = datetime.fromisoformat(value)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected an ISO 8601 time (2025-06-01T10:00:00Z) or Unix seconds, "
-                f"got {value!r}"
+                f"expected an ISO 8601 time (2025-06-01T10:00:00Z) or Unix seconds, got {value!r}"
             ) from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
@@ -70,9 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--to", dest="end", type=parse_time, metavar="T", help="only records received before T"
     )
     p.add_argument("--ep-group", metavar="G", help="only this EP group (default: every group)")
-    p.add_argument(
-        "--json", action="store_true", help="print the data behind every figure as JSON"
-    )
+    p.add_argument("--json", action="store_true", help="print the data behind every figure as JSON")
     p.add_argument(
         "--perfetto", type=Path, metavar="FILE",
         help="write a Chrome trace-event JSON for ui.perfetto.dev / chrome://tracing: one "
@@ -142,8 +139,18 @@ def make_report(
     runs = [diagnose(g, say) for g in groups]
     data = None
     if out is not None or want_json:
+        analysed = [run for run in runs if run.steps]
+        for run in runs:
+            if not run.steps:
+                print(
+                    f"epwatch report: EP group {run.recording.name}: no complete step in the "
+                    "window (every rank's records of every layer); left out of the report",
+                    file=sys.stderr,
+                )
+        if not analysed:
+            raise ReplayError("no EP group has a complete step in the window")
         say("computing the figures' data")
-        figures = [figure_data(run) for run in runs]
+        figures = [figure_data(run) for run in analysed]
         if out is not None:
             say("drawing the figures")
             _write_atomically(out, render([group_section(f) for f in figures]))

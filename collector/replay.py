@@ -147,11 +147,13 @@ class GroupRecording:
 
     def peer_rows(self) -> PeerRows | None:
         """The group's per-peer rows, validated, or None when none were recorded."""
+        import pyarrow as pa
+
         if self.peers is None or not self.peers.num_rows:
             return None
         try:
             return _peer_rows(self.peers, self.world_size)
-        except RecordError as err:
+        except (RecordError, ValueError, TypeError, pa.ArrowException) as err:
             raise ReplayError(f"EP group {self.name!r} per-peer rows: {err}") from None
 
     def batches(self) -> Iterator[tuple[RecordColumns, str, PeerRows | None]]:
@@ -169,10 +171,10 @@ class GroupRecording:
             owner = np.clip(np.searchsorted(received[starts], t, side="right") - 1, 0, None)
             bounds = np.searchsorted(owner, np.arange(len(starts) + 1))
         for i, (start, end) in enumerate(zip(starts.tolist(), ends, strict=True)):
-            records = RecordColumns.from_arrays(**{n: c[start:end] for n, c in cols.items()})
             try:
+                records = RecordColumns.from_arrays(**{n: c[start:end] for n, c in cols.items()})
                 records.validate(world)
-            except RecordError as err:
+            except (RecordError, ValueError, TypeError) as err:
                 raise ReplayError(f"EP group {group!r}: {err}") from None
             rows = None
             if peer_rows is not None and bounds is not None and bounds[i + 1] > bounds[i]:

@@ -26,7 +26,10 @@ import pytest
 
 from epwatch.cli.demo import add_arguments, demo_scenario
 from epwatch.cli.simrecord import record_scenario
+from epwatch.collector.recorder import Recorder, RecorderConfig
+from epwatch.simulator.scenario import load_scenario
 from tests import headless
+from tests.helpers import make_records
 
 pytest.importorskip("pandas")
 pytest.importorskip("matplotlib")
@@ -294,3 +297,46 @@ def test_the_live_paths_never_import_pandas_or_matplotlib() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+TINY = {
+    "seed": 5,
+    "steps": 40,
+    "cluster": {"ranks": 4, "ranks_per_node": 2, "ep_group": "tiny"},
+    "model": {"layers": 2, "experts": 8},
+    "probe": {"peer_sample_every": 4},
+}
+
+
+def test_a_group_without_a_complete_step_is_left_out_with_a_note(tmp_path: Path) -> None:
+    record_scenario(load_scenario(TINY), tmp_path)
+    partial = Recorder(RecorderConfig(str(tmp_path), flush_seconds=0.01), lambda n: None)
+    partial.start()
+    partial.put("partial", "n9", 16, make_records(64, 16))  # dispatch only: never complete
+    partial.stop()
+    out = report_cli(str(tmp_path), "--json", "--out", str(tmp_path / "r.html"))
+    assert out.returncode == 0, out.stderr
+    assert [g["ep_group"] for g in json.loads(out.stdout)["groups"]] == ["tiny"]
+    assert "EP group partial: no complete step" in out.stderr
+    only = report_cli(str(tmp_path), "--json", "--ep-group", "partial")
+    assert only.returncode == 2 and "no EP group has a complete step" in only.stderr
+
+
+def test_a_malformed_per_peer_file_is_a_clear_error(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    record_scenario(load_scenario(TINY), tmp_path)
+    (good,) = tmp_path.glob("peers-*.parquet")
+    table = pq.read_table(good)
+    bad = table.set_column(
+        table.column_names.index("wait_s"), "wait_s", pa.array(["x"] * table.num_rows)
+    )
+    pq.write_table(bad, good)
+    for command in ("report", "replay"):
+        out = subprocess.run(
+            [sys.executable, "-m", "epwatch.cli", command, str(tmp_path), "--json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        assert "per-peer rows" in out.stderr and "Traceback" not in out.stderr

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from epwatch.collector.estimators.report import PhaseReport
 from epwatch.collector.estimators.stats import C, D
 from epwatch.collector.postmortem.load import GroupRun
 from epwatch.schema import PHASE_NAMES, PeerRows, Phase
@@ -23,6 +22,7 @@ from epwatch.schema import PHASE_NAMES, PeerRows, Phase
 MAX_STEP_BINS = 60  # columns of the per-rank heatmaps
 MAX_WAIT_INTERVALS = 8  # intervals the sampled steps are cut into for the worst one
 MAX_SCATTER_POINTS = 4000  # per phase, drawn and printed (the fit used them all)
+MAX_WAIT_MATRIX_RANKS = 2048  # a P x P matrix per phase and interval; unreadable beyond
 
 
 def _num(v: Any) -> float | None:
@@ -127,9 +127,9 @@ def _top_ranks(heat: pd.DataFrame) -> list[int | None]:
 def hockney_points(run: GroupRun, phase: Phase) -> tuple[np.ndarray, np.ndarray]:
     """The points the estimators fitted for ``phase``: (V, t_xfer) of every layer of
     every step, V the busiest NIC direction and t_xfer the shortest duration."""
-    v = np.concatenate([s.volume_bytes[:, phase] for s in run.steps]) if run.steps else []
-    t = np.concatenate([s.transfer_s[:, phase] for s in run.steps]) if run.steps else []
-    return np.asarray(v, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    v = np.concatenate([s.volume_bytes[:, phase] for s in run.steps])
+    t = np.concatenate([s.transfer_s[:, phase] for s in run.steps])
+    return v.astype(np.float64), t.astype(np.float64)
 
 
 def _subsample(n: int, most: int) -> np.ndarray:
@@ -138,13 +138,10 @@ def _subsample(n: int, most: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(n, most, replace=False))
 
 
-def _fit_json(p: PhaseReport | None, raw: dict[str, Any]) -> dict[str, Any]:
-    """The phase's fit as the diagnosis reports it, with a gate's reason when the
-    estimators give one (a regime of ``unknown``)."""
-    out = dict(raw)
-    reason = raw.get("reason") or raw.get("regime_reason")
-    out["regime_reason"] = reason
-    return out
+def _fit_json(diagnosed: dict[str, Any]) -> dict[str, Any]:
+    """The phase's fit as the diagnosis reports it, with the reason when a fit gate
+    leaves the regime ``unknown`` (null while the estimators give none)."""
+    return {**diagnosed, "regime_reason": diagnosed.get("regime_reason", diagnosed.get("reason"))}
 
 
 # -- wait matrix -------------------------------------------------------------------------
@@ -173,7 +170,7 @@ def wait_matrices(rows: PeerRows | None, world: int) -> dict[str, Any] | None:
     of at most ``MAX_WAIT_INTERVALS`` cuts of the sampled steps, the one where a rank
     stands out most (as the source everyone waits for, or the destination waiting
     for everyone), in either phase."""
-    if rows is None or not len(rows) or not rows.wait_s.size:
+    if rows is None or not len(rows) or not rows.wait_s.size or world > MAX_WAIT_MATRIX_RANKS:
         return None
     sampled = np.unique(rows.step)
     cuts = min(MAX_WAIT_INTERVALS, len(sampled))
@@ -260,7 +257,6 @@ class FigureData:
     waits: dict[str, Any] | None
     layers: pd.DataFrame
     layer_since: int | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         r = self.run.report
@@ -268,19 +264,10 @@ class FigureData:
         bins = [[int(a), int(b) - 1] for a, b in zip(self.edges[:-1], self.edges[1:], strict=True)]
         waits = None
         if self.waits is not None:
-            waits = {
-                k: (
-                    {
-                        "mean_s": _nums(v["mean_s"]),
-                        "worst_s": _nums(v["worst_s"]),
-                        "top_source": v["top_source"],
-                        "top_destination": v["top_destination"],
-                    }
-                    if isinstance(v, dict)
-                    else v
-                )
-                for k, v in self.waits.items()
-            }
+            waits = dict(self.waits)
+            for phase in ("dispatch", "combine"):
+                m = self.waits[phase]
+                waits[phase] = {**m, "mean_s": _nums(m["mean_s"]), "worst_s": _nums(m["worst_s"])}
         return {
             "ep_group": rec.name,
             "ranks": rec.world_size,
@@ -319,11 +306,12 @@ class FigureData:
 
 
 def figure_data(run: GroupRun) -> FigureData:
-    """Everything the report draws for one replayed EP group."""
+    """Everything the report draws for one replayed EP group (with at least one
+    analysed step)."""
     times = step_times(run.recording.records)
     eps = episodes(run, times)
     steps = [s.step for s in run.steps]
-    edges = step_bins(min(steps), max(steps)) if steps else np.array([0, 1])
+    edges = step_bins(min(steps), max(steps))
     hockney: dict[str, dict[str, Any]] = {}
     diagnosis = run.report.to_json()
     for phase in (Phase.DISPATCH, Phase.COMBINE):
@@ -331,7 +319,7 @@ def figure_data(run: GroupRun) -> FigureData:
         v, t = hockney_points(run, phase)
         keep = _subsample(len(v), MAX_SCATTER_POINTS)
         hockney[name] = {
-            **_fit_json(run.report.phases.get(name), diagnosis[name]),
+            **_fit_json(diagnosis[name]),
             "points_total": len(v),
             "bytes": _nums(v[keep]),
             "seconds": _nums(t[keep]),

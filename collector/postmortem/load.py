@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from epwatch.collector.estimators import GroupReport
 from epwatch.collector.estimators.stats import StepStats
 from epwatch.collector.offline import OfflineRun
@@ -94,7 +92,3 @@ def diagnose(group: GroupRecording, progress: ProgressFn | None = None) -> Group
 
     report = replay_group(group, after_batch=collect)
     return GroupRun(group, report, steps)
-
-
-def step_numbers(steps: list[StepStats]) -> np.ndarray:
-    return np.fromiter((s.step for s in steps), dtype=np.int64, count=len(steps))

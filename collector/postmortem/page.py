@@ -93,7 +93,7 @@ def _fits_table(data: FigureData) -> str:
     )
 
 
-def group_section(data: FigureData, progress: Any = None) -> str:
+def group_section(data: FigureData) -> str:
     """One EP group: summary, episodes, and the figures."""
     j = data.to_json()
     rec = data.run.recording
@@ -141,8 +141,9 @@ def group_section(data: FigureData, progress: Any = None) -> str:
             "data. A bright row is a source everyone waits for (late or slow sender), a "
             "bright column a destination that waits for everyone."
             if data.waits is not None
-            else "No per-peer rows were recorded in this window (they are sampled on some "
-            "steps; recordings made before per-peer rows were recorded have none).",
+            else "No wait matrix: no per-peer rows were recorded in this window (they are "
+            "sampled on some steps; older recordings have none), or the group is wider "
+            "than a readable matrix.",
         ),
         "<h2>Routing skew per layer</h2>",
         _figure(
