@@ -223,7 +223,19 @@ def test_the_perfetto_trace_is_valid_and_has_one_span_per_collective(
     assert len(keys) == len(spans)  # one span per (rank, step, layer, phase)
     assert {e["tid"] for e in spans} == set(range(RANKS))
     assert {e["cat"] for e in spans} == {"dispatch", "combine"}
-    assert all({"send_bytes", "recv_bytes", "recv_tokens"} <= e["args"].keys() for e in spans)
+    # each span carries its own record's bytes, tokens and duration (rank-local clock)
+    import pyarrow.parquet as pq
+
+    directory, _ = recording
+    recorded = pq.read_table(sorted(directory.glob("records-*.parquet"))).to_pylist()
+    phase = {0: "dispatch", 1: "combine"}
+    want = {(r["rank"], r["step"], r["layer"], phase[r["phase"]]):
+            (r["send_bytes"], r["recv_bytes"], r["recv_tokens"],
+             round((r["exit_ns"] - r["enter_ns"]) / 1e3, 3)) for r in recorded}  # fmt: skip
+    got = {(e["tid"], e["args"]["step"], e["args"]["layer"], e["cat"]):
+           (e["args"]["send_bytes"], e["args"]["recv_bytes"], e["args"]["recv_tokens"],
+            round(e["dur"], 3)) for e in spans}  # fmt: skip
+    assert got == want
     # one process per node, each rank's thread in its node's process
     names = {e["pid"]: e["args"]["name"] for e in events
              if e["ph"] == "M" and e["name"] == "process_name"}  # fmt: skip

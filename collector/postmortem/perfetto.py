@@ -62,8 +62,8 @@ def aligned_times(records: Any) -> tuple[pd.DataFrame, pd.Series]:
     start -= start.iloc[0] if len(start) else 0.0
     # A rank's offset in a step; a step without its reference takes the nearest one.
     offset = local.sub(start, axis=0).ffill().bfill().add(zero.astype(np.float64), axis=1)
-    long = offset.stack().rename("offset").reset_index()
-    frame = frame.merge(long, on=["step", "rank"], how="left", sort=False)
+    keys = pd.MultiIndex.from_arrays([frame["step"], frame["rank"]])
+    frame["offset"] = offset.stack().reindex(keys).to_numpy()  # in the records' order
     aligned_exit = frame["exit_ns"] - frame["offset"]
     common_exit = aligned_exit.groupby([frame["step"], frame["layer"], frame["phase"]]).transform(
         "median"
@@ -119,8 +119,8 @@ def _group_events(
         yield _meta("thread_sort_index", rpid, rank, {"sort_index": rank})
     at = start / 1e3
 
-    def when(step: int) -> float:
-        return float(at.get(step, at.iloc[-1] if step > at.index[-1] else at.iloc[0]))
+    def when(step: int) -> float:  # the step's start, or the nearest recorded step's
+        return float(at.iloc[min(at.index.searchsorted(step), len(at) - 1)])
 
     for s in run.report.stragglers:
         args = {"cause": s.cause, "slowdown": s.slowdown, "node": s.node,
