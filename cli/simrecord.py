@@ -10,20 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from epwatch.collector.recorder import RecorderConfig, Recording
-from epwatch.schema import PeerRows
 from epwatch.simulator.engine import Simulation
 from epwatch.simulator.scenario import Scenario
-
-
-def _take(rows: PeerRows, keep: np.ndarray) -> PeerRows:
-    return PeerRows(
-        rank=rows.rank[keep],
-        step=rows.step[keep],
-        layer=rows.layer[keep],
-        phase=rows.phase[keep],
-        wait_s=rows.wait_s[keep],
-        send_bytes=rows.send_bytes[keep],
-    )
 
 
 def record_scenario(scenario: Scenario, directory: Path, start_ns: int | None = None) -> int:
@@ -49,7 +37,7 @@ def record_scenario(scenario: Scenario, directory: Path, start_ns: int | None = 
                 for node in dict.fromkeys(node_of):
                     ranks = np.flatnonzero(node_of == node)
                     mine = records.take((records.step == step) & np.isin(records.rank, ranks))
-                    peers = _take(rows, (rows.step == step) & np.isin(rows.rank, ranks))
+                    peers = rows.take((rows.step == step) & np.isin(rows.rank, ranks))
                     recording.put(group, str(node), world, mine, peers, received_ns=at)
                     written += len(mine)
     finally:

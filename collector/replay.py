@@ -124,17 +124,6 @@ def _peer_rows(peers: Any, world_size: int) -> PeerRows:
     return rows
 
 
-def _take_peers(rows: PeerRows, index: np.ndarray) -> PeerRows:
-    return PeerRows(
-        rank=rows.rank[index],
-        step=rows.step[index],
-        layer=rows.layer[index],
-        phase=rows.phase[index],
-        wait_s=rows.wait_s[index],
-        send_bytes=rows.send_bytes[index] if rows.send_bytes.size else rows.send_bytes,
-    )
-
-
 @dataclass(frozen=True)
 class GroupRecording:
     """One EP group's part of a recording: its records and per-peer rows, each sorted
@@ -178,7 +167,7 @@ class GroupRecording:
                 raise ReplayError(f"EP group {group!r}: {err}") from None
             rows = None
             if peer_rows is not None and bounds is not None and bounds[i + 1] > bounds[i]:
-                rows = _take_peers(peer_rows, np.arange(bounds[i], bounds[i + 1]))
+                rows = peer_rows.take(slice(bounds[i], bounds[i + 1]))
             yield records, node_names[node_code[start]], rows
 
 
