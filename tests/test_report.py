@@ -352,3 +352,25 @@ def test_a_malformed_per_peer_file_is_a_clear_error(tmp_path: Path) -> None:
         )  # fmt: skip
         assert out.returncode == 2, out.stderr
         assert "per-peer rows" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_progress_lines_name_each_stage_once_and_stay_quiet_on_small_work() -> None:
+    from epwatch.cli.report import Progress
+
+    big = io.StringIO()
+    progress = Progress(big, big=True, every_s=3600)
+    progress("reading the recording")
+    progress("EP group ep0: estimators", 0.25)
+    progress("EP group ep0: estimators", 0.5)  # within every_s of the last line: quiet
+    progress("drawing the figures")
+    lines = big.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "epwatch report: reading the recording",
+        "epwatch report: EP group ep0: estimators  25%",
+        "epwatch report: drawing the figures",
+    ]
+    small = io.StringIO()
+    quiet = Progress(small, big=False, after_s=3600)
+    quiet("reading the recording")
+    quiet("EP group ep0: estimators", 0.5)
+    assert small.getvalue() == ""
