@@ -278,9 +278,11 @@ def test_the_trace_lines_ranks_up_on_the_clock_free_basis(report: dict) -> None:
     assert late == []
 
 
-def test_time_window_and_group_select_and_errors_are_clear(recording: tuple[Path, int]) -> None:
+def test_time_window_and_group_select_and_errors_are_clear(
+    recording: tuple[Path, int], report: dict
+) -> None:
     directory, _ = recording
-    full = json.loads(report_cli(str(directory), "--json").stdout)["groups"][0]
+    full = report["group"]
     cut = full["episodes"][1]["first_time"]  # when the hot expert was flagged
     out = report_cli(str(directory), "--json", "--from", cut)
     assert out.returncode == 0, out.stderr
