@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "collector": ("epwatch.cli.collector", "Run the collector: gRPC ingest, estimators, /metrics."),
     "replay": ("epwatch.cli.replay", "Post-mortem diagnosis from the collector's --record files."),
+    "report": (
+        "epwatch.cli.report",
+        "Post-mortem HTML report (figures) or Perfetto trace from --record files.",
+    ),
     "agent": (
         "epwatch.cli.agent",
         "Run the node agent: hook records and node samples to the collector.",

@@ -34,6 +34,7 @@ from epwatch.cli.demo_view import HEADER, AlertWatch, table_row
 from epwatch.cliargs import parse_hostport, stop_on_signals
 from epwatch.collector.estimators.text import format_report
 from epwatch.collector.offline import diagnosis_json
+from epwatch.collector.recorder import RecorderConfig
 from epwatch.collector.service import CollectorConfig, CollectorService
 from epwatch.simulator.scenario import Scenario, ScenarioError, load_scenario
 
@@ -87,6 +88,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the collector's /metrics (default 127.0.0.1:9401; port 0 picks one)",
     )
     p.add_argument("--json", action="store_true", help="end with the diagnosis as JSON")
+    p.add_argument(
+        "--record",
+        type=Path,
+        metavar="DIR",
+        help="record what the collector accepts into DIR, as `epwatch collector --record`",
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="with --record: end by writing this run's HTML report (`epwatch report`) to "
+        "DIR/report.html",
+    )
     p.add_argument(
         "--prometheus",
         action="store_true",
@@ -224,7 +237,27 @@ def start_prometheus(
     return stack
 
 
+def write_report(directory: Path, since_ns: int) -> None:
+    """This run's part of the recording as an HTML report in the same folder."""
+    from epwatch.cli.report import INSTALL, make_report
+    from epwatch.collector.replay import ReplayError
+
+    out = directory / "report.html"
+    try:
+        make_report([directory], out=out, start_ns=since_ns)
+    except (ReplayError, OSError) as err:
+        print(f"epwatch demo: no report: {err}", file=sys.stderr)
+        return
+    except ImportError:
+        print(f"epwatch demo: no report: {INSTALL}", file=sys.stderr)
+        return
+    print(f"report: {out}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.report and args.record is None:
+        print("epwatch demo: --report needs --record DIR (where the report goes)", file=sys.stderr)
+        return 2
     try:
         scenario = demo_scenario(args)
     except ScenarioError as err:
@@ -232,8 +265,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     stop = stop_on_signals()
     disable_created_metrics()  # as `epwatch collector`: no *_created twin per counter
+    started_ns = time.time_ns()
     service = CollectorService(
-        CollectorConfig(grpc_listen="127.0.0.1:0", metrics_listen=args.metrics_listen)
+        CollectorConfig(
+            grpc_listen="127.0.0.1:0",
+            metrics_listen=args.metrics_listen,
+            record=RecorderConfig(str(args.record)) if args.record else None,
+        )
     )
     try:
         service.start()
@@ -301,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     for report in reports:
         print(format_report(report))
+    if args.report:
+        write_report(args.record, started_ns)
     if args.json:
         print(json.dumps(diagnosis_json(reports)))
     return 0

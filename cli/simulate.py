@@ -79,6 +79,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", type=Path, help="scenario file (TOML)")
     p.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--record",
+        type=Path,
+        metavar="DIR",
+        help="also write the run as the collector's --record would (records and per-peer "
+        "rows), for `epwatch replay` and `epwatch report`",
+    )
 
 
 def _progress(done: int, total: int) -> None:
@@ -92,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"epwatch simulate: {err}", file=sys.stderr)
         return 2
     show = not args.quiet and sys.stderr.isatty()
+    if args.record is not None:
+        from epwatch.cli.simrecord import record_scenario
+
+        written = record_scenario(scenario, args.record)
+        print(f"recorded {written:,} records in {args.record}", file=sys.stderr)
     report, _ = run_scenario(scenario, progress=_progress if show else None)
     if args.json:
         print(json.dumps(diagnosis_json([report])))

@@ -19,7 +19,7 @@ from epwatch.collector.decode import check_size, parse_message
 from epwatch.collector.dedup import SeqDeduper
 from epwatch.collector.groups import GroupTable
 from epwatch.collector.metrics import IngestMetrics
-from epwatch.collector.recorder import Recorder
+from epwatch.collector.recorder import Recording
 from epwatch.collector.samples import NodeSampleStore
 from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import RecordError
@@ -60,7 +60,7 @@ class Ingestor:
         metrics: IngestMetrics,
         *,
         max_message_bytes: int = 64 << 20,
-        recorder: Recorder | None = None,
+        recorder: Recording | None = None,
         evidence_update: EvidenceUpdate | None = None,
     ) -> None:
         self.groups = groups
@@ -129,8 +129,8 @@ class Ingestor:
             group.last_ingest_s = now
         if len(d.records):
             self.metrics.records.labels(d.ep_group).inc(len(d.records))
-            if self.recorder is not None:
-                self.recorder.put(d.ep_group, node, d.world_size, d.records)
+        if self.recorder is not None:
+            self.recorder.put(d.ep_group, node, d.world_size, d.records, d.peer_rows)
 
     def _sample(self, sample: pb.NodeSample, node: str) -> None:
         self.samples.validate(sample, node)

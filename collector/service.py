@@ -20,7 +20,7 @@ from epwatch.collector.estimators.report import GroupReport
 from epwatch.collector.groups import EstimatorFactory, Group, GroupTable, default_factory, finite
 from epwatch.collector.ingest import Ingestor
 from epwatch.collector.metrics import GroupMetrics, IngestMetrics, family_names
-from epwatch.collector.recorder import Recorder, RecorderConfig
+from epwatch.collector.recorder import RecorderConfig, Recording
 from epwatch.collector.samples import NodeSampleStore
 from epwatch.collector.server import CollectorHandlers, build_server
 from epwatch.webserver import WebServer
@@ -69,7 +69,7 @@ class CollectorService:
         self.registry.register(self.samples)
         self.evidence = _node_evidence()
         self.recorder = (
-            Recorder(config.record, self.metrics.recorder_dropped.inc) if config.record else None
+            Recording(config.record, self.metrics.recorder_dropped.inc) if config.record else None
         )
         self.ingestor = Ingestor(
             self.groups,

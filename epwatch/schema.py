@@ -189,6 +189,22 @@ class PeerRows:
     def __len__(self) -> int:
         return len(self.rank)
 
+    def take(self, index: np.ndarray | slice) -> PeerRows:
+        """The rows at ``index`` (a mask, indices or a slice); an absent matrix stays
+        absent."""
+
+        def rows_of(m: np.ndarray) -> np.ndarray:
+            return m[index] if m.ndim == 2 and len(m) == len(self) else m
+
+        return PeerRows(
+            rank=self.rank[index],
+            step=self.step[index],
+            layer=self.layer[index],
+            phase=self.phase[index],
+            wait_s=rows_of(self.wait_s),
+            send_bytes=rows_of(self.send_bytes),
+        )
+
     @classmethod
     def empty(cls, world_size: int = 0) -> PeerRows:
         keys = {n: np.empty(0, dtype=d) for n, d in PEER_KEY_DTYPES.items()}
