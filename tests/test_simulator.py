@@ -91,10 +91,12 @@ def test_records_follow_the_schema_and_cover_every_collective() -> None:
     assert len(keys) == len(rec)
     dispatch = rec.phase == 0
     assert (rec.recv_tokens[~dispatch] == 0).all()
-    # Every dispatch routes T*k slots in total.
-    per_call = np.bincount((rec.step * 4 + rec.layer)[dispatch], weights=rec.recv_tokens[dispatch])
-    tokens_per_rank = per_call / (8 * 8)
-    assert np.allclose(tokens_per_rank, np.round(tokens_per_rank))
+    # Every dispatch routes the k slots of every token of every rank's own batch.
+    call = (rec.step * 4 + rec.layer)[dispatch]
+    routed = np.bincount(call, weights=rec.recv_tokens[dispatch])
+    sent_slots = np.bincount(call, weights=rec.send_bytes[dispatch]) / s.model.hidden
+    assert np.allclose(routed, sent_slots)
+    assert np.allclose(routed / 8, np.round(routed / 8))
 
 
 def test_each_rank_has_its_own_clock_yet_all_leave_together() -> None:
