@@ -58,7 +58,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "compute": {
             "noise_cv": 0.10,
             "shared_cv": 0.10,
-            "drift_cv": 0.01,
+            "drift_cv": 0.005,
             "drift_steps": 300,
             "spike_prob": 0.003,
             "rank_spike_prob": 0.002,
