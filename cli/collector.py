@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from prometheus_client import disable_created_metrics
@@ -22,7 +23,9 @@ from epwatch.collector.service import CollectorConfig, CollectorService
 
 log = logging.getLogger("epwatch.collector")
 
-D, R = CollectorConfig, RecorderConfig  # the defaults below are the configs' own
+D = CollectorConfig  # the defaults below are the configs' own
+# RecorderConfig has slots: its defaults live on its fields, not on the class.
+R = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(RecorderConfig)})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,19 +117,26 @@ def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="steps behind gamma/skew quantiles and the Hockney fits (default %(default)s)",
     )
-    g.add_argument("--noise-window", type=int, default=d.noise_window, metavar="N",
-                   help="observations behind each rank's noise estimate (default %(default)s)")
-    g.add_argument("--enter-level", type=float, default=d.enter_level, metavar="UNITS",
-                   help="evidence, in noise units, that flags a rank; higher is slower to "
-                        "flag and rarer to flag wrongly (default %(default)s)")
-    g.add_argument("--exit-level", type=float, default=d.exit_level, metavar="UNITS",
-                   help="evidence below which a flagged rank counts as recovered; must be "
-                        "below --enter-level (default %(default)s)")
-    g.add_argument("--clear-steps", type=int, default=d.clear_steps, metavar="N",
-                   help="steps a recovered rank must stay below --exit-level before its "
-                        "flag clears (default %(default)s)")
-    g.add_argument("--clear-seconds", type=float, default=d.clear_seconds, metavar="S",
-                   help="... and seconds: both must pass (default %(default)s)")
+    sequential = (
+        ("--noise-window", "noise_window", int, "N",
+         "observations behind each rank's noise estimate"),
+        ("--enter-level", "enter_level", float, "UNITS",
+         "evidence, in noise units, that flags a rank; higher is slower to flag and "
+         "rarer to flag wrongly"),
+        ("--exit-level", "exit_level", float, "UNITS",
+         "evidence below which a flagged rank counts as recovered (below --enter-level)"),
+        ("--clear-steps", "clear_steps", int, "N",
+         "steps a recovered rank must stay below --exit-level before its flag clears"),
+        ("--clear-seconds", "clear_seconds", float, "S", "... and seconds: both must pass"),
+    )  # fmt: skip
+    for flag, name, kind, metavar, what in sequential:
+        g.add_argument(
+            flag,
+            type=kind,
+            default=getattr(d, name),
+            metavar=metavar,
+            help=f"{what} (default %(default)s)",
+        )
     effects = (
         ("compute", "per-token expert compute over the group median (a slow GPU)"),
         ("routing", "routed load over the mean load (a hot expert's rank)"),

@@ -8,6 +8,7 @@ the others. A failing estimator is logged and skipped, never fatal.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -85,9 +86,12 @@ class Analyzer:
 
 def log_flag_change(ep_group: str, event: str, s: StragglerReport) -> None:
     """One INFO line per flag that opened or cleared: what an operator greps for."""
+    size = f"{s.slowdown:.3g}x"
+    if math.isfinite(s.slowdown_low) and math.isfinite(s.slowdown_high):
+        size += f" [{s.slowdown_low:.3g}-{s.slowdown_high:.3g}]"
+    verb = "flagged as" if event == "opened" else "cleared as"
+    step = s.opened_step if event == "opened" else s.last_step
     log.info(
-        "EP group %s: rank %d on %s %s %s straggler, slowdown %.3g [%.3g-%.3g], step %d",
-        ep_group, s.rank, s.node or "?", "flagged as" if event == "opened" else "cleared as",
-        s.cause, s.slowdown, s.slowdown_low, s.slowdown_high,
-        s.opened_step if event == "opened" else s.last_step,
+        "EP group %s: rank %d on %s %s %s straggler, %s, step %d",
+        ep_group, s.rank, s.node or "?", verb, s.cause, size, step,
     )  # fmt: skip

@@ -49,3 +49,9 @@ def test_bad_thresholds_are_refused_before_anything_starts(flag, value, message)
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_recording_limits_default_to_the_recorders_own() -> None:
+    args = parse("--record", "/tmp/x")
+    assert args.record_max_bytes == 256 << 20
+    assert args.record_max_seconds == 3600.0

@@ -15,7 +15,7 @@ from epwatch.collector.estimators.sequential import (
     SequentialTest,
     slowdown_interval,
 )
-from epwatch.collector.estimators.tracker import CauseTracker, Flag
+from epwatch.collector.estimators.tracker import CauseTracker, Flag, LinkTracker
 
 PARAMS = SequentialParams(min_effect=1.03, clear_steps=30, clear_s=10.0)
 
@@ -132,6 +132,20 @@ def test_cause_tracker_reports_the_episode_with_its_change_point() -> None:
     assert low <= 1.1 <= high and slowdown == pytest.approx(1.1, rel=0.02)
     opened, cleared = tracker.take_changes()
     assert opened == [flag] and cleared == [] and tracker.take_changes() == ([], [])
+
+
+def test_suspect_links_are_followed_in_a_bounded_number_of_slots() -> None:
+    """P x P cells, a handful of slots: a slow link still takes one and keeps it."""
+    rng = np.random.default_rng(7)
+    tracker = LinkTracker(128, SequentialParams(min_effect=1.25, warmup=1), slots=8)
+    for step in range(120):
+        cells = np.exp(rng.normal(0, 0.05, (128, 128)))
+        if step >= 20:
+            cells[5, 7] *= 1.4  # receiver 5 waits longer for sender 7
+        tracker.push(step, step * 0.1, cells)
+    assert [(f.src, f.dst, f.active) for f in tracker.flags(True)] == [(7, 5, True)]
+    assert tracker.flags(True)[0].slowdown == pytest.approx(1.4, rel=0.05)
+    assert tracker.test.size == 8
 
 
 @pytest.mark.parametrize(

@@ -48,12 +48,41 @@ def all_records(sim: Simulation) -> RecordColumns:
         ),
         ({"faults": [{"kind": "slow_gpu", "rank": 1, "speed": 2}]}, "unknown key 'speed'"),
         ({"steps": 10, "faults": [{"kind": "hang", "rank": 1, "start_step": 10}]}, "start_step"),
+        ({"workload": {"zipf_s": -1.0}}, "zipf_s must be >= 0"),
+        ({"compute": {"spike_prob": 1.5}}, "[compute] spike_prob must be in [0, 1)"),
+        ({"compute": {"spike_min": 3.0, "spike_max": 2.0}}, "spike_min <= spike_max"),
+        ({"attention": {"ns_per_token": -1.0}}, "[attention] ns_per_token must be >= 0"),
+        (
+            {"faults": [{"kind": "batch_imbalance", "rank": 1, "factor": 0.5}]},
+            "factor must be >= 1",
+        ),
     ],
 )
 def test_bad_scenarios_name_the_key(data: dict, message: str) -> None:
     with pytest.raises(ScenarioError) as err:
         load_scenario({"cluster": {"ranks": 16}, **data} if "cluster" not in data else data)
     assert message in str(err.value)
+
+
+def test_zipf_s_0_is_uniform_popularity() -> None:
+    s = load_scenario({**SMALL, "workload": {"routing": "zipf", "zipf_s": 0.0}})
+    rec = all_records(Simulation(s))
+    load = rec.recv_tokens[rec.phase == 0].reshape(-1, 8)
+    assert load.sum(0).max() / load.sum(0).mean() < 1.05
+
+
+def test_a_batch_imbalance_gives_one_rank_more_tokens_and_a_longer_attention() -> None:
+    fault = {"kind": "batch_imbalance", "rank": 2, "factor": 1.5, "start_step": 20}
+    s = load_scenario({**SMALL, "workload": {"rank_batch_jitter": 0.0}, "faults": [fault]})
+    sim = Simulation(s)
+    sent, gap = [], []
+    for chunk in sim.chunks():
+        sent.append(chunk.send_bytes[:, :, 0, :])  # [S, L, P] dispatch
+        gap.append(chunk.enter_s[:, 1:, 0, :] - chunk.exit_s[:, :-1, 1, :])
+    sent, gap = np.concatenate(sent), np.concatenate(gap)
+    assert np.allclose(sent[:20, :, 2], sent[:20, :, 0])
+    assert np.allclose(sent[20:, :, 2] / sent[20:, :, 0], 1.5, rtol=0.05)
+    assert np.median(gap[20:, :, 2]) > 1.2 * np.median(gap[20:, :, 0])
 
 
 def test_scenario_file_errors_name_the_file(tmp_path: Path) -> None:

@@ -93,6 +93,24 @@ class SequentialTest:
         self._noise: np.ndarray | None = None
         self._noise_at = 0
 
+    def forget(self, index: np.ndarray | int) -> None:
+        """Start some series afresh (a slot that now follows another series)."""
+        self.evidence[index] = 0.0
+        self.flagged[index] = False
+        self.count[index] = 0
+        self.run_start[index] = -1
+        self._run_start_obs[index] = 0
+        self.quiet_step[index] = -1
+        self.quiet_s[index] = np.nan
+        if len(self._hist):
+            self._hist[:, index] = np.nan
+
+    def excess(self, y: np.ndarray, sigma: np.ndarray | float) -> np.ndarray:
+        """``y / sigma - k``: what an observation would add before clipping."""
+        sigma = np.fmax(sigma, self.p.min_noise)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return y / sigma - np.maximum(self.log_floor / sigma, self.p.allowance)
+
     # -- noise -----------------------------------------------------------------------
     def noise(self) -> np.ndarray:
         """Each series' noise sd (log units): its own, at least the group's typical.
@@ -130,9 +148,7 @@ class SequentialTest:
         seen = np.isfinite(y) & np.isfinite(sigma)
         self.count[seen] += 1
         tested = seen & (self.count >= self.p.warmup)
-        k = np.maximum(self.log_floor / sigma, self.p.allowance)
-        with np.errstate(invalid="ignore"):
-            inc = np.clip(y / sigma - k, -self.p.clip, self.p.clip)
+        inc = np.clip(self.excess(y, sigma), -self.p.clip, self.p.clip)
         before = self.evidence
         after = np.where(tested, np.maximum(0.0, before + np.where(tested, inc, 0.0)), before)
         starts = tested & (before <= 0) & (after > 0)

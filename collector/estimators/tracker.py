@@ -155,13 +155,33 @@ class LinkTracker:
     """Suspect links (design §5): one cell of the link-time matrix, receiver i and
     sender j, above what its row and column predict, tested sequentially like a rank.
     The noise of a sample is the spread of all its cells (a link has no history of
-    its own worth keeping at P x P)."""
+    its own worth keeping at P x P). Bounded: at most ``slots`` links are followed
+    at once, the ``per_sample`` with the most excess evidence of each sample taking
+    the slots of links whose evidence fell back to nothing."""
 
-    def __init__(self, world_size: int, params: SequentialParams) -> None:
+    def __init__(
+        self, world_size: int, params: SequentialParams, slots: int = 64, per_sample: int = 16
+    ) -> None:
         self.P = world_size
-        self.test = SequentialTest(world_size * world_size, params, history=False)
+        self.per_sample = per_sample
+        self.test = SequentialTest(slots, params, history=False)
+        self.slot_cell = np.full(slots, -1, dtype=np.int64)  # flat cell dst * P + src
         self.active: dict[tuple[int, int], LinkFlag] = {}
         self.closed: deque[LinkFlag] = deque(maxlen=CLOSED_FLAGS_KEPT)
+
+    def _follow(self, logs: np.ndarray, noise: float) -> None:
+        """Free the slots of links with no evidence; give them to the worst new cells."""
+        idle = (self.slot_cell >= 0) & (self.test.evidence <= 0) & ~self.test.flagged
+        self.slot_cell[idle] = -1
+        empty = np.flatnonzero(self.slot_cell < 0)
+        if not len(empty):
+            return
+        excess = np.nan_to_num(self.test.excess(logs, noise), nan=-np.inf)
+        excess[self.slot_cell[self.slot_cell >= 0]] = -np.inf
+        worst = np.argsort(excess)[::-1][: min(self.per_sample, len(empty))]
+        worst = worst[excess[worst] > 0]
+        self.slot_cell[empty[: len(worst)]] = worst
+        self.test.forget(empty[: len(worst)])
 
     def push(self, step: int, time_s: float, cells: np.ndarray) -> None:
         with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
@@ -171,18 +191,22 @@ class LinkTracker:
         if len(finite) < 3:
             return
         noise = 1.4826 * float(np.median(np.abs(finite - np.median(finite))))
-        opened, cleared = self.test.observe(step, time_s, logs, noise)
-        for flat in opened.tolist():
-            dst, src = divmod(flat, self.P)
-            start = int(self.test.run_start[flat])
+        self._follow(logs, noise)
+        followed = self.slot_cell >= 0
+        y = np.full(len(self.slot_cell), np.nan)
+        y[followed] = logs[self.slot_cell[followed]]
+        opened, cleared = self.test.observe(step, time_s, y, noise)
+        for slot in opened.tolist():
+            dst, src = divmod(int(self.slot_cell[slot]), self.P)
+            start = int(self.test.run_start[slot])
             self.active[(src, dst)] = LinkFlag(src, dst, step if start < 0 else start, step)
         for (src, dst), flag in self.active.items():
             value = cells[dst, src]
             if np.isfinite(value):
                 flag.values.append(float(value))
             flag.last_step = step
-        for flat in cleared.tolist():
-            dst, src = divmod(flat, self.P)
+        for slot in cleared.tolist():
+            dst, src = divmod(int(self.slot_cell[slot]), self.P)
             flag = self.active.pop((src, dst))
             flag.active = False
             self.closed.append(flag)
@@ -200,3 +224,4 @@ class LinkTracker:
             flag.active = False
             self.closed.append(flag)
         self.test.reset()
+        self.slot_cell[:] = -1
