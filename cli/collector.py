@@ -99,11 +99,12 @@ DIAGNOSIS_HELP = """\
 How a rank gets flagged (docs/design.md section 5): each rank's ratio to its group
 (per-token expert compute, routed load, NIC time per byte, own batch) is tested step
 by step with a CUSUM over its log, in units of that rank's noise (estimated from its
-own last --noise-window observations, never below the group's typical noise). An
-observation counts as evidence only above the cause's minimum effect (and above one
-noise unit); one spike adds at most 2 units. A flag opens when the evidence reaches
---enter-level and clears only after it stayed below --exit-level for --clear-steps
-steps and --clear-seconds seconds: a straggler that stays slow is one episode."""
+own last --noise-window observations, step to step and over --burst-steps, never
+below the group's typical noise). An observation counts as evidence only above the
+cause's minimum effect (and above one noise unit); one spike adds at most 2 units.
+A flag opens when the evidence reaches --enter-level and clears only after it stayed
+below --exit-level for --clear-steps steps and --clear-seconds seconds: a straggler
+that stays slow is one episode."""
 
 
 def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,11 +121,18 @@ def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
     sequential = (
         ("--noise-window", "noise_window", int, "N",
          "observations behind each rank's noise estimate"),
+        ("--burst-steps", "burst_steps", int, "N",
+         "noise is also measured over bursts of this many steps, so that a host that "
+         "slows a rank for a second now and then does not flag it (1: off)"),
         ("--enter-level", "enter_level", float, "UNITS",
          "evidence, in noise units, that flags a rank; higher is slower to flag and "
          "rarer to flag wrongly"),
         ("--exit-level", "exit_level", float, "UNITS",
          "evidence below which a flagged rank counts as recovered (below --enter-level)"),
+        ("--hold-steps", "hold_steps", int, "N",
+         "steps evidence must hold (above midway to --enter-level) after reaching it "
+         "before the flag opens: a host that slows a rank for a second is no straggler"),
+        ("--hold-seconds", "hold_seconds", float, "S", "... and seconds: both must pass"),
         ("--clear-steps", "clear_steps", int, "N",
          "steps a recovered rank must stay below --exit-level before its flag clears"),
         ("--clear-seconds", "clear_seconds", float, "S", "... and seconds: both must pass"),
@@ -167,6 +175,9 @@ def estimator_config(args: argparse.Namespace) -> EstimatorConfig:
         return EstimatorConfig(
             window_steps=args.window_steps,
             noise_window=args.noise_window,
+            burst_steps=args.burst_steps,
+            hold_steps=args.hold_steps,
+            hold_seconds=args.hold_seconds,
             enter_level=args.enter_level,
             exit_level=args.exit_level,
             clear_steps=args.clear_steps,

