@@ -234,7 +234,7 @@ def test_stragglers_carry_node_evidence_consistent_with_the_fault(fault, expecte
 
     data = {
         **SMALL,
-        "steps": 80,
+        "steps": 160,  # per-peer waits (network) are sampled every 10th step
         "cluster": {"ranks": 16, "ranks_per_node": 8},
         "faults": [{**fault, "start_step": 20}],
     }
