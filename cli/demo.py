@@ -125,6 +125,8 @@ def demo_scenario(args: argparse.Namespace) -> Scenario:
             "steps": steps,
             "cluster": {"ranks": p, "ranks_per_node": args.ranks_per_node, "ep_group": "demo"},
             "model": {"layers": args.layers, "experts": experts},
+            # Equal data-parallel batches: the demo's story is the GPU and the expert.
+            "workload": {"rank_batch_jitter": 0.0},
             "faults": faults,
         }
     )
