@@ -170,11 +170,14 @@ class Simulation:
     def _chunk(self, steps: np.ndarray, start_time: float) -> tuple[StepChunk, float]:
         s = self.s
         rng = np.random.default_rng([s.seed, int(steps[0]) // CHUNK_STEPS])
+        # The realistic-noise draws come from their own stream, so that turning them on
+        # or off leaves the routing, compute and network draws as they were.
+        extra = np.random.default_rng([s.seed, int(steps[0]) // CHUNK_STEPS, 0xE7])
         S, L, P = len(steps), self.L, self.P
         k, w, c, a = s.model.topk, s.workload, s.compute, s.attention
         # The step's global batch is shared; each rank's data-parallel share varies.
         batch = w.batch_tokens * (1 + w.batch_jitter * rng.uniform(-1, 1, S))
-        local = batch[:, None] / P * _lognormal(rng, w.rank_batch_jitter, (S, P))
+        local = batch[:, None] / P * _lognormal(extra, w.rank_batch_jitter, (S, P))
         tokens = np.maximum(np.round(local * self._rank_factor("batch_imbalance", steps)), 1)
         q = self._expert_probs(rng, steps).reshape(S, L, P, self.E // P).sum(-1)
         slots = (tokens.sum(axis=1) * k).astype(np.int64)  # [S]
@@ -185,9 +188,9 @@ class Simulation:
         gpu = (
             self._rank_factor("slow_gpu", steps)
             * self._drift(steps)
-            * self._spikes(rng, c.rank_spike_prob, (S, P))
+            * self._spikes(extra, c.rank_spike_prob, (S, P))
         )
-        shared = _lognormal(rng, c.shared_cv, (S,))[:, None, None]
+        shared = _lognormal(extra, c.shared_cv, (S,))[:, None, None]
         x = (
             c.ns_per_token
             * 1e-9
@@ -195,17 +198,17 @@ class Simulation:
             * gpu[:, None, :]
             * shared
             * _lognormal(rng, c.noise_cv, (S, L, P))
-            * self._spikes(rng, c.spike_prob, (S, L, P))
+            * self._spikes(extra, c.spike_prob, (S, L, P))
         )
         # Attention before each dispatch: follows the rank's own batch and speed.
         gap = (
             (a.fixed_us * 1e-6 + a.ns_per_token * 1e-9 * tokens)[:, None, :]
             * gpu[:, None, :]
             * shared
-            * _lognormal(rng, a.noise_cv, (S, L, P))
+            * _lognormal(extra, a.noise_cv, (S, L, P))
         )
         eta = _lognormal(rng, s.network.noise_cv, (S, L, 2)) * self._spikes(
-            rng, s.network.spike_prob, (S, L, 2)
+            extra, s.network.spike_prob, (S, L, 2)
         )
         dispatch_send = tokens * k * self.slot_bytes  # [S, P]
 

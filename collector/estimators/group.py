@@ -8,6 +8,7 @@ step order, ``update(final=True)`` at the end).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -40,6 +41,7 @@ EvidenceFn = Callable[[str, str, int], list[str]]
 _LAYER_BITS = 17  # heartbeat key: step << 17 | layer << 1 | phase
 _MAX_EVIDENCE = 4
 _CHANGES_KEPT = 256  # flag openings and closings not yet taken (for the log)
+_BATCH_LATE_STEPS = 8  # steps behind "this rank enters dispatch late" (batch cause)
 
 
 def _entered_key(step: np.ndarray, layer: np.ndarray, phase: np.ndarray) -> np.ndarray:
@@ -250,7 +252,8 @@ class GroupEstimator:
         now = self.run_time_s
         self.trackers["compute"].push(step, now, stats.compute_ratio)
         self.trackers["routing"].push(step, now, stats.load_ratio)
-        self.trackers["batch"].push(step, now, batch_evidence(stats), stats.batch_ratio)
+        recent = list(itertools.islice(reversed(self.window), _BATCH_LATE_STEPS))[::-1]
+        self.trackers["batch"].push(step, now, batch_evidence(recent), stats.batch_ratio)
         if peers:
             net = self._network(step, layers, arrays, d, peers)
             if net is not None:

@@ -177,9 +177,12 @@ def step_stats(
     )
 
 
-def batch_evidence(s: StepStats) -> np.ndarray:
-    """``[P]`` the ``batch`` cause's evidence: a rank's own batch over the median's on
-    steps where it also spends longer before dispatch than the median rank (the batch
-    makes it late), else at most 1 (a large batch that costs nothing is no straggler)."""
-    late = s.pre_dispatch_ratio > 1.0
-    return np.where(late, s.batch_ratio, np.fmin(s.batch_ratio, 1.0))
+def batch_evidence(recent: list[StepStats]) -> np.ndarray:
+    """``[P]`` the ``batch`` cause's evidence for the newest of ``recent`` steps: a
+    rank's own batch over its peers' while it also spends longer before dispatch than
+    they do (the median over the recent steps: with a fixed cost before dispatch a
+    1.2x batch makes a rank only a few percent later, within one step's noise), else
+    at most 1 (a large batch that costs nothing is no straggler)."""
+    pre = _quiet_nanmedian(np.stack([s.pre_dispatch_ratio for s in recent]), axis=0)
+    batch = recent[-1].batch_ratio
+    return np.where(pre > 1.0, batch, np.fmin(batch, 1.0))
