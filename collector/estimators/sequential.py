@@ -35,8 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from epwatch.collector.estimators.stats import _quiet_nanmedian
+
 _MAD_TO_SD = 1.4826
-_NOISE_EVERY = 4  # observations between noise estimates
+_NOISE_EVERY = 8  # observations between noise estimates
 
 
 @dataclass(frozen=True)
@@ -140,13 +142,13 @@ class SequentialTest:
         h = self._hist[order]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            own = _MAD_TO_SD / math.sqrt(2) * np.nanmedian(np.abs(np.diff(h, axis=0)), axis=0)
-            group = np.nanmedian(own)
+            own = _MAD_TO_SD / math.sqrt(2) * _quiet_nanmedian(np.abs(np.diff(h, axis=0)), axis=0)
+            group = _quiet_nanmedian(own)
             b = self.p.burst_steps
             if b > 1 and rows >= 3 * b:
                 # Bursts: the group's typical only. A rank's own would count its own
                 # onset (a level shift) or its own wandering slowness as noise.
-                group = np.fmax(group, np.nanmedian(_burst_noise(h, b)))
+                group = np.fmax(group, _quiet_nanmedian(_burst_noise(h, b)))
         own = np.where(np.isfinite(own), own, group)
         return np.fmax(np.fmax(own, group), self.p.min_noise)
 
@@ -239,7 +241,7 @@ def _burst_noise(h: np.ndarray, b: int) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(n >= b / 2, (csum[b:] - csum[:-b]) / n, np.nan)
     d = np.abs(mean[b:] - mean[:-b])
-    return _MAD_TO_SD * np.nanmedian(d, axis=0) * math.sqrt(b / 2)
+    return _MAD_TO_SD * _quiet_nanmedian(d, axis=0) * math.sqrt(b / 2)
 
 
 def slowdown_interval(log_values: np.ndarray, blocks: int = 10) -> tuple[float, float, float]:

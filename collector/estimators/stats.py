@@ -18,6 +18,11 @@ D, C = int(Phase.DISPATCH), int(Phase.COMBINE)
 
 
 def _quiet_nanmedian(a: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """``np.nanmedian`` without its warnings, and without its cost when nothing is NaN
+    (for small arrays it goes through masked arrays, 10x slower than ``np.median``)."""
+    a = np.asarray(a)
+    if a.dtype.kind != "f" or not np.isnan(a).any():
+        return np.median(a, axis=axis)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmedian(a, axis=axis)
