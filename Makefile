@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) bench/hook_overhead.py
 	$(PY) bench/agent_footprint.py
 	$(PY) bench/report.py
+	$(PY) bench/diagnosis_suite.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from prometheus_client import disable_created_metrics
@@ -22,7 +23,9 @@ from epwatch.collector.service import CollectorConfig, CollectorService
 
 log = logging.getLogger("epwatch.collector")
 
-D, R = CollectorConfig, RecorderConfig  # the defaults below are the configs' own
+D = CollectorConfig  # the defaults below are the configs' own
+# RecorderConfig has slots: its defaults live on its fields, not on the class.
+R = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(RecorderConfig)})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,10 +95,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_estimator_arguments(parser)
 
 
+DIAGNOSIS_HELP = """\
+How a rank gets flagged (docs/design.md section 5): each rank's ratio to its group
+(per-token expert compute, routed load, NIC time per byte, own batch) is tested step
+by step with a CUSUM over its log, in units of that rank's noise (estimated from its
+own last --noise-window observations, step to step and over --burst-steps, never
+below the group's typical noise). An observation counts as evidence only above the
+cause's minimum effect (and above one noise unit); one spike adds at most 2 units.
+A flag opens when the evidence reaches --enter-level and clears only after it stayed
+below --exit-level for --clear-steps steps and --clear-seconds seconds: a straggler
+that stays slow is one episode."""
+
+
 def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
-    """The diagnosis thresholds an operator may need to tune for their fleet."""
+    """The diagnosis knobs an operator may need to tune for their fleet."""
     d = EstimatorConfig()
-    g = parser.add_argument_group("diagnosis")
+    g = parser.add_argument_group("diagnosis", DIAGNOSIS_HELP)
     g.add_argument(
         "--window-steps",
         type=int,
@@ -103,36 +118,53 @@ def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="steps behind gamma/skew quantiles and the Hockney fits (default %(default)s)",
     )
-    g.add_argument(
-        "--confirm-steps",
-        type=int,
-        default=d.confirm_steps,
-        metavar="N",
-        help="consecutive steps evidence must hold to flag or clear a rank (default %(default)s)",
-    )
-    g.add_argument(
-        "--compute-threshold",
-        type=float,
-        default=d.compute_threshold,
-        metavar="RATIO",
-        help="per-token compute cost over the group median that "
-        "flags a slow GPU (default %(default)s; raised automatically when the "
-        "group is noisier)",
-    )
-    g.add_argument(
-        "--routing-threshold",
-        type=float,
-        default=d.routing_threshold,
-        metavar="RATIO",
-        help="routed load over the mean that flags a hot-expert rank (default %(default)s)",
-    )
-    g.add_argument(
-        "--network-threshold",
-        type=float,
-        default=d.network_threshold,
-        metavar="RATIO",
-        help="link time over the group's that flags a slow NIC or link (default %(default)s)",
-    )
+    sequential = (
+        ("--noise-window", "noise_window", int, "N",
+         "observations behind each rank's noise estimate"),
+        ("--burst-steps", "burst_steps", int, "N",
+         "noise is also measured over bursts of this many steps, so that a host that "
+         "slows a rank for a second now and then does not flag it (1: off)"),
+        ("--enter-level", "enter_level", float, "UNITS",
+         "evidence, in noise units, that flags a rank; higher is slower to flag and "
+         "rarer to flag wrongly"),
+        ("--exit-level", "exit_level", float, "UNITS",
+         "evidence below which a flagged rank counts as recovered (below --enter-level)"),
+        ("--hold-steps", "hold_steps", int, "N",
+         "steps evidence must hold (above midway to --enter-level) after reaching it "
+         "before the flag opens: a host that slows a rank for a second is no straggler"),
+        ("--hold-seconds", "hold_seconds", float, "S", "... and seconds: both must pass"),
+        ("--clear-steps", "clear_steps", int, "N",
+         "steps a recovered rank must stay below --exit-level before its flag clears"),
+        ("--clear-seconds", "clear_seconds", float, "S", "... and seconds: both must pass"),
+    )  # fmt: skip
+    for flag, name, kind, metavar, what in sequential:
+        g.add_argument(
+            flag,
+            type=kind,
+            default=getattr(d, name),
+            metavar=metavar,
+            help=f"{what} (default %(default)s)",
+        )
+    effects = (
+        ("compute", "per-token expert compute over the group median (a slow GPU)"),
+        ("routing", "routed load over the mean load (a hot expert's rank)"),
+        ("network", "time per byte of a rank's links, beyond the fitted latency, over "
+                    "the group's (a slow NIC)"),
+        ("link", "one link's time over what its two ends predict (a slow cable or port); "
+                 "listed as a suspect link"),
+        ("batch", "a rank's own data-parallel batch over the median, while it enters "
+                  "dispatch late (DP imbalance)"),
+    )  # fmt: skip
+    for cause, what in effects:
+        g.add_argument(
+            f"--{cause}-min-effect",
+            f"--{cause}-threshold",  # the name before the sequential test
+            dest=f"{cause}_min_effect",
+            type=float,
+            default=getattr(d, f"{cause}_min_effect"),
+            metavar="RATIO",
+            help=f"{what}: the smallest ratio that flags (default %(default)s)",
+        )
     g.add_argument("--hang-after", type=float, default=d.hang_after_s, metavar="S",
                    help="seconds without progress before a lagging rank is a hang "
                         "(default %(default)s)")  # fmt: skip
@@ -142,10 +174,19 @@ def estimator_config(args: argparse.Namespace) -> EstimatorConfig:
     try:
         return EstimatorConfig(
             window_steps=args.window_steps,
-            confirm_steps=args.confirm_steps,
-            compute_threshold=args.compute_threshold,
-            routing_threshold=args.routing_threshold,
-            network_threshold=args.network_threshold,
+            noise_window=args.noise_window,
+            burst_steps=args.burst_steps,
+            hold_steps=args.hold_steps,
+            hold_seconds=args.hold_seconds,
+            enter_level=args.enter_level,
+            exit_level=args.exit_level,
+            clear_steps=args.clear_steps,
+            clear_seconds=args.clear_seconds,
+            compute_min_effect=args.compute_min_effect,
+            routing_min_effect=args.routing_min_effect,
+            network_min_effect=args.network_min_effect,
+            link_min_effect=args.link_min_effect,
+            batch_min_effect=args.batch_min_effect,
             hang_after_s=args.hang_after,
         )
     except ValueError as err:

@@ -138,6 +138,8 @@ def demo_scenario(args: argparse.Namespace) -> Scenario:
             "steps": steps,
             "cluster": {"ranks": p, "ranks_per_node": args.ranks_per_node, "ep_group": "demo"},
             "model": {"layers": args.layers, "experts": experts},
+            # Equal data-parallel batches: the demo's story is the GPU and the expert.
+            "workload": {"rank_batch_jitter": 0.0},
             "faults": faults,
         }
     )
@@ -153,13 +155,13 @@ def _default_faults(args: argparse.Namespace, p: int, experts: int) -> list[dict
             "kind": "slow_gpu",
             "rank": slow_rank,
             "factor": 1.25,
-            "start_step": int(min(10.0, duration / 3) * sps),
+            "start_step": int(min(10.0, duration / 4) * sps),
         },
         {
             "kind": "hot_expert",
             "expert": hot_rank * (experts // p),
             "share": 0.06,
-            "start_step": int(min(20.0, 2 * duration / 3) * sps),
+            "start_step": int(min(20.0, duration / 2) * sps),
         },
     ]
 

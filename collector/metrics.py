@@ -213,6 +213,11 @@ class GroupMetrics(Collector):
             "arrival_lag_s": _gauge(
                 "epwatch_rank_arrival_lag_seconds", "Median arrival lag", [*g, "rank", "node"]
             ),
+            "batch_ratio": _gauge(
+                "epwatch_rank_batch_ratio",
+                "A rank's own (data-parallel) batch over the group median",
+                [*g, "rank", "node"],
+            ),
             "straggler": _gauge(
                 "epwatch_straggler",
                 "Present while the rank is flagged; value = slowdown",
@@ -302,7 +307,7 @@ def _add_group(fams: dict[str, Any], group: Group, rep: GroupReport, stalled: fl
                 [name, phase], 1.0 if fit.regime == "latency-bound" else 0.0
             )
     _add(fams["lost"], [name], rep.time_lost_per_step_s)
-    for key in ("compute_slowdown", "load_ratio", "arrival_lag_s"):
+    for key in ("compute_slowdown", "load_ratio", "arrival_lag_s", "batch_ratio"):
         for rank, value in enumerate(getattr(rep, key)):
             node = rep.nodes[rank] if rank < len(rep.nodes) else ""
             _add(fams[key], [name, str(rank), node], value)

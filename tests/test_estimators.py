@@ -3,9 +3,12 @@ agents in any order, late and partial steps, and a hang seen through heartbeats.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
+from epwatch.collector.analyzer import log_flag_change
 from epwatch.collector.estimators import EstimatorConfig, GroupEstimator
 from epwatch.schema import Entered, RecordColumns
 from epwatch.simulator.engine import Simulation
@@ -67,6 +70,18 @@ def test_arrival_order_does_not_change_the_diagnosis() -> None:
     assert shuffled.nodes[6] == "node-1"
 
 
+def test_flag_openings_are_handed_out_once_and_logged(caplog) -> None:
+    est = run_live(False)
+    changes = est.take_flag_changes()
+    assert [(event, s.rank, s.cause) for event, s in changes] == [("opened", 6, "compute")]
+    assert est.take_flag_changes() == []
+    with caplog.at_level(logging.INFO, logger="epwatch.collector.analyzer"):
+        log_flag_change("ep0", *changes[0])
+    (line,) = caplog.messages
+    assert line.startswith("EP group ep0: rank 6 on node-1 flagged as compute straggler, 1.2")
+    assert line.endswith(f"step {changes[0][1].opened_step}")
+
+
 def test_late_records_are_counted_not_applied() -> None:
     sim = Simulation(load_scenario({**SCENARIO, "steps": 40, "faults": []}))
     est = GroupEstimator("ep0", 16, clock=FakeClock())
@@ -124,6 +139,9 @@ def test_hang_is_reported_after_the_timeout_and_clears_on_progress() -> None:
     est.update()
     assert est.report().stragglers == ()
     assert [s.cause for s in est.report(include_closed=True).stragglers] == ["hang"]
+    assert [(e, s.rank, s.cause) for e, s in est.take_flag_changes()] == [
+        ("opened", 9, "hang"), ("cleared", 9, "hang")
+    ]
 
 
 def test_a_group_that_simply_went_idle_is_not_a_hang() -> None:

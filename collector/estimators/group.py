@@ -8,6 +8,7 @@ step order, ``update(final=True)`` at the end).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -26,13 +27,21 @@ from epwatch.collector.estimators.report import (
     StragglerReport,
     SuspectLink,
 )
-from epwatch.collector.estimators.stats import StepStats, _quiet_nanmedian, durations, step_stats
+from epwatch.collector.estimators.stats import (
+    StepStats,
+    _quiet_nanmedian,
+    batch_evidence,
+    durations,
+    step_stats,
+)
 from epwatch.collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag, LinkTracker
 from epwatch.schema import PHASE_NAMES, Entered, PeerRows, Phase, RecordColumns
 
 EvidenceFn = Callable[[str, str, int], list[str]]
 _LAYER_BITS = 17  # heartbeat key: step << 17 | layer << 1 | phase
 _MAX_EVIDENCE = 4
+_CHANGES_KEPT = 256  # flag openings and closings not yet taken (for the log)
+_BATCH_LATE_STEPS = 8  # steps behind "this rank enters dispatch late" (batch cause)
 
 
 def _entered_key(step: np.ndarray, layer: np.ndarray, phase: np.ndarray) -> np.ndarray:
@@ -71,30 +80,15 @@ class GroupEstimator:
         self.window: deque[StepStats] = deque(maxlen=cfg.window_steps)
         self._peer: dict[int, list[PeerRows]] = {}
         self.trackers = {
-            "compute": CauseTracker(
-                "compute",
-                world_size,
-                cfg.compute_threshold,
-                cfg.evidence_steps,
-                cfg.confirm_steps,
-                noise_z=cfg.compute_noise_z,
-            ),
-            "routing": CauseTracker(
-                "routing",
-                world_size,
-                cfg.routing_threshold,
-                cfg.evidence_steps,
-                cfg.confirm_steps,
-            ),
-            "network": CauseTracker(
-                "network",
-                world_size,
-                cfg.network_threshold,
-                cfg.network_evidence_samples,
-                cfg.network_confirm_samples,
-            ),
+            cause: CauseTracker(cause, world_size, cfg.sequential(cause))
+            for cause in ("compute", "routing", "network", "batch")
         }
-        self.links = LinkTracker(cfg.link_threshold, cfg.network_confirm_samples)
+        self.links = LinkTracker(world_size, cfg.sequential("link"))
+        self.run_time_s = 0.0  # seconds of this run, from the ranks' own clocks
+        self._prev_step = -1
+        self._prev_start_ns: np.ndarray | None = None
+        self._prev_end_ns: np.ndarray | None = None
+        self._changes: deque[tuple[str, Flag]] = deque(maxlen=_CHANGES_KEPT)
         self._entered = np.full(world_size, -1, dtype=np.int64)
         self._last_progress = clock()
         self._stalled_s = 0.0
@@ -230,6 +224,8 @@ class GroupEstimator:
         self._restarted[:] = False
         self._entered[:] = -1
         self._fitted_steps = -1
+        self._prev_step = -1
+        self._prev_start_ns = self._prev_end_ns = None
         for tracker in (*self.trackers.values(), self.links):
             tracker.reset()
         for rank in list(self.hangs):
@@ -248,20 +244,41 @@ class GroupEstimator:
             return
         layers, arrays = taken
         d = durations(arrays)
-        stats = step_stats(step, arrays, d)
+        follows = self._prev_step == step - 1 and self._prev_end_ns is not None
+        stats = step_stats(step, arrays, d, self._prev_end_ns if follows else None)
+        self._advance_clock(stats)
         self.window.append(stats)
         self.steps_done += 1
-        self.trackers["compute"].push(step, stats.compute_ratio)
-        self.trackers["routing"].push(step, stats.load_ratio)
+        now = self.run_time_s
+        self.trackers["compute"].push(step, now, stats.compute_ratio)
+        self.trackers["routing"].push(step, now, stats.load_ratio)
+        recent = list(itertools.islice(reversed(self.window), _BATCH_LATE_STEPS))[::-1]
+        self.trackers["batch"].push(step, now, batch_evidence(recent), stats.batch_ratio)
         if peers:
-            net = self._network(step, layers, d, peers)
+            net = self._network(step, layers, arrays, d, peers)
             if net is not None:
-                self.trackers["network"].push(step, net)
+                self.trackers["network"].push(step, now, net)
+
+    def _advance_clock(self, stats: StepStats) -> None:
+        """The run's time, from each rank's own clock: the median rank's time between
+        the starts of consecutive analysed steps (clocks are never compared across
+        ranks)."""
+        if self._prev_start_ns is not None:
+            elapsed = float(np.median(stats.start_ns - self._prev_start_ns)) * 1e-9
+            if elapsed > 0:
+                self.run_time_s += elapsed
+        self._prev_start_ns, self._prev_end_ns = stats.start_ns, stats.end_ns
+        self._prev_step = stats.step
 
     def _network(
-        self, step: int, layers: np.ndarray, d: np.ndarray, peers: list[PeerRows]
+        self,
+        step: int,
+        layers: np.ndarray,
+        arrays: dict[str, np.ndarray],
+        d: np.ndarray,
+        peers: list[PeerRows],
     ) -> np.ndarray | None:
-        """Each rank's link slowdown from every sampled layer of the step (median)."""
+        """Each rank's NIC slowdown from every sampled layer of the step (median)."""
         position = {int(layer): i for i, layer in enumerate(layers)}
         matrices: dict[int, dict[int, np.ndarray]] = {}
         for rows in peers:
@@ -274,14 +291,27 @@ class GroupEstimator:
                     phase, np.full((self.P, self.P), np.nan)
                 )
                 m[rows.rank[sel]] = rows.wait_s[sel]
-        found = [
-            link_slowdown(m, {ph: d[position[layer], ph] for ph in m})
-            for layer, m in matrices.items()
-        ]
+        latency = {}
+        for phase in (Phase.DISPATCH, Phase.COMBINE):
+            fit = self._fits.get(PHASE_NAMES[phase])
+            latency[int(phase)] = fit.latency_s if fit is not None else math.nan
+        found = []
+        for layer, m in matrices.items():
+            i = position[layer]
+            found.append(
+                link_slowdown(
+                    m,
+                    {ph: d[i, ph] for ph in m},
+                    latency,
+                    {ph: arrays["send_bytes"][i, ph] for ph in m},
+                    {ph: arrays["recv_bytes"][i, ph] for ph in m},
+                )
+            )
         if not found:
             return None
         ranks = _quiet_nanmedian(np.stack([r for r, _ in found]), 0)
-        self.links.push(step, _quiet_nanmedian(np.stack([c for _, c in found]), 0))
+        cells = _quiet_nanmedian(np.stack([c for _, c in found]), 0)
+        self.links.push(step, self.run_time_s, cells)
         return ranks
 
     def update(self, now_s: float | None = None, final: bool = False) -> None:
@@ -346,12 +376,9 @@ class GroupEstimator:
         for rank in laggards:
             flag = self.hangs.get(rank)
             if flag is None:
-                flag = self.hangs[rank] = Flag(
-                    rank,
-                    "hang",
-                    int(entered[rank] >> _LAYER_BITS),
-                    int(entered[rank] >> _LAYER_BITS),
-                )
+                step = int(entered[rank] >> _LAYER_BITS)
+                flag = self.hangs[rank] = Flag(rank, "hang", step, step, opened_step=step)
+                self._changes.append(("opened", flag))
             flag.values.clear()
             if not final and step_s > 0:
                 flag.values.append(self._stalled_s / step_s)
@@ -362,6 +389,7 @@ class GroupEstimator:
         flag = self.hangs.pop(rank)
         flag.active = False
         self._closed_hangs.append(flag)
+        self._changes.append(("cleared", flag))
 
     def _what_if(self, compute_s: float) -> dict[str, Any]:
         """The article's what-if at the measured point: does compute still cover the
@@ -396,6 +424,54 @@ class GroupEstimator:
         }  # fmt: skip
 
     # -- report --------------------------------------------------------------------------
+    def _straggler(self, f: Flag, evidence: EvidenceFn | None = None) -> StragglerReport:
+        node, dev = str(self.nodes[f.rank]), int(self.local_device[f.rank])
+        lines = self._own_evidence(f)
+        if evidence:
+            lines += evidence(f.cause, node, dev)
+        slowdown, low, high = f.interval()
+        if f.cause == "hang":  # how long it has been stuck, in steps: no interval
+            low = high = math.nan
+        return StragglerReport(
+            rank=f.rank,
+            node=node,
+            cause=f.cause,
+            slowdown=slowdown,
+            first_step=f.first_step,
+            last_step=f.last_step,
+            active=f.active,
+            local_device=dev,
+            evidence=tuple(lines[:_MAX_EVIDENCE]),
+            slowdown_low=low,
+            slowdown_high=high,
+            opened_step=f.opened_step,
+        )
+
+    def _own_evidence(self, f: Flag) -> list[str]:
+        """What the hook records themselves add: for a slow GPU, whether the rank's
+        work before dispatch is slow per token too; for a large batch, how much later
+        it enters dispatch."""
+        if f.cause not in ("compute", "batch") or not self.window:
+            return []
+        recent = list(self.window)[-16:]
+        pre_cost = float(_quiet_nanmedian(np.array([s.pre_dispatch_cost[f.rank] for s in recent])))
+        pre = float(_quiet_nanmedian(np.array([s.pre_dispatch_ratio[f.rank] for s in recent])))
+        if f.cause == "compute" and math.isfinite(pre_cost):
+            return [f"per-token time before dispatch {pre_cost:.2f}x the group median"]
+        if f.cause == "batch" and math.isfinite(pre):
+            return [f"enters dispatch after {pre:.2f}x the median time before dispatch"]
+        return []
+
+    def take_flag_changes(self) -> list[tuple[str, StragglerReport]]:
+        """Flags ("opened" or "cleared") since the last call, oldest first."""
+        for tracker in self.trackers.values():
+            opened, cleared = tracker.take_changes()
+            self._changes.extend(("opened", f) for f in opened)
+            self._changes.extend(("cleared", f) for f in cleared)
+        out = [(event, self._straggler(f)) for event, f in self._changes]
+        self._changes.clear()
+        return out
+
     def report(
         self, evidence: EvidenceFn | None = None, include_closed: bool = False
     ) -> GroupReport:
@@ -406,23 +482,10 @@ class GroupEstimator:
             flags += self._closed_hangs
         for tracker in self.trackers.values():
             flags += tracker.flags(include_closed)
-        stragglers = []
-        for f in sorted(flags, key=lambda f: (f.first_step, f.rank, f.cause)):
-            node, dev = str(self.nodes[f.rank]), int(self.local_device[f.rank])
-            ev = evidence(f.cause, node, dev)[:_MAX_EVIDENCE] if evidence else []
-            stragglers.append(
-                StragglerReport(
-                    rank=f.rank,
-                    node=node,
-                    cause=f.cause,
-                    slowdown=f.slowdown,
-                    first_step=f.first_step,
-                    last_step=f.last_step,
-                    active=f.active,
-                    local_device=dev,
-                    evidence=tuple(ev),
-                )
-            )
+        stragglers = [
+            self._straggler(f, evidence)
+            for f in sorted(flags, key=lambda f: (f.first_step, f.rank, f.cause))
+        ]
         kw: dict = {}
         if self.window:
             w = list(self.window)
@@ -438,6 +501,9 @@ class GroupEstimator:
                 time_lost_per_step_s=float(np.median([s.lost_s for s in w])),
                 compute_slowdown=tuple(self.trackers["compute"].evidence.tolist()),
                 load_ratio=tuple(self.trackers["routing"].evidence.tolist()),
+                batch_ratio=tuple(
+                    _quiet_nanmedian(np.stack([s.batch_ratio for s in w[-8:]]), 0).tolist()
+                ),
                 arrival_lag_s=tuple(
                     _quiet_nanmedian(np.stack([s.arrival_lag_s for s in w]), 0).tolist()
                 ),
@@ -456,14 +522,7 @@ class GroupEstimator:
             late_records=self.late_records,
             ignored_records=self.ignored_records,
             suspect_links=tuple(
-                SuspectLink(
-                    f.src,
-                    f.dst,
-                    f.slowdown,
-                    f.first_step,
-                    f.last_step,
-                    f.streak >= self.links.confirm,
-                )
+                SuspectLink(f.src, f.dst, f.slowdown, f.first_step, f.last_step, f.active)
                 for f in self.links.flags(include_closed)
             ),
             restarts=self.restarts,

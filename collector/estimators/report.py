@@ -59,6 +59,9 @@ class StragglerReport:
     active: bool
     local_device: int = -1
     evidence: tuple[str, ...] = ()
+    slowdown_low: float = math.nan  # approximate 95% interval of the slowdown
+    slowdown_high: float = math.nan
+    opened_step: int = -1  # the step at which the evidence was enough to flag
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,7 +69,10 @@ class StragglerReport:
             "node": self.node,
             "cause": self.cause,
             "slowdown": _num(self.slowdown),
+            "slowdown_low": _num(self.slowdown_low),
+            "slowdown_high": _num(self.slowdown_high),
             "first_step": self.first_step,
+            "opened_step": self.opened_step,
             "last_step": self.last_step,
             "active": self.active,
             "evidence": list(self.evidence),
@@ -110,6 +116,7 @@ class GroupReport:
     nodes: tuple[str, ...] = ()
     compute_slowdown: tuple[float, ...] = ()
     load_ratio: tuple[float, ...] = ()
+    batch_ratio: tuple[float, ...] = ()
     arrival_lag_s: tuple[float, ...] = ()
     incomplete_steps: int = 0
     late_records: int = 0
@@ -143,6 +150,7 @@ class GroupReport:
             "node": list(self.nodes),
             "compute_slowdown": [_num(v) for v in self.compute_slowdown],
             "load_ratio": [_num(v) for v in self.load_ratio],
+            "batch_ratio": [_num(v) for v in self.batch_ratio],
             "arrival_lag_s": [_num(v) for v in self.arrival_lag_s],
         }
         out["incomplete_steps"] = self.incomplete_steps

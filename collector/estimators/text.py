@@ -7,9 +7,12 @@ import math
 from epwatch.collector.estimators.report import GroupReport, StragglerReport
 
 _CAUSE_TEXT = {
-    "compute": "per-token expert compute {slowdown:.3f}x the group median (slow GPU)",
-    "routing": "receives {slowdown:.2f}x the mean routed load (hot expert)",
-    "network": "its links are {slowdown:.2f}x slower than the group's (slow NIC or link)",
+    "compute": "per-token expert compute {slowdown:.3f}x the group median{ci} (slow GPU)",
+    "routing": "receives {slowdown:.2f}x the mean routed load{ci} (hot expert)",
+    "network": "its NIC moves a byte {slowdown:.2f}x slower than the group's{ci} "
+    "(slow NIC or link)",
+    "batch": "its data-parallel batch is {slowdown:.2f}x the group median{ci}, so it enters "
+    "dispatch late (balance the DP batches or the scheduler)",
     "hang": "never entered the collective the others are waiting in (hang)",
 }
 
@@ -21,7 +24,10 @@ def _f(v: float, fmt: str, scale: float = 1.0, unit: str = "") -> str:
 def explain(s: StragglerReport) -> str:
     """One line saying which rank, since when, how much and why."""
     slowdown = s.slowdown if math.isfinite(s.slowdown) else 0.0
-    why = _CAUSE_TEXT.get(s.cause, s.cause).format(slowdown=slowdown)
+    ci = ""
+    if math.isfinite(s.slowdown_low) and math.isfinite(s.slowdown_high):
+        ci = f" [{s.slowdown_low:.3g}-{s.slowdown_high:.3g}]"
+    why = _CAUSE_TEXT.get(s.cause, s.cause).format(slowdown=slowdown, ci=ci)
     state = "" if s.active else f" (cleared after step {s.last_step})"
     line = f"rank {s.rank} on {s.node or '?'}: {s.cause}, since step {s.first_step}: {why}{state}"
     return line + "".join(f"\n      evidence: {e}" for e in s.evidence)
