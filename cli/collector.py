@@ -9,16 +9,21 @@ from prometheus_client import disable_created_metrics
 
 from epwatch.cliargs import (
     add_log_level_argument,
+    byte_size,
     hostport_text,
     parse_hostport,
     positive,
+    raise_open_files_limit,
     setup_logging,
     stop_on_signals,
 )
 from epwatch.collector.estimators.config import EstimatorConfig
 from epwatch.collector.groups import default_factory
 from epwatch.collector.recorder import RecorderConfig
+from epwatch.collector.server import ServerSecurity
 from epwatch.collector.service import CollectorConfig, CollectorService
+from epwatch.credentials import CredentialError, read_pem, read_token
+from epwatch.webconfig import WebConfigError, WebSecurity, load_web_config
 
 log = logging.getLogger("epwatch.collector")
 
@@ -90,6 +95,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_log_level_argument(parser)
     add_estimator_arguments(parser)
+    add_limit_arguments(parser)
+    add_security_arguments(parser)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Hard bounds on what agents can make the collector hold (docs/security.md)."""
+    e = EstimatorConfig()
+    g = parser.add_argument_group("limits")
+    g.add_argument("--max-world-size", type=positive(int), default=D.max_world_size,
+                   metavar="N", help="largest EP group accepted (default %(default)s)")
+    g.add_argument("--max-layers", type=positive(int), default=e.max_layers, metavar="N",
+                   help="MoE layers per step assembled; records of higher layers are "
+                        "ignored and counted (default %(default)s)")
+    g.add_argument("--group-buffer-bytes", type=byte_size, default=e.buffer_bytes,
+                   metavar="BYTES", help="memory one EP group's step assembly may use, a "
+                   "hard bound (default %(default)s)")
+    g.add_argument("--buffer-bytes", type=byte_size, default=D.buffer_bytes, metavar="BYTES",
+                   help="memory all groups' step assembly may use together; a new group "
+                        "that does not fit is refused (default %(default)s)")
+    g.add_argument("--streams-per-peer", type=positive(int), default=D.streams_per_peer,
+                   metavar="N", help="open streams per client certificate, else per client "
+                   "address (default %(default)s)")
+    g.add_argument("--stream-idle-timeout", type=positive(float), default=D.stream_idle_s,
+                   metavar="S", help="close a stream silent this long (default %(default)s)")
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("transport security (docs/security.md)")
+    g.add_argument("--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate")
+    g.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    g.add_argument("--tls-client-ca", metavar="PEM",
+                   help="require agents' client certificates signed by this CA (mTLS); a "
+                        "certificate's DNS names (else its CN) are the only node names its "
+                        "agent may send")
+    g.add_argument("--token-file", metavar="FILE",
+                   help="require this bearer token in the authorization metadata")
+    g.add_argument("--web-config", metavar="FILE",
+                   help="TLS, client certificates and basic auth for /metrics, in the "
+                        "Prometheus exporter-toolkit format")
+
+
+def server_security(args: argparse.Namespace) -> ServerSecurity:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("epwatch collector: --tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise SystemExit("epwatch collector: --tls-client-ca needs --tls-cert and --tls-key")
+    try:
+        return ServerSecurity(
+            tls_cert=read_pem(args.tls_cert, "--tls-cert") if args.tls_cert else None,
+            tls_key=read_pem(args.tls_key, "--tls-key") if args.tls_key else None,
+            client_ca=read_pem(args.tls_client_ca, "--tls-client-ca")
+            if args.tls_client_ca
+            else None,
+            token=read_token(args.token_file) if args.token_file else None,
+        )
+    except CredentialError as err:
+        raise SystemExit(f"epwatch collector: {err}") from None
+
+
+def web_security(path: str | None, command: str) -> WebSecurity | None:
+    if not path:
+        return None
+    try:
+        return load_web_config(path)
+    except WebConfigError as err:
+        raise SystemExit(f"epwatch {command}: --web-config: {err}") from None
 
 
 def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +218,8 @@ def estimator_config(args: argparse.Namespace) -> EstimatorConfig:
             routing_threshold=args.routing_threshold,
             network_threshold=args.network_threshold,
             hang_after_s=args.hang_after,
+            max_layers=args.max_layers,
+            buffer_bytes=args.group_buffer_bytes,
         )
     except ValueError as err:
         raise SystemExit(f"epwatch collector: {err}") from None
@@ -162,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
             max_file_seconds=args.record_max_seconds,
         )
     disable_created_metrics()  # no *_created twin per counter series: half the noise
+    raise_open_files_limit()
     config = CollectorConfig(
         grpc_listen=args.grpc_listen,
         metrics_listen=args.metrics_listen,
@@ -170,6 +244,12 @@ def run(args: argparse.Namespace) -> int:
         max_groups=args.max_groups,
         max_streams=args.max_streams,
         record=record,
+        max_world_size=args.max_world_size,
+        buffer_bytes=args.buffer_bytes,
+        streams_per_peer=args.streams_per_peer,
+        stream_idle_s=args.stream_idle_timeout,
+        security=server_security(args),
+        web=web_security(args.web_config, "collector"),
     )
     service = CollectorService(config, default_factory(estimator_config(args)))
     stop = stop_on_signals()
