@@ -11,6 +11,7 @@ from epwatch.cliargs import (
     add_log_level_argument,
     byte_size,
     hostport_text,
+    load_web_config_flag,
     parse_hostport,
     positive,
     raise_open_files_limit,
@@ -19,11 +20,10 @@ from epwatch.cliargs import (
 )
 from epwatch.collector.estimators.config import EstimatorConfig
 from epwatch.collector.groups import default_factory
-from epwatch.collector.recorder import RecorderConfig
+from epwatch.collector.recorder import RecorderConfig, RecorderError
 from epwatch.collector.server import ServerSecurity
 from epwatch.collector.service import CollectorConfig, CollectorService
 from epwatch.credentials import CredentialError, read_pem, read_token
-from epwatch.webconfig import WebConfigError, WebSecurity, load_web_config
 
 log = logging.getLogger("epwatch.collector")
 
@@ -154,15 +154,6 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
         raise SystemExit(f"epwatch collector: {err}") from None
 
 
-def web_security(path: str | None, command: str) -> WebSecurity | None:
-    if not path:
-        return None
-    try:
-        return load_web_config(path)
-    except WebConfigError as err:
-        raise SystemExit(f"epwatch {command}: --web-config: {err}") from None
-
-
 def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
     """The diagnosis thresholds an operator may need to tune for their fleet."""
     d = EstimatorConfig()
@@ -249,9 +240,12 @@ def run(args: argparse.Namespace) -> int:
         streams_per_peer=args.streams_per_peer,
         stream_idle_s=args.stream_idle_timeout,
         security=server_security(args),
-        web=web_security(args.web_config, "collector"),
+        web=load_web_config_flag(args.web_config, "collector"),
     )
-    service = CollectorService(config, default_factory(estimator_config(args)))
+    try:
+        service = CollectorService(config, default_factory(estimator_config(args)))
+    except RecorderError as err:
+        raise SystemExit(f"epwatch collector: {err}") from None
     stop = stop_on_signals()
     service.start()
     print(

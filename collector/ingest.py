@@ -52,7 +52,13 @@ class Outcome:
     node: str = ""
 
     def ack(self) -> pb.Ack:
-        return pb.Ack(seq=self.seq, code=self.code, message=self.message, duplicate=self.duplicate)
+        return pb.Ack(
+            seq=self.seq,
+            code=self.code,
+            message=self.message,
+            duplicate=self.duplicate,
+            reason=self.reason,
+        )
 
 
 class Ingestor:

@@ -10,6 +10,7 @@ ones, hangs, or evidence.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,20 +38,44 @@ def recording_files(paths: list[Path]) -> list[Path]:
     return out
 
 
-def replay(files: list[Path], config: EstimatorConfig | None = None) -> list[GroupReport]:
-    """Run every recorded EP group through fresh estimators; one report per group."""
+def read_recordings(files: list[Path]) -> tuple[Any, list[tuple[Path, str]]]:
+    """Every readable recording as one table, and the files skipped with why (a file
+    cut short by a crash, or not a recording): one bad file does not cost the rest."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        table = pa.concat_tables([pq.read_table(f) for f in files]).unify_dictionaries()
-    except (OSError, pa.ArrowException) as err:
-        raise ReplayError(f"cannot read the recording: {err}") from None
-    missing = {"ep_group", "node", "world_size", "received_unix_ns", *RECORD_DTYPES} - set(
-        table.column_names
-    )
-    if missing:
-        raise ReplayError(f"not an epwatch recording: missing {', '.join(sorted(missing))}")
+    tables, skipped = [], []
+    for f in files:
+        try:
+            table = pq.read_table(f)
+        except (OSError, pa.ArrowException) as err:
+            skipped.append((f, str(err).splitlines()[0][:200]))
+            continue
+        missing = {"ep_group", "node", "world_size", "received_unix_ns", *RECORD_DTYPES} - set(
+            table.column_names
+        )
+        if missing:
+            skipped.append((f, f"not an epwatch recording: no {', '.join(sorted(missing))}"))
+            continue
+        tables.append(table)
+    if not tables:
+        raise ReplayError(
+            "no readable recording: "
+            + "; ".join(f"{path}: {why}" for path, why in skipped)
+        )
+    return pa.concat_tables(tables, promote_options="permissive").unify_dictionaries(), skipped
+
+
+def replay(
+    files: list[Path],
+    config: EstimatorConfig | None = None,
+    skipped: list[tuple[Path, str]] | None = None,
+) -> list[GroupReport]:
+    """Run every recorded EP group through fresh estimators; one report per group.
+    Unreadable files are left out and appended to ``skipped`` (path, why)."""
+    table, bad = read_recordings(files)
+    if skipped is not None:
+        skipped += bad
     table = table.sort_by("received_unix_ns")
     groups = table.column("ep_group").to_pylist()
     nodes = np.asarray(table.column("node").to_pylist(), dtype=object)

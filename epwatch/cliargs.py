@@ -14,6 +14,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TypeVar
 
+from epwatch.webconfig import WebConfigError, WebSecurity, load_web_config
+
 N = TypeVar("N", int, float)
 
 
@@ -120,3 +122,14 @@ def raise_open_files_limit() -> int:
         except (ValueError, OSError) as exc:
             logging.getLogger(__name__).warning("cannot raise RLIMIT_NOFILE: %s", exc)
     return soft
+
+
+def load_web_config_flag(path: str | None, command: str) -> WebSecurity | None:
+    """``--web-config FILE`` of ``epwatch <command>``: its settings, or exit saying
+    what is wrong with the file."""
+    if not path:
+        return None
+    try:
+        return load_web_config(path)
+    except WebConfigError as err:
+        raise SystemExit(f"epwatch {command}: --web-config: {err}") from None
