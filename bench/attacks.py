@@ -133,14 +133,16 @@ def run_collector_attacks(before: bool, only: set[str]) -> None:
             release()
             print(f"idle_streams: 256 idle Streams, then a legitimate Push: {o.status} {o.detail[:60]}")
     if want("junk_groups"):
-        ctx, g, h = fresh()
+        ctx, g, h = fresh(*([] if before else ["--new-group-grace=3"]))
         with ctx:
             c = attacks.Client(f"127.0.0.1:{g}")
             out = attacks.junk_groups(c, 64)
             recs = make_records(16, 16)
             o = c.push(attacks.batch_message("real", 16, recs, seq=1, agent_id="real"))
+            time.sleep(4)  # past the grace (after the fix: --new-group-grace 3)
+            o2 = c.push(attacks.batch_message("real", 16, recs, seq=2, agent_id="real"))
             print(f"junk_groups: 64 junk group names: {statuses(out)}; then a real group: "
-                  f"{o.status} {o.detail[:50]}")  # fmt: skip
+                  f"{o.status} {o.detail[:50]}; 4 s later: {o2.status}")  # fmt: skip
     if want("agent_churn"):
         ctx, g, h = fresh()
         with ctx:
@@ -223,7 +225,7 @@ def run_agent_attacks(before: bool, only: set[str], workdir: str) -> None:
             time.sleep(2)
             spooled = value(scrape(ah)[0], "epwatch_agent_spool_records")
             body = scrape(ah)[0]
-            dropped = value(body, "epwatch_agent_messages_dropped_total")
+            dropped = value(body, "epwatch_agent_messages_dropped_total", reason="spool_full")
             print(f"spool: 300 peer-row frames ({sent / 2**20:.0f} MiB), collector down: "
                   f"{start} -> {mb(p)}; spool_records {spooled}; messages dropped {dropped}")  # fmt: skip
     if want("oversized"):

@@ -28,6 +28,7 @@ from epwatch.cliargs import (
 )
 from epwatch.credentials import CredentialError, read_pem, read_token
 from epwatch.frames import default_socket_path
+from epwatch.memory import tune_malloc
 from epwatch.names import name_error
 from epwatch.webserver import is_loopback, warn_if_exposed
 
@@ -245,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
     if why is not None:
         raise SystemExit(f"epwatch agent: --node {args.node[:40]!r} {why}")
     raise_open_files_limit()
+    tune_malloc()
     security = client_security(args)
     host = parse_hostport(args.collector)[0]
     if not (security.tls or security.token):

@@ -24,6 +24,7 @@ from epwatch.collector.recorder import RecorderConfig, RecorderError
 from epwatch.collector.server import ServerSecurity
 from epwatch.collector.service import CollectorConfig, CollectorService
 from epwatch.credentials import CredentialError, read_pem, read_token
+from epwatch.memory import tune_malloc
 
 log = logging.getLogger("epwatch.collector")
 
@@ -114,6 +115,10 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--buffer-bytes", type=byte_size, default=D.buffer_bytes, metavar="BYTES",
                    help="memory all groups' step assembly may use together; a new group "
                         "that does not fit is refused (default %(default)s)")
+    g.add_argument("--new-group-grace", type=positive(float), default=D.new_group_grace_s,
+                   metavar="S", help="when every group slot is taken, a group that has "
+                   "completed no step for this long gives its slot to a new one; such a "
+                   "group idle this long is forgotten (default %(default)s)")
     g.add_argument("--streams-per-peer", type=positive(int), default=D.streams_per_peer,
                    metavar="N", help="open streams per client certificate, else per client "
                    "address (default %(default)s)")
@@ -227,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         )
     disable_created_metrics()  # no *_created twin per counter series: half the noise
     raise_open_files_limit()
+    tune_malloc()
     config = CollectorConfig(
         grpc_listen=args.grpc_listen,
         metrics_listen=args.metrics_listen,
@@ -237,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         record=record,
         max_world_size=args.max_world_size,
         buffer_bytes=args.buffer_bytes,
+        new_group_grace_s=args.new_group_grace,
         streams_per_peer=args.streams_per_peer,
         stream_idle_s=args.stream_idle_timeout,
         security=server_security(args),

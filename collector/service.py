@@ -42,6 +42,7 @@ class CollectorConfig:
     # Memory every group's step assembly may reserve together (each group's own bound
     # is its EstimatorConfig.buffer_bytes); a group that does not fit is refused.
     buffer_bytes: int = 1 << 30
+    new_group_grace_s: float = 30.0  # a group that completes no step gives way after
     streams_per_peer: int = 16
     stream_idle_s: float = 60.0
     security: ServerSecurity = field(default_factory=ServerSecurity)
@@ -69,6 +70,7 @@ class CollectorService:
             config.max_groups,
             config.group_expire_s,
             memory_budget=config.buffer_bytes,
+            provisional_grace_s=config.new_group_grace_s,
         )
         self.agents = AgentTable()
         group_metrics = GroupMetrics(self.groups.groups, self._stalled_s)

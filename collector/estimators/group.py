@@ -33,6 +33,7 @@ from epwatch.schema import PHASE_NAMES, Entered, PeerRows, Phase, RecordColumns
 EvidenceFn = Callable[[str, str, int], list[str]]
 _LAYER_BITS = 17  # heartbeat key: step << 17 | layer << 1 | phase
 _MAX_EVIDENCE = 4
+_PEER_MATRICES = 8  # per-peer (layer, phase) matrices one step's network check may build
 
 
 class BudgetError(ValueError):
@@ -60,7 +61,8 @@ class GroupEstimator:
         self.buffer = self._new_buffer(world_size, cfg)
         # Per-peer rows kept for steps still being assembled, and the P x P matrices a
         # step's network check builds, come out of the same budget.
-        self._peer_budget = cfg.buffer_bytes // 4
+        matrices = _PEER_MATRICES * world_size**2 * 8
+        self._peer_budget = min(cfg.buffer_bytes // 4, matrices + (1 << 20))
         self._peer_bytes = 0
         self.memory_bytes = self.buffer.max_bytes + self._peer_budget
         self.nodes = np.array([""] * world_size, dtype=object)
