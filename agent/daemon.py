@@ -59,9 +59,13 @@ def _batch_bounds(config: AgentConfig) -> tuple[int, int]:
     records = min(config.batch_records, max(1, config.spool_records // 4))
     message_bytes = min(MAX_PENDING_BYTES, max(64 << 10, config.spool_bytes // 4))
     if records < config.batch_records:
-        log.warning("--spool-records %d holds less than four batches of --batch-records %d: "
-                    "shipping batches of %d records instead", config.spool_records,
-                    config.batch_records, records)  # fmt: skip
+        log.warning(
+            "--spool-records %d holds less than four batches of --batch-records %d: "
+            "shipping batches of %d records instead",
+            config.spool_records,
+            config.batch_records,
+            records,
+        )
     return records, message_bytes
 
 
@@ -83,8 +87,11 @@ class Agent:
         )
         self.spool = Spool(config.spool_records, config.spool_bytes, store)
         if self.spool.recovered_messages:
-            log.info("spool folder: %d messages (%d records) from before to deliver",
-                     self.spool.recovered_messages, self.spool.recovered_records)  # fmt: skip
+            log.info(
+                "spool folder: %d messages (%d records) from before to deliver",
+                self.spool.recovered_messages,
+                self.spool.recovered_records,
+            )
         self.ledger = LossLedger(
             os.path.join(config.spool_dir, "state.json")
             if config.spool_dir

@@ -33,8 +33,9 @@ class LossLedger:
         except FileNotFoundError:
             previous = None
         except (OSError, ValueError) as exc:
-            log.warning("state file %s unreadable (%s); a previous crash's loss is unknown",
-                        path, exc)  # fmt: skip
+            log.warning(
+                "state file %s unreadable (%s); a previous crash's loss is unknown", path, exc
+            )
             previous = None
         if previous and not previous.get("clean", True):
             self.lost_at_start = max(0, int(previous.get("records_at_risk", 0)))

@@ -241,8 +241,12 @@ class Receiver:
                 # the backlog; try again a little later, never give up accepting.
                 backoff = min(1.0, max(0.05, 2 * backoff))
                 self.counters.rejected("accept_failed")
-                self._log("accept", "cannot accept hook connections (%s); retrying in %.2f s",
-                          exc.strerror or exc, backoff)  # fmt: skip
+                self._log(
+                    "accept",
+                    "cannot accept hook connections (%s); retrying in %.2f s",
+                    exc.strerror or exc,
+                    backoff,
+                )
                 self._stop.wait(backoff)
                 continue
             backoff = 0.0
@@ -270,22 +274,30 @@ class Receiver:
         """Why this connection is refused (a counter reason), or None."""
         with self._lock:
             if len(self._conns) >= self.policy.max_clients:
-                self._log("clients", "%d hook connections already; refusing another",
-                          len(self._conns))  # fmt: skip
+                self._log(
+                    "clients", "%d hook connections already; refusing another", len(self._conns)
+                )
                 return "too_many_clients"
-        pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                            struct.calcsize("3i")))  # fmt: skip
+        pid, uid, gid = struct.unpack(
+            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
         if uid in self._allow_uids or gid in self._allow_gids:
             return None
         if self._allow_gids & _supplementary_groups(pid):
             return None
-        self._log("peer", "refusing hook connection from pid %d (uid %d, gid %d): not in "
-                  "--allow-uid/--allow-gid", pid, uid, gid)  # fmt: skip
+        self._log(
+            "peer",
+            "refusing hook connection from pid %d (uid %d, gid %d): not in --allow-uid/--allow-gid",
+            pid,
+            uid,
+            gid,
+        )
         return "peer_credentials"
 
     def _serve(self, conn: socket.socket) -> None:
-        throttle = _Throttle(self.policy.bytes_per_s, max(self.policy.bytes_per_s,
-                                                          self.policy.max_frame_bytes))  # fmt: skip
+        throttle = _Throttle(
+            self.policy.bytes_per_s, max(self.policy.bytes_per_s, self.policy.max_frame_bytes)
+        )
         try:
             while not self._stop.is_set():
                 try:
@@ -322,8 +334,11 @@ class Receiver:
             while held < length:
                 want = min(_CHUNK, length - held)
                 if not self._budget.take(want):
-                    raise FrameError("overload", "hook frames being read exceed the agent's "
-                                     "read buffer; closing this connection")  # fmt: skip
+                    raise FrameError(
+                        "overload",
+                        "hook frames being read exceed the agent's "
+                        "read buffer; closing this connection",
+                    )
                 chunk = conn.recv(want)
                 self._budget.give(want - len(chunk))
                 if not chunk:

@@ -289,9 +289,13 @@ class Shipper:
         details = (exc.details() if isinstance(exc, grpc.Call) else "") or ""
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             self.auth_failures += 1
-            log.error("the collector %s refused this agent (%s): check --tls-cert/--tls-key "
-                      "(the certificate must name this node, %r) and --token-file",
-                      self.target, _describe(exc), self.node)  # fmt: skip
+            log.error(
+                "the collector %s refused this agent (%s): check --tls-cert/--tls-key "
+                "(the certificate must name this node, %r) and --token-file",
+                self.target,
+                _describe(exc),
+                self.node,
+            )
             return
         too_large = _TRANSPORT_LIMIT.search(details)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and too_large:

@@ -48,30 +48,40 @@ def split_payload(payload: bytes, limit: int) -> list[tuple[bytes, int]] | None:
 Part = tuple[RecordColumns, PeerRows | None, Entered | None]
 
 
-def _halves(records: RecordColumns, rows: PeerRows | None, entered: Entered | None
-            ) -> list[Part] | None:  # fmt: skip
+def _halves(
+    records: RecordColumns, rows: PeerRows | None, entered: Entered | None
+) -> list[Part] | None:
     """Two smaller parts: records first, then per-peer rows, then heartbeats."""
     if rows is not None and len(rows) and len(records):
         return [(records, None, entered), (RecordColumns.empty(), rows, None)]
     if len(records) > 1:
         mid = len(records) // 2
-        return [(records.take(slice(0, mid)), None, entered),
-                (records.take(slice(mid, None)), None, None)]  # fmt: skip
+        return [
+            (records.take(slice(0, mid)), None, entered),
+            (records.take(slice(mid, None)), None, None),
+        ]
     if rows is not None and len(rows) > 1:
         mid = len(rows) // 2
         first, second = (_rows(rows, slice(0, mid)), _rows(rows, slice(mid, None)))
         return [(records, first, entered), (RecordColumns.empty(), second, None)]
     if entered is not None and len(entered) > 1 and not len(records) and rows is None:
         mid = len(entered) // 2
-        return [(records, None, _entered(entered, slice(0, mid))),
-                (records, None, _entered(entered, slice(mid, None)))]  # fmt: skip
+        return [
+            (records, None, _entered(entered, slice(0, mid))),
+            (records, None, _entered(entered, slice(mid, None))),
+        ]
     return None
 
 
 def _rows(rows: PeerRows, sel: slice) -> PeerRows:
-    return PeerRows(rank=rows.rank[sel], step=rows.step[sel], layer=rows.layer[sel],
-                    phase=rows.phase[sel], wait_s=rows.wait_s[sel],
-                    send_bytes=rows.send_bytes[sel])  # fmt: skip
+    return PeerRows(
+        rank=rows.rank[sel],
+        step=rows.step[sel],
+        layer=rows.layer[sel],
+        phase=rows.phase[sel],
+        wait_s=rows.wait_s[sel],
+        send_bytes=rows.send_bytes[sel],
+    )
 
 
 def _entered(e: Entered, sel: slice) -> Entered:

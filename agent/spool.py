@@ -133,7 +133,6 @@ class Spool:
         if drop_reason is not None:
             self.counters.messages_dropped[drop_reason] += len(seqs)
 
-
     # --- shipper side --------------------------------------------------------------
     def take(
         self,

@@ -210,8 +210,12 @@ class SpoolStore:
                 magic, seq, records, length, crc = _ENTRY.unpack_from(data, pos)
                 end = pos + _ENTRY.size + length
                 payload = data[pos + _ENTRY.size : end]
-                bad = (magic != _ENTRY_MAGIC or length > MAX_PAYLOAD or end > len(data)
-                       or zlib.crc32(payload) != crc)  # fmt: skip
+                bad = (
+                    magic != _ENTRY_MAGIC
+                    or length > MAX_PAYLOAD
+                    or end > len(data)
+                    or zlib.crc32(payload) != crc
+                )
             if bad:
                 if repair:
                     self._cut(path, pos, len(data))
@@ -238,8 +242,13 @@ class SpoolStore:
 
     def _cut(self, path: Path, at: int, size: int) -> None:
         self.corrupt_tails += 1
-        log.warning("spool file %s: cutting a torn or corrupt tail at byte %d of %d "
-                    "(a crash while writing)", path.name, at, size)  # fmt: skip
+        log.warning(
+            "spool file %s: cutting a torn or corrupt tail at byte %d of %d "
+            "(a crash while writing)",
+            path.name,
+            at,
+            size,
+        )
         with open(path, "r+b") as f:
             f.truncate(at)
             os.fsync(f.fileno())

@@ -43,9 +43,13 @@ def scrape(port: int, timeout: float = 60.0) -> tuple[str, float]:
 def process(
     *args: str, preexec: Callable[[], None] | None = None, ready: Callable[[], bool]
 ) -> Iterator[subprocess.Popen]:
-    log = tempfile.TemporaryFile()
-    p = subprocess.Popen([sys.executable, "-m", "epwatch.cli", *args], stdout=log,
-                         stderr=subprocess.STDOUT, preexec_fn=preexec)  # fmt: skip
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+    p = subprocess.Popen(
+        [sys.executable, "-m", "epwatch.cli", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=preexec,
+    )
     try:
         if not attacks.wait_until(ready, 30):
             log.seek(0)
@@ -58,14 +62,27 @@ def process(
 
 
 def collector(grpc: int, http: int, *extra: str) -> contextlib.AbstractContextManager:
-    args = ["collector", f"--grpc-listen=127.0.0.1:{grpc}", f"--metrics-listen=127.0.0.1:{http}",
-            "--log-level=ERROR", *extra]  # fmt: skip
+    args = [
+        "collector",
+        f"--grpc-listen=127.0.0.1:{grpc}",
+        f"--metrics-listen=127.0.0.1:{http}",
+        "--log-level=ERROR",
+        *extra,
+    ]
     return process(*args, ready=lambda: bool(scrape(http)[0]))
 
 
 def agent(grpc: int, sock: str, http: int, *extra: str, **kw) -> contextlib.AbstractContextManager:
-    args = ["agent", f"--collector=127.0.0.1:{grpc}", "--node=bench-node", f"--socket={sock}",
-            f"--metrics-listen=127.0.0.1:{http}", "--log-level=ERROR", *NO_SAMPLERS, *extra]  # fmt: skip
+    args = [
+        "agent",
+        f"--collector=127.0.0.1:{grpc}",
+        "--node=bench-node",
+        f"--socket={sock}",
+        f"--metrics-listen=127.0.0.1:{http}",
+        "--log-level=ERROR",
+        *NO_SAMPLERS,
+        *extra,
+    ]
     return process(*args, ready=lambda: bool(scrape(http)[0]), **kw)
 
 
@@ -101,7 +118,9 @@ def run_collector_attacks(before: bool, only: set[str]) -> None:
             c = attacks.Client(f"127.0.0.1:{g}")
             out = attacks.sparse_scatter(c, 4096)
             time.sleep(2)
-            print(f"sparse: 4 x 2 MB messages, world_size 4096: {statuses(out)}; {start} -> {mb(p)}")
+            print(
+                f"sparse: 4 x 2 MB messages, world_size 4096: {statuses(out)}; {start} -> {mb(p)}"
+            )
     if want("long_names"):
         ctx, g, h = fresh()
         with ctx as p:
@@ -109,8 +128,10 @@ def run_collector_attacks(before: bool, only: set[str]) -> None:
             c = attacks.Client(f"127.0.0.1:{g}")
             out = attacks.long_names(c, 100)
             body, took = scrape(h)
-            print(f"long_names: 100 stats-only Pushes with 1 MiB node names: {statuses(out)}; "
-                  f"{start} -> {mb(p)}; /metrics {len(body) / 1e6:.1f} MB in {took:.1f} s")  # fmt: skip
+            print(
+                f"long_names: 100 stats-only Pushes with 1 MiB node names: {statuses(out)}; "
+                f"{start} -> {mb(p)}; /metrics {len(body) / 1e6:.1f} MB in {took:.1f} s"
+            )
     if want("forgery"):
         ctx, g, h = fresh()
         with ctx:
@@ -118,8 +139,10 @@ def run_collector_attacks(before: bool, only: set[str]) -> None:
             o1 = attacks.forged_node(c)
             o2 = attacks.forged_counters(c)
             v = value(scrape(h)[0], "epwatch_agent_records_dropped_total", node="victim")
-            print(f"forgery (no credentials): node-0 batch from agent 'evil': {o1.status}; "
-                  f"drop counters 2^64-1: {o2.status}, /metrics shows {v}")  # fmt: skip
+            print(
+                f"forgery (no credentials): node-0 batch from agent 'evil': {o1.status}; "
+                f"drop counters 2^64-1: {o2.status}, /metrics shows {v}"
+            )
     if want("idle_streams"):
         ctx, g, h = fresh()
         with ctx:
@@ -128,10 +151,14 @@ def run_collector_attacks(before: bool, only: set[str]) -> None:
             time.sleep(1)
             legit = attacks.Client(f"127.0.0.1:{g}")
             recs = make_records(16, 16)
-            o = legit.push(attacks.batch_message("ep0", 16, recs, seq=1, agent_id="legit"),
-                           timeout=5)  # fmt: skip
+            o = legit.push(
+                attacks.batch_message("ep0", 16, recs, seq=1, agent_id="legit"), timeout=5
+            )
             release()
-            print(f"idle_streams: 256 idle Streams, then a legitimate Push: {o.status} {o.detail[:60]}")
+            print(
+                f"idle_streams: 256 idle Streams, then a legitimate Push: {o.status} "
+                f"{o.detail[:60]}"
+            )
     if want("junk_groups"):
         ctx, g, h = fresh(*([] if before else ["--new-group-grace=3"]))
         with ctx:
@@ -141,22 +168,27 @@ def run_collector_attacks(before: bool, only: set[str]) -> None:
             o = c.push(attacks.batch_message("real", 16, recs, seq=1, agent_id="real"))
             time.sleep(4)  # past the grace (after the fix: --new-group-grace 3)
             o2 = c.push(attacks.batch_message("real", 16, recs, seq=2, agent_id="real"))
-            print(f"junk_groups: 64 junk group names: {statuses(out)}; then a real group: "
-                  f"{o.status} {o.detail[:50]}; 4 s later: {o2.status}")  # fmt: skip
+            print(
+                f"junk_groups: 64 junk group names: {statuses(out)}; then a real group: "
+                f"{o.status} {o.detail[:50]}; 4 s later: {o2.status}"
+            )
     if want("agent_churn"):
         ctx, g, h = fresh()
         with ctx:
             c = attacks.Client(f"127.0.0.1:{g}")
             from epwatch.protos import epwatch_pb2 as pb
 
-            real = pb.AgentMessage(agent_id="real-agent", node="real-node",
-                                   stats=pb.AgentStats(records_dropped=5))  # fmt: skip
+            real = pb.AgentMessage(
+                agent_id="real-agent", node="real-node", stats=pb.AgentStats(records_dropped=5)
+            )
             c.push(real.SerializeToString())
             v0 = value(scrape(h)[0], "epwatch_agent_records_dropped_total", node="real-node")
             ok = attacks.agent_churn(c, 10_001)
             v1 = value(scrape(h)[0], "epwatch_agent_records_dropped_total", node="real-node")
-            print(f"agent_churn: 10,001 agent ids ({ok} accepted): real node's drop counter "
-                  f"{v0} -> {v1}")  # fmt: skip
+            print(
+                f"agent_churn: 10,001 agent ids ({ok} accepted): real node's drop counter "
+                f"{v0} -> {v1}"
+            )
     if want("validation"):
         ctx, g, h = fresh()
         with ctx:
@@ -165,8 +197,10 @@ def run_collector_attacks(before: bool, only: set[str]) -> None:
             s = attacks.unsequenced_batch_twice(c)
             time.sleep(0.5)
             n = value(scrape(h)[0], "epwatch_ingest_records_total", ep_group="seq0")
-            print(f"validation: wrapped duration: {w.status}; seq=0 batch twice: {statuses(s)}, "
-                  f"records counted {n} (4 sent)")  # fmt: skip
+            print(
+                f"validation: wrapped duration: {w.status}; seq=0 batch twice: {statuses(s)}, "
+                f"records counted {n} (4 sent)"
+            )
 
 
 def run_agent_attacks(before: bool, only: set[str], workdir: str) -> None:
@@ -182,8 +216,10 @@ def run_agent_attacks(before: bool, only: set[str], workdir: str) -> None:
             sent = attacks.send_as_user(sock, 65534, 65534, frame)
             time.sleep(1)
             n = value(scrape(h)[0], "epwatch_ingest_records_total", ep_group="ep0")
-            print(f"socket: mode {mode}; frame from uid nobody: {sent}, collector counted {n} "
-                  f"of its 32 records")  # fmt: skip
+            print(
+                f"socket: mode {mode}; frame from uid nobody: {sent}, collector counted {n} "
+                f"of its 32 records"
+            )
     if want("emfile"):
         g, h, ah = free_port(), free_port(), free_port()
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -199,14 +235,15 @@ def run_agent_attacks(before: bool, only: set[str], workdir: str) -> None:
                 s.close()
             time.sleep(1)
             got = "refused"
-            with contextlib.suppress(OSError):
-                with contextlib.closing(attacks.connect(sock)) as s:
-                    s.sendall(hook_frame("ep0", 16, make_records(32, 16)))
-                    got = "sent"
+            with contextlib.suppress(OSError), contextlib.closing(attacks.connect(sock)) as s:
+                s.sendall(hook_frame("ep0", 16, make_records(32, 16)))
+                got = "sent"
             time.sleep(1.5)
             n = value(scrape(ah)[0], "epwatch_agent_records_received_total")
-            print(f"emfile: RLIMIT_NOFILE 1024, 1070 idle connections opened ({len(held)} "
-                  f"connected); afterwards a rank's frame: {got}, agent received {n} of 32")  # fmt: skip
+            print(
+                f"emfile: RLIMIT_NOFILE 1024, 1070 idle connections opened ({len(held)} "
+                f"connected); afterwards a rank's frame: {got}, agent received {n} of 32"
+            )
     if want("announce"):
         g, h = free_port(), free_port()
         with collector(g, h), agent(g, sock, free_port()) as p:
@@ -226,8 +263,10 @@ def run_agent_attacks(before: bool, only: set[str], workdir: str) -> None:
             spooled = value(scrape(ah)[0], "epwatch_agent_spool_records")
             body = scrape(ah)[0]
             dropped = value(body, "epwatch_agent_messages_dropped_total", reason="spool_full")
-            print(f"spool: 300 peer-row frames ({sent / 2**20:.0f} MiB), collector down: "
-                  f"{start} -> {mb(p)}; spool_records {spooled}; messages dropped {dropped}")  # fmt: skip
+            print(
+                f"spool: 300 peer-row frames ({sent / 2**20:.0f} MiB), collector down: "
+                f"{start} -> {mb(p)}; spool_records {spooled}; messages dropped {dropped}"
+            )
     if want("oversized"):
         g, h, ah = free_port(), free_port(), free_port()
         with collector(g, h, "--max-message-bytes=1048576"), agent(g, sock, ah) as p:
@@ -235,11 +274,16 @@ def run_agent_attacks(before: bool, only: set[str], workdir: str) -> None:
             time.sleep(15)
             body = scrape(ah)[0]
             rec = value(body, "epwatch_agent_reconnects_total")
-            rejected = {dict(k).get("reason"): v for k, v in
-                        attacks_samples(scrape(h)[0], "epwatch_ingest_rejected_total").items() if v}  # fmt: skip
+            rejected = {
+                dict(k).get("reason"): v
+                for k, v in attacks_samples(scrape(h)[0], "epwatch_ingest_rejected_total").items()
+                if v
+            }
             split = value(body, "epwatch_agent_messages_split_total")
-            print(f"oversized: a 4 MiB batch, collector limit 1 MiB, 15 s: agent reconnects "
-                  f"{rec}, collector rejected {rejected}, agent split {split}")  # fmt: skip
+            print(
+                f"oversized: a 4 MiB batch, collector limit 1 MiB, 15 s: agent reconnects "
+                f"{rec}, collector rejected {rejected}, agent split {split}"
+            )
 
 
 def attacks_samples(text: str, name: str) -> dict:

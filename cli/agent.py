@@ -152,41 +152,74 @@ def _ids(kind: str, lookup: Callable[[str], int]) -> Callable[[str], int]:
 def add_socket_arguments(parser: argparse.ArgumentParser) -> None:
     p = SocketPolicy()
     g = parser.add_argument_group("hook socket trust (docs/security.md)")
-    g.add_argument("--socket-group", metavar="GROUP",
-                   help="group owner of the socket; its members may send (default: the "
-                        "agent's group)")
-    g.add_argument("--allow-uid", action="append", metavar="UID",
-                   type=_ids("user", lambda n: pwd.getpwnam(n).pw_uid),
-                   help="a user whose processes may send frames (repeatable; default: root "
-                        "and the agent's user)")
-    g.add_argument("--allow-gid", action="append", metavar="GID",
-                   type=_ids("group", lambda n: grp.getgrnam(n).gr_gid),
-                   help="a group whose members may send frames (repeatable; default: the "
-                        "socket's group)")
-    g.add_argument("--max-frame-bytes", type=byte_size, default=p.max_frame_bytes,
-                   metavar="BYTES", help="largest hook frame (default %(default)s)")
-    g.add_argument("--client-bytes-per-second", type=byte_size, default=int(p.bytes_per_s),
-                   metavar="BYTES", help="read rate per hook connection; a faster sender "
-                   "waits (default %(default)s)")
-    g.add_argument("--max-clients", type=positive(int), default=p.max_clients, metavar="N",
-                   help="hook connections at once (default %(default)s)")
+    g.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="group owner of the socket; its members may send (default: the agent's group)",
+    )
+    g.add_argument(
+        "--allow-uid",
+        action="append",
+        metavar="UID",
+        type=_ids("user", lambda n: pwd.getpwnam(n).pw_uid),
+        help="a user whose processes may send frames (repeatable; default: root "
+        "and the agent's user)",
+    )
+    g.add_argument(
+        "--allow-gid",
+        action="append",
+        metavar="GID",
+        type=_ids("group", lambda n: grp.getgrnam(n).gr_gid),
+        help="a group whose members may send frames (repeatable; default: the socket's group)",
+    )
+    g.add_argument(
+        "--max-frame-bytes",
+        type=byte_size,
+        default=p.max_frame_bytes,
+        metavar="BYTES",
+        help="largest hook frame (default %(default)s)",
+    )
+    g.add_argument(
+        "--client-bytes-per-second",
+        type=byte_size,
+        default=int(p.bytes_per_s),
+        metavar="BYTES",
+        help="read rate per hook connection; a faster sender waits (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-clients",
+        type=positive(int),
+        default=p.max_clients,
+        metavar="N",
+        help="hook connections at once (default %(default)s)",
+    )
 
 
 def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("transport security (docs/security.md)")
-    g.add_argument("--tls-ca", metavar="PEM",
-                   help="connect to the collector over TLS, trusting this CA")
-    g.add_argument("--tls-cert", metavar="PEM",
-                   help="client certificate for mTLS; it must name this node (DNS SAN or CN)")
+    g.add_argument(
+        "--tls-ca", metavar="PEM", help="connect to the collector over TLS, trusting this CA"
+    )
+    g.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="client certificate for mTLS; it must name this node (DNS SAN or CN)",
+    )
     g.add_argument("--tls-key", metavar="PEM", help="the client certificate's key")
-    g.add_argument("--tls-server-name", metavar="NAME",
-                   help="name to expect on the collector's certificate (default: the host "
-                        "of --collector)")
-    g.add_argument("--token-file", metavar="FILE",
-                   help="send this bearer token in the authorization metadata")
-    g.add_argument("--web-config", metavar="FILE",
-                   help="TLS, client certificates and basic auth for --metrics-listen, in the "
-                        "Prometheus exporter-toolkit format")
+    g.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name to expect on the collector's certificate (default: the host of --collector)",
+    )
+    g.add_argument(
+        "--token-file", metavar="FILE", help="send this bearer token in the authorization metadata"
+    )
+    g.add_argument(
+        "--web-config",
+        metavar="FILE",
+        help="TLS, client certificates and basic auth for --metrics-listen, in the "
+        "Prometheus exporter-toolkit format",
+    )
 
 
 def client_security(args: argparse.Namespace) -> ClientSecurity:
@@ -250,8 +283,12 @@ def run(args: argparse.Namespace) -> int:
     security = client_security(args)
     host = parse_hostport(args.collector)[0]
     if not (security.tls or security.token):
-        warn_if_exposed("the stream to the collector", host, False,
-                        "--tls-ca with --tls-cert/--tls-key (mTLS), or --token-file")  # fmt: skip
+        warn_if_exposed(
+            "the stream to the collector",
+            host,
+            False,
+            "--tls-ca with --tls-cert/--tls-key (mTLS), or --token-file",
+        )
     elif security.token and not security.tls and not is_loopback(host):
         log.warning("--token-file without --tls-ca sends the token in plaintext; add --tls-ca")
     config = AgentConfig(

@@ -104,41 +104,83 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     """Hard bounds on what agents can make the collector hold (docs/security.md)."""
     e = EstimatorConfig()
     g = parser.add_argument_group("limits")
-    g.add_argument("--max-world-size", type=positive(int), default=D.max_world_size,
-                   metavar="N", help="largest EP group accepted (default %(default)s)")
-    g.add_argument("--max-layers", type=positive(int), default=e.max_layers, metavar="N",
-                   help="MoE layers per step assembled; records of higher layers are "
-                        "ignored and counted (default %(default)s)")
-    g.add_argument("--group-buffer-bytes", type=byte_size, default=e.buffer_bytes,
-                   metavar="BYTES", help="memory one EP group's step assembly may use, a "
-                   "hard bound (default %(default)s)")
-    g.add_argument("--buffer-bytes", type=byte_size, default=D.buffer_bytes, metavar="BYTES",
-                   help="memory all groups' step assembly may use together; a new group "
-                        "that does not fit is refused (default %(default)s)")
-    g.add_argument("--new-group-grace", type=positive(float), default=D.new_group_grace_s,
-                   metavar="S", help="when every group slot is taken, a group that has "
-                   "completed no step for this long gives its slot to a new one; such a "
-                   "group idle this long is forgotten (default %(default)s)")
-    g.add_argument("--streams-per-peer", type=positive(int), default=D.streams_per_peer,
-                   metavar="N", help="open streams per client certificate, else per client "
-                   "address (default %(default)s)")
-    g.add_argument("--stream-idle-timeout", type=positive(float), default=D.stream_idle_s,
-                   metavar="S", help="close a stream silent this long (default %(default)s)")
+    g.add_argument(
+        "--max-world-size",
+        type=positive(int),
+        default=D.max_world_size,
+        metavar="N",
+        help="largest EP group accepted (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-layers",
+        type=positive(int),
+        default=e.max_layers,
+        metavar="N",
+        help="MoE layers per step assembled; records of higher layers are "
+        "ignored and counted (default %(default)s)",
+    )
+    g.add_argument(
+        "--group-buffer-bytes",
+        type=byte_size,
+        default=e.buffer_bytes,
+        metavar="BYTES",
+        help="memory one EP group's step assembly may use, a hard bound (default %(default)s)",
+    )
+    g.add_argument(
+        "--buffer-bytes",
+        type=byte_size,
+        default=D.buffer_bytes,
+        metavar="BYTES",
+        help="memory all groups' step assembly may use together; a new group "
+        "that does not fit is refused (default %(default)s)",
+    )
+    g.add_argument(
+        "--new-group-grace",
+        type=positive(float),
+        default=D.new_group_grace_s,
+        metavar="S",
+        help="when every group slot is taken, a group that has "
+        "completed no step for this long gives its slot to a new one; such a "
+        "group idle this long is forgotten (default %(default)s)",
+    )
+    g.add_argument(
+        "--streams-per-peer",
+        type=positive(int),
+        default=D.streams_per_peer,
+        metavar="N",
+        help="open streams per client certificate, else per client address (default %(default)s)",
+    )
+    g.add_argument(
+        "--stream-idle-timeout",
+        type=positive(float),
+        default=D.stream_idle_s,
+        metavar="S",
+        help="close a stream silent this long (default %(default)s)",
+    )
 
 
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("transport security (docs/security.md)")
     g.add_argument("--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate")
     g.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
-    g.add_argument("--tls-client-ca", metavar="PEM",
-                   help="require agents' client certificates signed by this CA (mTLS); a "
-                        "certificate's DNS names (else its CN) are the only node names its "
-                        "agent may send")
-    g.add_argument("--token-file", metavar="FILE",
-                   help="require this bearer token in the authorization metadata")
-    g.add_argument("--web-config", metavar="FILE",
-                   help="TLS, client certificates and basic auth for /metrics, in the "
-                        "Prometheus exporter-toolkit format")
+    g.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require agents' client certificates signed by this CA (mTLS); a "
+        "certificate's DNS names (else its CN) are the only node names its "
+        "agent may send",
+    )
+    g.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="require this bearer token in the authorization metadata",
+    )
+    g.add_argument(
+        "--web-config",
+        metavar="FILE",
+        help="TLS, client certificates and basic auth for /metrics, in the "
+        "Prometheus exporter-toolkit format",
+    )
 
 
 def server_security(args: argparse.Namespace) -> ServerSecurity:

@@ -88,8 +88,9 @@ class AgentTable(Collector):
 
     def _forget_retired(self, now: float) -> None:
         live = {a.node for a in self._agents.values()}
-        for node in [n for n, r in self._retired.items()
-                     if n not in live and now - r.seen_s > RETIRED_KEEP_S]:  # fmt: skip
+        for node in [
+            n for n, r in self._retired.items() if n not in live and now - r.seen_s > RETIRED_KEEP_S
+        ]:
             del self._retired[node]
 
     def observe(self, agent_id: str, node: str, stats: pb.AgentStats | None) -> None:

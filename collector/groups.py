@@ -170,8 +170,9 @@ class GroupTable:
             victim = min(stale, key=lambda g: g.last_ingest_s)
             del self._groups[victim.ep_group]
             others.remove(victim)
-            log.warning("EP group %s completed no step: its slot goes to %s",
-                        victim.ep_group, ep_group)  # fmt: skip
+            log.warning(
+                "EP group %s completed no step: its slot goes to %s", victim.ep_group, ep_group
+            )
         try:
             estimator = self._factory(ep_group, world_size)
         except ValueError as exc:
@@ -201,9 +202,12 @@ class GroupTable:
                 name
                 for name, g in self._groups.items()
                 if now_s - g.last_ingest_s
-                > (self._expire_after_s if g.established else min(self._grace_s,
-                                                                  self._expire_after_s))
-            ]  # fmt: skip
+                > (
+                    self._expire_after_s
+                    if g.established
+                    else min(self._grace_s, self._expire_after_s)
+                )
+            ]
             for name in gone:
                 del self._groups[name]
         for name in gone:

@@ -99,8 +99,11 @@ def prepare_directory(directory: str) -> int:
             os.unlink(os.path.join(directory, name))
             removed += 1
     if removed:
-        log.warning("removed %d unfinished recording(s) left in %s by a collector that "
-                    "died while writing", removed, directory)  # fmt: skip
+        log.warning(
+            "removed %d unfinished recording(s) left in %s by a collector that died while writing",
+            removed,
+            directory,
+        )
     return removed
 
 
@@ -237,8 +240,9 @@ class Recorder:
             os.replace(self._path, final)
             _fsync_dir(self.config.directory)
         except (OSError, pa.ArrowException) as exc:
-            log.error("cannot finish recording %s (%s): deleted, %d records lost",
-                      self._path, exc, rows)  # fmt: skip
+            log.error(
+                "cannot finish recording %s (%s): deleted, %d records lost", self._path, exc, rows
+            )
             with contextlib.suppress(OSError):
                 os.unlink(self._path)
             self._on_drop(rows)

@@ -56,8 +56,15 @@ def positive(kind: type[N]) -> Callable[[str], N]:
 
 
 _SIZE_RE = re.compile(r"\s*(\d+)\s*([kmg]i?)?b?\s*", re.IGNORECASE)
-_UNITS = {None: 1, "k": 1000, "m": 1000**2, "g": 1000**3,
-          "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30}  # fmt: skip
+_UNITS = {
+    None: 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+}
 
 
 def byte_size(text: str) -> int:

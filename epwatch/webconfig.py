@@ -43,9 +43,14 @@ _VERSIONS = {
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
 _TLS_KEYS = {
-    "cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
-    "max_version", "client_allowed_sans",
-}  # fmt: skip
+    "cert_file",
+    "key_file",
+    "client_auth_type",
+    "client_ca_file",
+    "min_version",
+    "max_version",
+    "client_allowed_sans",
+}
 _TOP_KEYS = {"tls_server_config", "basic_auth_users", "http_server_config"}
 
 

@@ -36,7 +36,7 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 _REASONS = {
     200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
     405: "Method Not Allowed",
-}  # fmt: skip
+}
 MAX_CONNECTIONS = 64
 CONNECTION_TIMEOUT_S = 30.0
 log = logging.getLogger(__name__)
@@ -116,13 +116,13 @@ class WebServer:
             "ssl_context": self.security.ssl_context,
             "allowed_sans": self.security.allowed_sans,
             "_slots": threading.BoundedSemaphore(MAX_CONNECTIONS),
-        })  # fmt: skip
+        })
         self._server = make_server(
             host, port, self._app, server_class=server_class, handler_class=_QuietHandler
         )
         self.port = int(self._server.server_port)
         warn_if_exposed("HTTP (/metrics)", host, self.security.tls or bool(self.security.auth),
-                        "--web-config with tls_server_config or basic_auth_users")  # fmt: skip
+                        "--web-config with tls_server_config or basic_auth_users")
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="http", daemon=True
         )
@@ -139,7 +139,7 @@ class WebServer:
         auth = self.security.auth
         if auth is not None and not auth.check(environ.get("HTTP_AUTHORIZATION")):
             return _json(start_response, 401, {"error": "authentication required"},
-                         [("WWW-Authenticate", 'Basic realm="epwatch"')])  # fmt: skip
+                         [("WWW-Authenticate", 'Basic realm="epwatch"')])
         if self.security.headers:
             start_response = _with_headers(start_response, self.security.headers)
         path = environ.get("PATH_INFO") or "/"
@@ -166,7 +166,7 @@ def _json(
         f"{status} {_REASONS.get(status, '')}".rstrip(),
         [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
          *(extra or [])],
-    )  # fmt: skip
+    )
     return [data]
 
 

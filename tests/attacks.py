@@ -155,8 +155,9 @@ def sparse_scatter(
         i = np.arange(per_message) + m * per_message
         rank = (i * 521) % world_size
         recs = records(rank, (i // 7) % 6, i % 128, i % 2)
-        out.append(client.push(batch_message("sparse", world_size, recs, seq=m + 1,
-                                             agent_id="sparse")))  # fmt: skip
+        out.append(
+            client.push(batch_message("sparse", world_size, recs, seq=m + 1, agent_id="sparse"))
+        )
     return out
 
 
@@ -214,8 +215,13 @@ def agent_churn(client: Client, n: int) -> int:
 def wrapped_duration(client: Client) -> Outcome:
     """enter 2^63-1, exit -2^63+9: the int64 subtraction wraps to a small positive."""
     recs = records(np.array([0]), np.array([0]), np.array([0]))
-    recs = RecordColumns(**{**recs.as_dict(), "enter_ns": np.array([2**63 - 1], np.int64),
-                            "exit_ns": np.array([-(2**63) + 9], np.int64)})  # fmt: skip
+    recs = RecordColumns(
+        **{
+            **recs.as_dict(),
+            "enter_ns": np.array([2**63 - 1], np.int64),
+            "exit_ns": np.array([-(2**63) + 9], np.int64),
+        }
+    )
     return client.push(batch_message("wrap", 1, recs, seq=1, agent_id="wrap"))
 
 
@@ -257,9 +263,15 @@ def peer_row_frames(path: str, n: int, world_size: int = 512, rows: int = 256) -
     sent = 0
     with contextlib.closing(connect(path, timeout=30)) as s:
         for i in range(n):
-            p = PeerRows(**{**{k: getattr(peer, k) for k in ("rank", "layer", "phase",
-                                                              "wait_s", "send_bytes")},
-                            "step": np.full(rows, i, np.int64)})  # fmt: skip
+            p = PeerRows(
+                **{
+                    **{
+                        k: getattr(peer, k)
+                        for k in ("rank", "layer", "phase", "wait_s", "send_bytes")
+                    },
+                    "step": np.full(rows, i, np.int64),
+                }
+            )
             frame = hook_frame("rows", world_size, RecordColumns.empty(), p)
             s.sendall(frame)
             sent += len(frame)

@@ -25,13 +25,18 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _write(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-           ) -> Pair:  # fmt: skip
+def _write(
+    directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> Pair:
     c, k = directory / f"{stem}.crt", directory / f"{stem}.key"
     c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    k.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))  # fmt: skip
+    k.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     k.chmod(0o600)
     return Pair(c, k)
 
@@ -56,18 +61,26 @@ class TestPKI:
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                              content_commitment=False, key_encipherment=False,
-                              data_encipherment=False, key_agreement=False,
-                              encipher_only=False, decipher_only=False),  # fmt: skip
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
                 critical=True,
             )
             .sign(self._key, hashes.SHA256())
         )
         self.ca = _write(self.dir, name.replace(" ", "-"), self._cert, self._key).cert
 
-    def issue(self, stem: str, cn: str, dns: list[str] = (), ips: list[str] = (),
-              server: bool = False) -> Pair:  # fmt: skip
+    def issue(
+        self, stem: str, cn: str, dns: list[str] = (), ips: list[str] = (), server: bool = False
+    ) -> Pair:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
@@ -79,9 +92,12 @@ class TestPKI:
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH
-                                                  if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)  # fmt: skip
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
         )
         names = [x509.DNSName(d) for d in dns] + [
             x509.IPAddress(ipaddress.ip_address(i)) for i in ips
@@ -91,8 +107,7 @@ class TestPKI:
         return _write(self.dir, stem, builder.sign(self._key, hashes.SHA256()), key)
 
     def server(self) -> Pair:
-        return self.issue("server", "localhost", dns=["localhost"], ips=["127.0.0.1"],
-                          server=True)  # fmt: skip
+        return self.issue("server", "localhost", dns=["localhost"], ips=["127.0.0.1"], server=True)
 
     def client(self, node: str, san: bool = True) -> Pair:
         """A client certificate naming ``node`` as its DNS SAN (or only as its CN)."""

@@ -3,9 +3,14 @@ stub, /metrics scraping and synthetic records. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -117,3 +122,30 @@ def make_records(
         recv_bytes=np.full(n, 1 << 20),
         recv_tokens=np.full(n, 128),
     )
+
+
+class Proc:
+    """An ``epwatch`` subprocess with its output in a file (shown when a test fails)."""
+
+    def __init__(self, workdir: Path, name: str, *args: str) -> None:
+        self.name = name
+        self.log = workdir / f"{name}.log"
+        with open(self.log, "ab") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "epwatch.cli", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait(5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]

@@ -34,9 +34,14 @@ def payload(n: int, step0: int = 0) -> bytes:
 
 def test_spool_is_bounded_by_real_message_bytes() -> None:
     spool = Spool(max_records=1_000_000, max_bytes=1 << 20)
-    rows = PeerRows(rank=np.zeros(64, np.int32), step=np.zeros(64, np.int64),
-                    layer=np.zeros(64, np.int32), phase=np.zeros(64, np.uint8),
-                    wait_s=np.ones((64, 512)), send_bytes=np.empty((64, 0), np.int64))  # fmt: skip
+    rows = PeerRows(
+        rank=np.zeros(64, np.int32),
+        step=np.zeros(64, np.int64),
+        layer=np.zeros(64, np.int32),
+        phase=np.zeros(64, np.uint8),
+        wait_s=np.ones((64, 512)),
+        send_bytes=np.empty((64, 0), np.int64),
+    )
     big = pb.AgentMessage(
         batch=wire.encode_records("g", 512, make_records(0, 512), rows)
     ).SerializeToString()
@@ -114,8 +119,13 @@ def test_agent_counts_a_previous_crash_and_resends_from_its_spool_dir(tmp_path: 
     svc = start_collector(metrics=False)
     spool_dir = tmp_path / "spool"
     sock = str(tmp_path / "a.sock")
-    config = AgentConfig(node="n0", socket_path=sock, collector="127.0.0.1:1",
-                         spool_dir=str(spool_dir), flush_interval_s=0.05)  # fmt: skip
+    config = AgentConfig(
+        node="n0",
+        socket_path=sock,
+        collector="127.0.0.1:1",
+        spool_dir=str(spool_dir),
+        flush_interval_s=0.05,
+    )
     first = Agent(config)
     first.start()
     with FrameSender(sock) as s:
@@ -144,9 +154,14 @@ def test_oversized_batches_are_split_to_fit() -> None:
     decoded = [wire.decode_batch(pb.AgentMessage.FromString(p).batch).records for p, _ in parts]
     assert np.array_equal(np.concatenate([r.step for r in decoded]), records.step)
     # One per-peer row larger than the limit cannot be split: the caller drops it.
-    rows = PeerRows(rank=np.zeros(1, np.int32), step=np.zeros(1, np.int64),
-                    layer=np.zeros(1, np.int32), phase=np.zeros(1, np.uint8),
-                    wait_s=np.ones((1, 4096)), send_bytes=np.empty((1, 0), np.int64))  # fmt: skip
+    rows = PeerRows(
+        rank=np.zeros(1, np.int32),
+        step=np.zeros(1, np.int64),
+        layer=np.zeros(1, np.int32),
+        phase=np.zeros(1, np.uint8),
+        wait_s=np.ones((1, 4096)),
+        send_bytes=np.empty((1, 0), np.int64),
+    )
     one = pb.AgentMessage(batch=wire.encode_records("g", 4096, make_records(0, 4096), rows))
     assert split_payload(one.SerializeToString(), 16 << 10) is None
 
@@ -154,8 +169,14 @@ def test_oversized_batches_are_split_to_fit() -> None:
 def test_agent_splits_what_the_collector_says_is_too_large(tmp_path: Path) -> None:
     svc = start_collector(max_message_bytes=256 << 10)
     sock = str(tmp_path / "a.sock")
-    agent = Agent(AgentConfig(node="n0", socket_path=sock, flush_interval_s=0.05,
-                              collector=f"127.0.0.1:{svc.grpc_port}"))  # fmt: skip
+    agent = Agent(
+        AgentConfig(
+            node="n0",
+            socket_path=sock,
+            flush_interval_s=0.05,
+            collector=f"127.0.0.1:{svc.grpc_port}",
+        )
+    )
     agent.start()
     try:
         with FrameSender(sock) as s:

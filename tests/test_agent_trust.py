@@ -64,7 +64,7 @@ def test_another_user_is_kept_out_by_mode_then_by_credentials(sockdir: str) -> N
     finally:
         r.stop()
     # A world-writable socket lets nobody connect; its credentials still keep it out.
-    r, spool = receiver(f"{sockdir}/b.sock", mode=0o666)
+    r, _spool = receiver(f"{sockdir}/b.sock", mode=0o666)
     try:
         attacks.send_as_user(f"{sockdir}/b.sock", NOBODY, NOBODY, frame)
         wait_for(lambda: r.counters.rejected_by_reason().get("peer_credentials") == 1)

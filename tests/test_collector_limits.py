@@ -57,7 +57,9 @@ def test_a_groups_step_buffer_never_exceeds_its_budget(world_size: int) -> None:
 
 
 def test_a_world_size_that_cannot_fit_two_steps_is_refused() -> None:
-    table = GroupTable(lambda name, ws: GroupEstimator(name, ws, EstimatorConfig(buffer_bytes=1 << 16)))
+    table = GroupTable(
+        lambda name, ws: GroupEstimator(name, ws, EstimatorConfig(buffer_bytes=1 << 16))
+    )
     with pytest.raises(RecordError) as err:
         table.get("big", 4096)
     assert err.value.reason == "over_budget"
@@ -106,8 +108,9 @@ def test_names_are_bounded_and_label_safe(svc) -> None:
     bad = [
         pb.AgentMessage(agent_id="a", node="node\n0", stats=pb.AgentStats()),
         pb.AgentMessage(agent_id="x" * 129, node="n", stats=pb.AgentStats()),
-        pb.AgentMessage(agent_id="a", node="n", seq=1,
-                        batch=pb.RecordBatch(ep_group='g"}', world_size=2)),  # fmt: skip
+        pb.AgentMessage(
+            agent_id="a", node="n", seq=1, batch=pb.RecordBatch(ep_group='g"}', world_size=2)
+        ),
     ]
     for msg in bad:
         assert client.push(msg.SerializeToString()).status == "INVALID_ARGUMENT"
@@ -123,7 +126,9 @@ def test_forged_counters_are_refused_and_evicted_agents_keep_their_counts(svc) -
     assert rejected(svc, "bad_stats") == 1
     assert value(svc.metrics_text(), "epwatch_agent_records_dropped_total", node="victim") is None
     svc.agents._max_agents = 50
-    real = pb.AgentMessage(agent_id="real", node="real-node", stats=pb.AgentStats(records_dropped=5))
+    real = pb.AgentMessage(
+        agent_id="real", node="real-node", stats=pb.AgentStats(records_dropped=5)
+    )
     assert client.push(real.SerializeToString()).status == "OK"
     assert attacks.agent_churn(client, 60) == 60  # evicts "real" from the table
     assert "real" not in svc.agents._agents
@@ -150,8 +155,10 @@ def test_seq_zero_is_for_stats_only(svc) -> None:
 
 def test_node_samples_are_capped_per_message(svc) -> None:
     client = attacks.Client(f"127.0.0.1:{svc.grpc_port}")
-    points = [pb.MetricPoint(name="epwatch_x", labels={"i": str(i)}, value=1.0)
-              for i in range(MAX_POINTS + 1)]  # fmt: skip
+    points = [
+        pb.MetricPoint(name="epwatch_x", labels={"i": str(i)}, value=1.0)
+        for i in range(MAX_POINTS + 1)
+    ]
     msg = pb.AgentMessage(agent_id="a", node="n", seq=1, sample=pb.NodeSample(points=points))
     out = client.push(msg.SerializeToString())
     assert out.status == "INVALID_ARGUMENT" and f"> {MAX_POINTS}" in out.detail
@@ -164,9 +171,14 @@ def test_node_samples_are_capped_per_message(svc) -> None:
 def test_per_peer_rows_for_far_future_steps_are_not_kept() -> None:
     g = GroupEstimator("g", 64, EstimatorConfig(buffer_bytes=8 << 20))
     g.ingest(make_records(64, 64), "n0")
-    rows = PeerRows(rank=np.zeros(4, np.int32), step=np.array([1, 2, 10**9, 10**9 + 1]),
-                    layer=np.zeros(4, np.int32), phase=np.zeros(4, np.uint8),
-                    wait_s=np.full((4, 64), 0.001), send_bytes=np.empty((4, 0), np.int64))  # fmt: skip
+    rows = PeerRows(
+        rank=np.zeros(4, np.int32),
+        step=np.array([1, 2, 10**9, 10**9 + 1]),
+        layer=np.zeros(4, np.int32),
+        phase=np.zeros(4, np.uint8),
+        wait_s=np.full((4, 64), 0.001),
+        send_bytes=np.empty((4, 0), np.int64),
+    )
     g.ingest_peer_rows(rows)
     assert sorted(g._peer) == [1, 2] and g.ignored_records == 2
     assert g._peer_bytes <= g._peer_budget
@@ -179,8 +191,9 @@ def test_idle_and_hoarded_streams_leave_room_for_an_agent() -> None:
         release = attacks.idle_streams(client, 8)
         try:
             legit = attacks.Client(f"127.0.0.1:{svc.grpc_port}")
-            out = legit.push(attacks.batch_message("ep0", 16, make_records(16, 16), seq=1),
-                             timeout=5)  # fmt: skip
+            out = legit.push(
+                attacks.batch_message("ep0", 16, make_records(16, 16), seq=1), timeout=5
+            )
             assert out.status == "OK"  # 8 streams asked, 4 allowed: workers remain
             assert attacks.wait_until(lambda: rejected(svc, "too_many_streams") >= 4, 10)
             # The 4 admitted idle streams are closed after 0.5 s of silence.
