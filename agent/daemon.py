@@ -57,7 +57,7 @@ def _batch_bounds(config: AgentConfig) -> tuple[int, int]:
     """Records and bytes per shipped batch, below a quarter of the spool's bounds: a
     spool smaller than one flush would drop whole batches even while connected."""
     records = min(config.batch_records, max(1, config.spool_records // 4))
-    message_bytes = min(MAX_PENDING_BYTES, max(64 << 10, config.spool_bytes // 4))
+    message_bytes = min(MAX_PENDING_BYTES, max(64 << 10, config.spool_bytes // 8))
     if records < config.batch_records:
         log.warning(
             "--spool-records %d holds less than four batches of --batch-records %d: "
@@ -97,6 +97,8 @@ class Agent:
             if config.spool_dir
             else f"{config.socket_path}.state"
         )
+        if not self.spool.durable:  # acks lower the records a crash would lose
+            self.spool.on_ack = lambda: self.ledger.update(self.records_at_risk())
         self.batcher = Batcher(self.spool, *_batch_bounds(config))
         self.receiver_counters = ReceiverCounters()
         policy = dataclasses.replace(config.socket, mode=config.socket_mode)

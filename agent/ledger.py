@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class LossLedger:
         self.min_interval_s = min_interval_s
         self.lost_at_start = 0
         self._last_write = 0.0
+        self._lock = threading.Lock()  # the flush loop and the shipper's acks both write
         self.written: int | None = None  # the count on disk now
         try:
             with open(path) as f:
@@ -39,7 +41,8 @@ class LossLedger:
             previous = None
         if previous and not previous.get("clean", True):
             self.lost_at_start = max(0, int(previous.get("records_at_risk", 0)))
-            log.warning(
+            log.log(
+                logging.WARNING if self.lost_at_start else logging.INFO,
                 "the previous agent (pid %s) did not stop cleanly: %d records it had accepted "
                 "were not durable and are lost (counted in records_lost_total)",
                 previous.get("pid", "?"),
@@ -47,10 +50,17 @@ class LossLedger:
             )
 
     def update(self, records_at_risk: int, clean: bool = False, force: bool = False) -> None:
-        """Write the count (at most once per ``min_interval_s`` unless it is forced)."""
+        """Write the count: a lower one at once (an overcount would report a loss that
+        did not happen), a higher one at most once per ``min_interval_s``."""
+        with self._lock:
+            self._update(records_at_risk, clean, force)
+
+    def _update(self, records_at_risk: int, clean: bool, force: bool) -> None:
         now = time.monotonic()
+        lower = self.written is not None and records_at_risk < self.written
         if not force and (
-            now - self._last_write < self.min_interval_s or records_at_risk == self.written
+            records_at_risk == self.written
+            or (not lower and now - self._last_write < self.min_interval_s)
         ):
             return
         self._last_write = now

@@ -84,6 +84,12 @@ class AgentMetrics(Collector):
             a.ledger.lost_at_start,
         )
         yield gauge(
+            "epwatch_agent_records_at_risk",
+            "Accepted records a crash now would lose: being batched, and without "
+            "--spool-dir the spool's too",
+            a.records_at_risk(),
+        )
+        yield gauge(
             "epwatch_agent_spool_bytes",
             "Serialized bytes waiting for an ack (bounded by --spool-bytes)",
             a.spool.bytes,

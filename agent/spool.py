@@ -71,6 +71,7 @@ class Spool:
         self._records = 0
         self._next_seq = 1
         self._store = store
+        self.on_ack: Callable[[], None] | None = None  # called after each ack, unlocked
         if store is not None:
             recovered = store.load()
             self._next_seq = store.next_seq()
@@ -186,7 +187,9 @@ class Spool:
                 self.counters.messages_rejected += 1
             self._done([seq])
             self._cond.notify_all()
-            return entry
+        if self.on_ack is not None:
+            self.on_ack()
+        return entry
 
     def replace(self, entry: Entry, parts: list[tuple[bytes, int]] | None) -> None:
         """A message the collector cannot take (too large): ship ``parts`` instead

@@ -127,7 +127,9 @@ def make_records(
 class Proc:
     """An ``epwatch`` subprocess with its output in a file (shown when a test fails)."""
 
-    def __init__(self, workdir: Path, name: str, *args: str) -> None:
+    def __init__(
+        self, workdir: Path, name: str, *args: str, preexec: Callable[[], None] | None = None
+    ) -> None:
         self.name = name
         self.log = workdir / f"{name}.log"
         with open(self.log, "ab") as out:
@@ -136,6 +138,7 @@ class Proc:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=preexec,
             )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
