@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from epwatch.durable import fsync_path
+
 log = logging.getLogger(__name__)
 
 _ENTRY = struct.Struct("<4sQIII")  # magic, seq, records, payload length, crc32(payload)
@@ -86,9 +88,9 @@ class SpoolStore:
         text = make()
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text + "\n")
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_path(self.dir)
+        fsync_path(self.dir)
         return text
 
     def load(self) -> list[StoredEntry]:
@@ -188,7 +190,7 @@ class SpoolStore:
         path = self.dir / _segment_name(seq)
         self._active_file = open(path, "ab", buffering=0)  # noqa: SIM115
         self._active_bytes = 0
-        _fsync_path(self.dir)
+        fsync_path(self.dir)
         if old is not None and not self._segments.get(old):
             self._delete_segment(old)
 
@@ -265,7 +267,7 @@ class SpoolStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / "done.log")
-        _fsync_path(self.dir)
+        fsync_path(self.dir)
         self._done_records = len(keep)
 
 
@@ -275,14 +277,6 @@ def _done_record(seq: int) -> bytes:
 
 def _segment_name(first_seq: int) -> str:
     return f"seg-{first_seq:016d}.log"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def new_store_agent_id(node: str) -> str:

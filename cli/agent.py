@@ -26,7 +26,7 @@ from epwatch.cliargs import (
     setup_logging,
     stop_on_signals,
 )
-from epwatch.credentials import CredentialError, read_pem, read_token
+from epwatch.credentials import load_flag_files
 from epwatch.frames import default_socket_path
 from epwatch.memory import tune_malloc
 from epwatch.names import name_error
@@ -227,16 +227,18 @@ def client_security(args: argparse.Namespace) -> ClientSecurity:
         raise SystemExit("epwatch agent: --tls-cert and --tls-key go together")
     if args.tls_cert and not args.tls_ca:
         raise SystemExit("epwatch agent: --tls-cert needs --tls-ca (the collector's CA)")
-    try:
-        return ClientSecurity(
-            ca=read_pem(args.tls_ca, "--tls-ca") if args.tls_ca else None,
-            cert=read_pem(args.tls_cert, "--tls-cert") if args.tls_cert else None,
-            key=read_pem(args.tls_key, "--tls-key") if args.tls_key else None,
-            token=read_token(args.token_file) if args.token_file else None,
-            server_name=args.tls_server_name,
-        )
-    except CredentialError as err:
-        raise SystemExit(f"epwatch agent: {err}") from None
+    files, token = load_flag_files(
+        "agent",
+        {"--tls-ca": args.tls_ca, "--tls-cert": args.tls_cert, "--tls-key": args.tls_key},
+        args.token_file,
+    )
+    return ClientSecurity(
+        ca=files["--tls-ca"],
+        cert=files["--tls-cert"],
+        key=files["--tls-key"],
+        token=token,
+        server_name=args.tls_server_name,
+    )
 
 
 def socket_policy(args: argparse.Namespace) -> SocketPolicy:

@@ -23,7 +23,7 @@ from epwatch.collector.groups import default_factory
 from epwatch.collector.recorder import RecorderConfig, RecorderError
 from epwatch.collector.server import ServerSecurity
 from epwatch.collector.service import CollectorConfig, CollectorService
-from epwatch.credentials import CredentialError, read_pem, read_token
+from epwatch.credentials import load_flag_files
 from epwatch.memory import tune_malloc
 
 log = logging.getLogger("epwatch.collector")
@@ -188,17 +188,21 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
         raise SystemExit("epwatch collector: --tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         raise SystemExit("epwatch collector: --tls-client-ca needs --tls-cert and --tls-key")
-    try:
-        return ServerSecurity(
-            tls_cert=read_pem(args.tls_cert, "--tls-cert") if args.tls_cert else None,
-            tls_key=read_pem(args.tls_key, "--tls-key") if args.tls_key else None,
-            client_ca=read_pem(args.tls_client_ca, "--tls-client-ca")
-            if args.tls_client_ca
-            else None,
-            token=read_token(args.token_file) if args.token_file else None,
-        )
-    except CredentialError as err:
-        raise SystemExit(f"epwatch collector: {err}") from None
+    files, token = load_flag_files(
+        "collector",
+        {
+            "--tls-cert": args.tls_cert,
+            "--tls-key": args.tls_key,
+            "--tls-client-ca": args.tls_client_ca,
+        },
+        args.token_file,
+    )
+    return ServerSecurity(
+        tls_cert=files["--tls-cert"],
+        tls_key=files["--tls-key"],
+        client_ca=files["--tls-client-ca"],
+        token=token,
+    )
 
 
 def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from epwatch.durable import fsync_path
 from epwatch.schema import RECORD_DTYPES, RecordColumns
 
 log = logging.getLogger(__name__)
@@ -235,10 +236,9 @@ class Recorder:
         final = self._path.removesuffix(".partial")
         try:
             writer.close()
-            with open(self._path, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_path(self._path)
             os.replace(self._path, final)
-            _fsync_dir(self.config.directory)
+            fsync_path(self.config.directory)
         except (OSError, pa.ArrowException) as exc:
             log.error(
                 "cannot finish recording %s (%s): deleted, %d records lost", self._path, exc, rows
@@ -249,11 +249,3 @@ class Recorder:
             return
         self.files.append(final)
         log.info("recorded %s", final)
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

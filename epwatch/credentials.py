@@ -40,3 +40,15 @@ def read_token(path: str) -> bytes:
     if mode & stat.S_IROTH:
         log.warning("token file %s is readable by every user; chmod 600 it", path)
     return token
+
+
+def load_flag_files(
+    command: str, pems: dict[str, str | None], token_file: str | None = None
+) -> tuple[dict[str, bytes | None], bytes | None]:
+    """The PEM files named by flags (``{"--tls-cert": path or None}``) and the token,
+    read for ``epwatch <command>``; exits with the reason when one cannot be used."""
+    try:
+        files = {flag: read_pem(path, flag) if path else None for flag, path in pems.items()}
+        return files, read_token(token_file) if token_file else None
+    except CredentialError as err:
+        raise SystemExit(f"epwatch {command}: {err}") from None

@@ -22,6 +22,7 @@ from epwatch import wire
 from epwatch.frames import hook_frame
 from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import PeerRows, RecordColumns
+from tests.helpers import make_peer_rows
 
 PUSH = "/epwatch.v1.Collector/Push"
 STREAM = "/epwatch.v1.Collector/Stream"
@@ -251,27 +252,10 @@ def announce_huge_frames(path: str, clients: int, announced: int = 64 << 20) -> 
 
 def peer_row_frames(path: str, n: int, world_size: int = 512, rows: int = 256) -> int:
     """``n`` frames of per-peer rows only (no records), ~1 MiB each; returns bytes sent."""
-    wait = np.full((rows, world_size), 0.001)
-    peer = PeerRows(
-        rank=np.arange(rows, dtype=np.int32) % world_size,
-        step=np.zeros(rows, np.int64),
-        layer=np.zeros(rows, np.int32),
-        phase=np.zeros(rows, np.uint8),
-        wait_s=wait,
-        send_bytes=np.empty((rows, 0), np.int64),
-    )
     sent = 0
     with contextlib.closing(connect(path, timeout=30)) as s:
         for i in range(n):
-            p = PeerRows(
-                **{
-                    **{
-                        k: getattr(peer, k)
-                        for k in ("rank", "layer", "phase", "wait_s", "send_bytes")
-                    },
-                    "step": np.full(rows, i, np.int64),
-                }
-            )
+            p = make_peer_rows(rows, world_size, step=i)
             frame = hook_frame("rows", world_size, RecordColumns.empty(), p)
             s.sendall(frame)
             sent += len(frame)

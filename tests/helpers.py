@@ -20,7 +20,7 @@ from epwatch.collector.groups import EstimatorFactory, NullEstimator
 from epwatch.collector.service import CollectorConfig, CollectorService
 from epwatch.protos import epwatch_pb2 as pb
 from epwatch.protos import epwatch_pb2_grpc as pb_grpc
-from epwatch.schema import RecordColumns
+from epwatch.schema import PeerRows, RecordColumns
 
 
 def wait_for(
@@ -121,6 +121,20 @@ def make_records(
         send_bytes=np.full(n, 1 << 20),
         recv_bytes=np.full(n, 1 << 20),
         recv_tokens=np.full(n, 128),
+    )
+
+
+def make_peer_rows(
+    rows: int, world_size: int, step: int | np.ndarray = 0, wait_s: float = 0.001
+) -> PeerRows:
+    """``rows`` per-peer wait rows (ranks cycle, layer 0, dispatch) of ``step``."""
+    return PeerRows(
+        rank=np.arange(rows, dtype=np.int32) % world_size,
+        step=np.broadcast_to(np.asarray(step, np.int64), (rows,)).copy(),
+        layer=np.zeros(rows, np.int32),
+        phase=np.zeros(rows, np.uint8),
+        wait_s=np.full((rows, world_size), wait_s),
+        send_bytes=np.empty((rows, 0), np.int64),
     )
 
 

@@ -21,8 +21,7 @@ from epwatch.collector.recorder import Recorder, RecorderConfig, RecorderError
 from epwatch.collector.replay import read_recordings
 from epwatch.frames import FrameSender, hook_frame
 from epwatch.protos import epwatch_pb2 as pb
-from epwatch.schema import PeerRows
-from tests.helpers import make_records, start_collector, value, wait_for
+from tests.helpers import make_peer_rows, make_records, start_collector, value, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,14 +33,7 @@ def payload(n: int, step0: int = 0) -> bytes:
 
 def test_spool_is_bounded_by_real_message_bytes() -> None:
     spool = Spool(max_records=1_000_000, max_bytes=1 << 20)
-    rows = PeerRows(
-        rank=np.zeros(64, np.int32),
-        step=np.zeros(64, np.int64),
-        layer=np.zeros(64, np.int32),
-        phase=np.zeros(64, np.uint8),
-        wait_s=np.ones((64, 512)),
-        send_bytes=np.empty((64, 0), np.int64),
-    )
+    rows = make_peer_rows(64, 512)
     big = pb.AgentMessage(
         batch=wire.encode_records("g", 512, make_records(0, 512), rows)
     ).SerializeToString()
@@ -154,14 +146,7 @@ def test_oversized_batches_are_split_to_fit() -> None:
     decoded = [wire.decode_batch(pb.AgentMessage.FromString(p).batch).records for p, _ in parts]
     assert np.array_equal(np.concatenate([r.step for r in decoded]), records.step)
     # One per-peer row larger than the limit cannot be split: the caller drops it.
-    rows = PeerRows(
-        rank=np.zeros(1, np.int32),
-        step=np.zeros(1, np.int64),
-        layer=np.zeros(1, np.int32),
-        phase=np.zeros(1, np.uint8),
-        wait_s=np.ones((1, 4096)),
-        send_bytes=np.empty((1, 0), np.int64),
-    )
+    rows = make_peer_rows(1, 4096)
     one = pb.AgentMessage(batch=wire.encode_records("g", 4096, make_records(0, 4096), rows))
     assert split_payload(one.SerializeToString(), 16 << 10) is None
 

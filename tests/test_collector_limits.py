@@ -14,9 +14,9 @@ from epwatch.collector.estimators.buffer import StepBuffer
 from epwatch.collector.groups import GroupTable, NullEstimator
 from epwatch.collector.samples import MAX_POINTS
 from epwatch.protos import epwatch_pb2 as pb
-from epwatch.schema import PeerRows, RecordError
+from epwatch.schema import RecordError
 from tests import attacks
-from tests.helpers import make_records, samples, start_collector, value
+from tests.helpers import make_peer_rows, make_records, samples, start_collector, value
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -171,14 +171,7 @@ def test_node_samples_are_capped_per_message(svc) -> None:
 def test_per_peer_rows_for_far_future_steps_are_not_kept() -> None:
     g = GroupEstimator("g", 64, EstimatorConfig(buffer_bytes=8 << 20))
     g.ingest(make_records(64, 64), "n0")
-    rows = PeerRows(
-        rank=np.zeros(4, np.int32),
-        step=np.array([1, 2, 10**9, 10**9 + 1]),
-        layer=np.zeros(4, np.int32),
-        phase=np.zeros(4, np.uint8),
-        wait_s=np.full((4, 64), 0.001),
-        send_bytes=np.empty((4, 0), np.int64),
-    )
+    rows = make_peer_rows(4, 64, step=np.array([1, 2, 10**9, 10**9 + 1]))
     g.ingest_peer_rows(rows)
     assert sorted(g._peer) == [1, 2] and g.ignored_records == 2
     assert g._peer_bytes <= g._peer_budget
