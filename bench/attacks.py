@@ -143,6 +143,34 @@ def run_collector_attacks(before: bool, only: set[str]) -> None:
                 f"forgery (no credentials): node-0 batch from agent 'evil': {o1.status}; "
                 f"drop counters 2^64-1: {o2.status}, /metrics shows {v}"
             )
+    if want("forgery") and not before:
+        from pathlib import Path
+
+        import grpc
+
+        from tests.certs import TestPKI
+
+        with tempfile.TemporaryDirectory() as d:
+            pki = TestPKI(Path(d))
+            server, evil = pki.server(), pki.client("evil")
+            tls = [
+                f"--tls-cert={server.cert}",
+                f"--tls-key={server.key}",
+                f"--tls-client-ca={pki.ca}",
+            ]
+            ctx, g, h = fresh(*tls)
+            with ctx:
+                creds = grpc.ssl_channel_credentials(
+                    pki.ca.read_bytes(), evil.key.read_bytes(), evil.cert.read_bytes()
+                )
+                c = attacks.Client(f"127.0.0.1:{g}", creds, server_name="localhost")
+                o1 = attacks.forged_node(c)
+                o2 = attacks.Client(f"127.0.0.1:{g}").push(b"", timeout=5)
+                counted = value(scrape(h)[0], "epwatch_ingest_rejected_total", reason="identity")
+                print(
+                    f"forgery (mTLS): node-0 batch with the certificate of 'evil': {o1.status}"
+                    f" (reason identity counted {counted}); plaintext client: {o2.status}"
+                )
     if want("idle_streams"):
         ctx, g, h = fresh()
         with ctx:
