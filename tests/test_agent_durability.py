@@ -226,3 +226,24 @@ def test_replay_skips_a_corrupt_file_and_reads_the_rest(tmp_path: Path) -> None:
     assert table.num_rows == 64
     assert [p.name for p, _ in skipped] == [truncated.name]
     assert os.path.exists(good)
+
+
+def test_a_spool_below_four_batches_ships_smaller_batches(tmp_path: Path, caplog) -> None:
+    """--spool-records below a flush's worth used to make one message larger than the
+    whole spool, dropped at once even while connected; batches now fit four times."""
+    config = AgentConfig(
+        node="n0",
+        socket_path=str(tmp_path / "a.sock"),
+        spool_records=400,
+        batch_records=16_384,
+        collector="127.0.0.1:1",
+    )
+    with caplog.at_level(logging.WARNING):
+        agent = Agent(config)
+    assert "holds less than four batches" in caplog.text
+    agent.batcher.add("g", 16, make_records(1000, 16), None, None)
+    agent.batcher.flush()
+    sizes = [e.records for e in agent.spool._entries.values()]
+    assert sizes == [100] * 4  # the newest 400 records kept, not all 1000 dropped
+    assert agent.spool.counters.records_dropped == 600
+    agent.receiver._listener.close()  # never started: only the socket to release
