@@ -10,16 +10,22 @@ from prometheus_client import disable_created_metrics
 
 from epwatch.cliargs import (
     add_log_level_argument,
+    byte_size,
     hostport_text,
+    load_web_config_flag,
     parse_hostport,
     positive,
+    raise_open_files_limit,
     setup_logging,
     stop_on_signals,
 )
 from epwatch.collector.estimators.config import EstimatorConfig
 from epwatch.collector.groups import default_factory
-from epwatch.collector.recorder import RecorderConfig
+from epwatch.collector.recorder import RecorderConfig, RecorderError
+from epwatch.collector.server import ServerSecurity
 from epwatch.collector.service import CollectorConfig, CollectorService
+from epwatch.credentials import load_flag_files
+from epwatch.memory import tune_malloc
 
 log = logging.getLogger("epwatch.collector")
 
@@ -93,6 +99,113 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_log_level_argument(parser)
     add_estimator_arguments(parser)
+    add_limit_arguments(parser)
+    add_security_arguments(parser)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Hard bounds on what agents can make the collector hold (docs/security.md)."""
+    e = EstimatorConfig()
+    g = parser.add_argument_group("limits")
+    g.add_argument(
+        "--max-world-size",
+        type=positive(int),
+        default=D.max_world_size,
+        metavar="N",
+        help="largest EP group accepted (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-layers",
+        type=positive(int),
+        default=e.max_layers,
+        metavar="N",
+        help="MoE layers per step assembled; records of higher layers are "
+        "ignored and counted (default %(default)s)",
+    )
+    g.add_argument(
+        "--group-buffer-bytes",
+        type=byte_size,
+        default=e.buffer_bytes,
+        metavar="BYTES",
+        help="memory one EP group's step assembly may use, a hard bound (default %(default)s)",
+    )
+    g.add_argument(
+        "--buffer-bytes",
+        type=byte_size,
+        default=D.buffer_bytes,
+        metavar="BYTES",
+        help="memory all groups' step assembly may use together; a new group "
+        "that does not fit is refused (default %(default)s)",
+    )
+    g.add_argument(
+        "--new-group-grace",
+        type=positive(float),
+        default=D.new_group_grace_s,
+        metavar="S",
+        help="when every group slot is taken, a group that has "
+        "completed no step for this long gives its slot to a new one; such a "
+        "group idle this long is forgotten (default %(default)s)",
+    )
+    g.add_argument(
+        "--streams-per-peer",
+        type=positive(int),
+        default=D.streams_per_peer,
+        metavar="N",
+        help="open streams per client certificate, else per client address (default %(default)s)",
+    )
+    g.add_argument(
+        "--stream-idle-timeout",
+        type=positive(float),
+        default=D.stream_idle_s,
+        metavar="S",
+        help="close a stream silent this long (default %(default)s)",
+    )
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("transport security (docs/security.md)")
+    g.add_argument("--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate")
+    g.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    g.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require agents' client certificates signed by this CA (mTLS); a "
+        "certificate's DNS names (else its CN) are the only node names its "
+        "agent may send",
+    )
+    g.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="require this bearer token in the authorization metadata",
+    )
+    g.add_argument(
+        "--web-config",
+        metavar="FILE",
+        help="TLS, client certificates and basic auth for /metrics, in the "
+        "Prometheus exporter-toolkit format",
+    )
+
+
+def server_security(args: argparse.Namespace) -> ServerSecurity:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("epwatch collector: --tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise SystemExit("epwatch collector: --tls-client-ca needs --tls-cert and --tls-key")
+    files, token = load_flag_files(
+        "collector",
+        {
+            "--tls-cert": args.tls_cert,
+            "--tls-key": args.tls_key,
+            "--tls-client-ca": args.tls_client_ca,
+        },
+        args.token_file,
+    )
+    return ServerSecurity(
+        tls_cert=files["--tls-cert"],
+        tls_key=files["--tls-key"],
+        client_ca=files["--tls-client-ca"],
+        token=token,
+    )
 
 
 DIAGNOSIS_HELP = """\
@@ -188,6 +301,8 @@ def estimator_config(args: argparse.Namespace) -> EstimatorConfig:
             link_min_effect=args.link_min_effect,
             batch_min_effect=args.batch_min_effect,
             hang_after_s=args.hang_after,
+            max_layers=args.max_layers,
+            buffer_bytes=args.group_buffer_bytes,
         )
     except ValueError as err:
         raise SystemExit(f"epwatch collector: {err}") from None
@@ -203,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
             max_file_seconds=args.record_max_seconds,
         )
     disable_created_metrics()  # no *_created twin per counter series: half the noise
+    raise_open_files_limit()
+    tune_malloc()
     config = CollectorConfig(
         grpc_listen=args.grpc_listen,
         metrics_listen=args.metrics_listen,
@@ -211,8 +328,18 @@ def run(args: argparse.Namespace) -> int:
         max_groups=args.max_groups,
         max_streams=args.max_streams,
         record=record,
+        max_world_size=args.max_world_size,
+        buffer_bytes=args.buffer_bytes,
+        new_group_grace_s=args.new_group_grace,
+        streams_per_peer=args.streams_per_peer,
+        stream_idle_s=args.stream_idle_timeout,
+        security=server_security(args),
+        web=load_web_config_flag(args.web_config, "collector"),
     )
-    service = CollectorService(config, default_factory(estimator_config(args)))
+    try:
+        service = CollectorService(config, default_factory(estimator_config(args)))
+    except RecorderError as err:
+        raise SystemExit(f"epwatch collector: {err}") from None
     stop = stop_on_signals()
     service.start()
     print(

@@ -27,11 +27,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    skipped: list[tuple[Path, str]] = []
     try:
-        reports = replay(recording_files(args.paths), peers=peer_files(args.paths))
+        reports = replay(
+            recording_files(args.paths), peers=peer_files(args.paths), skipped=skipped
+        )
     except ReplayError as err:
         print(f"epwatch replay: {err}", file=sys.stderr)
         return 2
+    for path, why in skipped:
+        print(f"epwatch replay: skipped {path}: {why}", file=sys.stderr)
     if args.json:
         print(json.dumps(diagnosis_json(reports)))
     else:

@@ -30,12 +30,15 @@ PHASES = ("dispatch", "combine")
 # series before anything goes wrong (tests/test_collector_ingest.py keeps this list
 # complete).
 REJECT_REASONS = (
+    "bad_name",
     "bad_phase",
     "bad_sample",
+    "bad_stats",
     "bad_world_size",
     "count_out_of_range",
     "duration_out_of_range",
     "garbage",
+    "identity",
     "internal",
     "layer_out_of_range",
     "length_mismatch",
@@ -43,14 +46,18 @@ REJECT_REASONS = (
     "missing_column",
     "missing_group",
     "missing_node",
+    "missing_seq",
     "negative_count",
     "negative_duration",
     "negative_time",
     "non_finite",
+    "over_budget",
     "oversized",
     "rank_out_of_range",
     "step_out_of_range",
     "too_many_groups",
+    "too_many_streams",
+    "unauthenticated",
     "world_size_changed",
 )
 

@@ -2,8 +2,12 @@
 
 The ingest path only puts columns on a bounded queue (never blocks; what does not fit
 is counted); a writer thread accumulates row groups and rotates files by size and age.
-Files being written end in ``.parquet.partial`` and are renamed when closed, so a
-reader never opens a file without its footer.
+Files being written end in ``.parquet.partial``; a file is renamed to its final name
+only once its footer is written and it is fsync'ed, so a reader never opens a file
+without its footer. A write that fails (a full disk) closes the file if it can, else
+deletes it and counts its records as dropped; partial files left by a dead collector
+are removed at start, and an unwritable folder is an error at start, not at the
+first write.
 
 Each kind of table has files of its own, named by a prefix: ``records-*`` (the hook
 records) and ``peers-*`` (the sampled per-peer wait rows that the network attribution
@@ -12,6 +16,7 @@ and the report's wait matrix need). :class:`Recording` writes both.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -25,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from epwatch.durable import fsync_path
 from epwatch.schema import (
     PEER_KEY_DTYPES,
     PEER_SEND_DTYPE,
@@ -108,6 +114,59 @@ def _table(group: str, node: str, ws: int, t_ns: int, r: RecordColumns) -> Any:
     return pa.table(cols, schema=_schema())
 
 
+class RecorderError(OSError):
+    """The recording folder cannot be used; the message says why."""
+
+
+def prepare_directory(directory: str) -> int:
+    """Create the folder, prove it writable, remove partial files of collectors that
+    are gone; returns how many were removed. RecorderError if it is not writable."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".probe-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"epwatch")
+            os.fsync(f.fileno())
+        os.unlink(probe)
+    except OSError as exc:
+        raise RecorderError(
+            f"--record folder {directory} is not writable: {exc.strerror or exc}"
+        ) from None
+    removed = 0
+    for name in os.listdir(directory):
+        if not name.endswith(".parquet.partial"):
+            continue
+        pid = _writer_pid(name)
+        if pid is not None and (pid == os.getpid() or _alive(pid)):
+            continue  # a live collector (or another recorder of this one) is writing it
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))
+            removed += 1
+    if removed:
+        log.warning(
+            "removed %d unfinished recording(s) left in %s by a collector that died while writing",
+            removed,
+            directory,
+        )
+    return removed
+
+
+def _writer_pid(name: str) -> int | None:
+    """The pid in ``records-<stamp>-<pid>-<seq>.parquet.partial``."""
+    parts = name.split("-")
+    return int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _matrix_column(m: np.ndarray, dtype: str) -> Any:
     """A ``[rows, P]`` matrix as a list column (empty lists when the matrix is absent)."""
     import pyarrow as pa
@@ -159,8 +218,9 @@ class Recorder:
         self.config = config
         self.kind = kind
         self._on_drop = on_drop
-        os.makedirs(config.directory, exist_ok=True)
         kind.schema()  # fail at start-up, not at the first write, when pyarrow is missing
+        prepare_directory(config.directory)
+        self._file_rows = 0  # rows in the file being written
         self._queue: queue.Queue[tuple[str, str, int, int, Any, int] | None] = queue.Queue()
         self._queued = 0
         self._lock = threading.Lock()
@@ -239,9 +299,11 @@ class Recorder:
                 self._open()
             assert self._writer is not None
             self._writer.write_table(table)
-        except (OSError, pa.ArrowException):
-            log.exception("recording %d records failed", table.num_rows)
+            self._file_rows += table.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            log.error("recording %d records failed: %s", table.num_rows, exc)
             self._on_drop(table.num_rows)
+            self._close()  # keep what the file holds if its footer can still be written
 
     def _due(self) -> bool:
         too_big = os.path.getsize(self._path) >= self.config.max_file_bytes
@@ -259,11 +321,29 @@ class Recorder:
         self._opened_s = time.monotonic()
 
     def _close(self) -> None:
+        """Finish the file: footer, fsync, then its final name. If that fails the file
+        is deleted and its records are counted as dropped (never a final name on a
+        file without a footer)."""
+        import pyarrow as pa
+
         if self._writer is None:
             return
-        self._writer.close()
+        writer, self._writer = self._writer, None
+        rows, self._file_rows = self._file_rows, 0
         final = self._path.removesuffix(".partial")
-        os.replace(self._path, final)
+        try:
+            writer.close()
+            fsync_path(self._path)
+            os.replace(self._path, final)
+            fsync_path(self.config.directory)
+        except (OSError, pa.ArrowException) as exc:
+            log.error(
+                "cannot finish recording %s (%s): deleted, %d records lost", self._path, exc, rows
+            )
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
+            self._on_drop(rows)
+            return
         self.files.append(final)
         log.info("recorded %s", final)
         self._writer = None

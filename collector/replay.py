@@ -63,31 +63,57 @@ def peer_files(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _read(files: list[Path], columns: set[str], what: str) -> Any:
-    """The files as one table sorted by receive time; clear errors for bad files."""
+def _read(
+    files: list[Path], columns: set[str], what: str, skipped: list[tuple[Path, str]]
+) -> Any:
+    """The readable files as one table sorted by receive time. A file cut short by a
+    crash, or not of this kind, is left out and appended to ``skipped`` (path, why):
+    one bad file does not cost the rest."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    tables = []
+    for f in files:
+        try:
+            table = pq.read_table(f)
+        except (OSError, pa.ArrowException) as err:
+            skipped.append((f, str(err).splitlines()[0][:200]))
+            continue
+        missing = {*_BATCH_COLUMNS, *columns} - set(table.column_names)
+        if missing:
+            skipped.append((f, f"not an epwatch {what}: no {', '.join(sorted(missing))}"))
+            continue
+        tables.append(table)
+    if not tables:
+        raise ReplayError(
+            f"no readable {what}: " + "; ".join(f"{path}: {why}" for path, why in skipped)
+        )
     try:
-        table = pa.concat_tables([pq.read_table(f) for f in files]).unify_dictionaries()
-    except (OSError, pa.ArrowException) as err:
-        raise ReplayError(f"cannot read the {what}: {err}") from None
-    missing = {*_BATCH_COLUMNS, *columns} - set(table.column_names)
-    if missing:
-        raise ReplayError(f"not an epwatch {what}: missing {', '.join(sorted(missing))}")
+        table = pa.concat_tables(tables, promote_options="permissive").unify_dictionaries()
+    except pa.ArrowException as err:
+        raise ReplayError(f"cannot join the {what} files: {err}") from None
     return table.sort_by("received_unix_ns")
 
 
-def read_recording(files: list[Path]) -> Any:
-    """The recorded hook records as one pyarrow table, in the order received."""
-    return _read(files, set(RECORD_DTYPES), "recording")
+def read_recording(files: list[Path], skipped: list[tuple[Path, str]] | None = None) -> Any:
+    """The recorded hook records as one pyarrow table, in the order received; files
+    that cannot be read are appended to ``skipped``."""
+    return _read(files, set(RECORD_DTYPES), "recording", [] if skipped is None else skipped)
 
 
-def read_peers(files: list[Path]) -> Any | None:
+def read_peers(files: list[Path], skipped: list[tuple[Path, str]] | None = None) -> Any | None:
     """The recorded per-peer rows as one table in the order received, or None."""
     if not files:
         return None
-    return _read(files, {*PEER_KEY_DTYPES, "wait_s", "send_bytes"}, "per-peer recording")
+    columns = {*PEER_KEY_DTYPES, "wait_s", "send_bytes"}
+    bad: list[tuple[Path, str]] = []
+    try:
+        return _read(files, columns, "per-peer recording", bad)
+    except ReplayError:
+        return None  # every per-peer file unreadable: the records still replay
+    finally:
+        if skipped is not None:
+            skipped += bad
 
 
 def codes(table: Any, name: str) -> tuple[np.ndarray, list[str]]:
@@ -210,8 +236,12 @@ def replay_group(
 
 
 def replay(
-    files: list[Path], config: EstimatorConfig | None = None, peers: list[Path] = ()
+    files: list[Path],
+    config: EstimatorConfig | None = None,
+    peers: list[Path] = (),
+    skipped: list[tuple[Path, str]] | None = None,
 ) -> list[GroupReport]:
-    """Run every recorded EP group through fresh estimators; one report per group."""
-    groups = split_groups(read_recording(files), read_peers(list(peers)))
+    """Run every recorded EP group through fresh estimators; one report per group.
+    Unreadable files are left out and appended to ``skipped`` (path, why)."""
+    groups = split_groups(read_recording(files, skipped), read_peers(list(peers), skipped))
     return [replay_group(g, config) for g in groups]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -22,8 +22,8 @@ from epwatch.collector.ingest import Ingestor
 from epwatch.collector.metrics import GroupMetrics, IngestMetrics, family_names
 from epwatch.collector.recorder import RecorderConfig, Recording
 from epwatch.collector.samples import NodeSampleStore
-from epwatch.collector.server import CollectorHandlers, build_server
-from epwatch.webserver import WebServer
+from epwatch.collector.server import CollectorHandlers, ServerSecurity, StreamGate, build_server
+from epwatch.webserver import WebSecurity, WebServer, warn_if_exposed
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,15 @@ class CollectorConfig:
     group_expire_s: float = 600.0
     max_streams: int = 256
     record: RecorderConfig | None = None
+    max_world_size: int = 4096
+    # Memory every group's step assembly may reserve together (each group's own bound
+    # is its EstimatorConfig.buffer_bytes); a group that does not fit is refused.
+    buffer_bytes: int = 1 << 30
+    new_group_grace_s: float = 30.0  # a group that completes no step gives way after
+    streams_per_peer: int = 16
+    stream_idle_s: float = 60.0
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    web: WebSecurity | None = None
 
 
 def _node_evidence() -> Any | None:
@@ -57,7 +66,11 @@ class CollectorService:
         self.registry = CollectorRegistry(auto_describe=False)
         self.metrics = IngestMetrics(self.registry)
         self.groups = GroupTable(
-            estimator_factory or default_factory(), config.max_groups, config.group_expire_s
+            estimator_factory or default_factory(),
+            config.max_groups,
+            config.group_expire_s,
+            memory_budget=config.buffer_bytes,
+            provisional_grace_s=config.new_group_grace_s,
         )
         self.agents = AgentTable()
         group_metrics = GroupMetrics(self.groups.groups, self._stalled_s)
@@ -78,6 +91,7 @@ class CollectorService:
             self.samples,
             self.metrics,
             max_message_bytes=config.max_message_bytes,
+            max_world_size=config.max_world_size,
             recorder=self.recorder,
             evidence_update=self.evidence.update if self.evidence is not None else None,
         )
@@ -87,11 +101,20 @@ class CollectorService:
             config.update_interval_s,
             evidence=self.evidence.evidence_for if self.evidence is not None else None,
         )
+        self._gate = StreamGate(config.streams_per_peer, config.stream_idle_s)
+        handlers = CollectorHandlers(
+            self.ingestor,
+            self.agents,
+            security=config.security,
+            gate=self._gate,
+            on_refused=lambda reason: self.metrics.rejected.labels(reason).inc(),
+        )
         self._server, self.grpc_port, self._health = build_server(
-            CollectorHandlers(self.ingestor, self.agents),
+            handlers,
             config.grpc_listen,
             max_message_bytes=config.max_message_bytes,
             max_workers=config.max_streams,
+            credentials=config.security.credentials(),
         )
         self._http: WebServer | None = None
         self.metrics_port = 0
@@ -106,11 +129,20 @@ class CollectorService:
     def start(self) -> None:
         if self.recorder is not None:
             self.recorder.start()
+        security = self.config.security
+        host, _, _ = self.config.grpc_listen.rpartition(":")
+        warn_if_exposed(
+            "gRPC",
+            host.strip("[]"),
+            security.tls_cert is not None or security.token is not None,
+            "--tls-cert/--tls-key with --tls-client-ca (mTLS), or --token-file",
+        )
         self._server.start()
+        self._gate.start()
         self.analyzer.start()
         if self.config.metrics_listen is not None:
             host, port = self.config.metrics_listen
-            self._http = WebServer(self.registry, host, port).start()
+            self._http = WebServer(self.registry, host, port, security=self.config.web).start()
             self.metrics_port = self._http.port
         log.info(
             "collector: gRPC on port %d, /metrics on port %d", self.grpc_port, self.metrics_port
@@ -120,6 +152,7 @@ class CollectorService:
         """Refuse new work, finish what is in flight, flush the recorder."""
         self._health.enter_graceful_shutdown()
         self._server.stop(grace_s).wait(grace_s + 1)
+        self._gate.stop()
         self.analyzer.stop()
         if self.recorder is not None:
             self.recorder.stop()

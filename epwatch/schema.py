@@ -149,8 +149,11 @@ class RecordColumns:
             return
         _check_ranks("record", self.rank, world_size)
         _check_keys("record", self.step, self.layer, self.phase)
-        if self.enter_ns.min() < 0:
-            raise RecordError("negative_time", "enter_ns must be a non-negative clock reading")
+        if self.enter_ns.min() < 0 or self.exit_ns.min() < 0:
+            raise RecordError(
+                "negative_time", "enter_ns and exit_ns must be non-negative clock readings"
+            )
+        # Both are in [0, 2^63): the difference cannot wrap around int64.
         duration = self.exit_ns - self.enter_ns
         if duration.min() < 0:
             i = int(np.argmin(duration))

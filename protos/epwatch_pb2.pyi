@@ -158,13 +158,15 @@ class AgentMessage(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., seq: _Optional[int] = ..., batch: _Optional[_Union[RecordBatch, _Mapping]] = ..., sample: _Optional[_Union[NodeSample, _Mapping]] = ..., stats: _Optional[_Union[AgentStats, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("seq", "code", "message", "duplicate")
+    __slots__ = ("seq", "code", "message", "duplicate", "reason")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     seq: int
     code: int
     message: str
     duplicate: bool
-    def __init__(self, seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    reason: str
+    def __init__(self, seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., duplicate: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...

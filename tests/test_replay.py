@@ -68,7 +68,7 @@ def test_replay_finds_the_recorded_stragglers(tmp_path: Path) -> None:
     [
         (lambda d: d, "no .parquet recordings found"),
         (lambda d: d / "missing.parquet", "no such file or folder"),
-        (lambda d: (d / "x.parquet").write_text("not parquet") and d, "cannot read"),
+        (lambda d: (d / "x.parquet").write_text("not parquet") and d, "no readable recording"),
     ],
 )
 def test_replay_errors_are_clear(tmp_path: Path, make, message: str) -> None:

@@ -42,6 +42,11 @@ _LAYER_BITS = 17  # heartbeat key: step << 17 | layer << 1 | phase
 _MAX_EVIDENCE = 4
 _CHANGES_KEPT = 256  # flag openings and closings not yet taken (for the log)
 _BATCH_LATE_STEPS = 8  # steps behind "this rank enters dispatch late" (batch cause)
+_PEER_MATRICES = 8  # per-peer (layer, phase) matrices one step's network check may build
+
+
+class BudgetError(ValueError):
+    """The group's world size does not fit its memory budget."""
 
 
 def _entered_key(step: np.ndarray, layer: np.ndarray, phase: np.ndarray) -> np.ndarray:
@@ -62,7 +67,13 @@ class GroupEstimator:
         self.P = world_size
         self.cfg = cfg = config or EstimatorConfig()
         self._clock = clock
-        self.buffer = StepBuffer(world_size, self._slots(world_size, cfg))
+        self.buffer = self._new_buffer(world_size, cfg)
+        # Per-peer rows kept for steps still being assembled, and the P x P matrices a
+        # step's network check builds, come out of the same budget.
+        matrices = _PEER_MATRICES * world_size**2 * 8
+        self._peer_budget = min(cfg.buffer_bytes // 4, matrices + (1 << 20))
+        self._peer_bytes = 0
+        self.memory_bytes = self.buffer.max_bytes + self._peer_budget
         self.nodes = np.array([""] * world_size, dtype=object)
         self.local_device = np.full(world_size, -1, dtype=np.int64)
         self._known = np.zeros(world_size, dtype=bool)
@@ -103,10 +114,21 @@ class GroupEstimator:
             self._set_node(np.array([rank]), node, None)
 
     @staticmethod
-    def _slots(world_size: int, cfg: EstimatorConfig) -> int:
-        """Steps assembled at once, sized for a 61-layer model within the budget."""
-        per_step = StepBuffer.bytes_per_step_for(world_size, layers=61)
-        return int(min(cfg.max_slots, max(4, cfg.buffer_bytes // per_step)))
+    def _new_buffer(world_size: int, cfg: EstimatorConfig) -> StepBuffer:
+        """Steps assembled at once, sized for a 61-layer model within three quarters of
+        the budget (the rest is for per-peer rows); at least two. The layer capacity is
+        then what the budget leaves, at most ``max_layers``: the bound is strict, and a
+        group that cannot fit two steps of one layer is refused."""
+        budget = cfg.buffer_bytes - cfg.buffer_bytes // 4
+        per_step = StepBuffer.bytes_per_step_for(world_size, layers=min(61, cfg.max_layers))
+        slots = int(min(cfg.max_slots, max(2, budget // per_step)))
+        layers = min(cfg.max_layers, budget // StepBuffer.bytes_per_step_for(world_size * slots, 1))
+        if layers < 1:
+            raise BudgetError(
+                f"world_size {world_size} needs {2 * StepBuffer.bytes_per_step_for(world_size, 1)}"
+                f" bytes for two steps of one layer; the group budget is {cfg.buffer_bytes}"
+            )
+        return StepBuffer(world_size, slots, int(layers))
 
     def ingest(self, records: RecordColumns, node: str | None = None) -> None:
         """Accept validated records (any ranks, any steps) of this group."""
@@ -120,7 +142,7 @@ class GroupEstimator:
             # restarted (without heartbeats to say so). Start a new run.
             self._new_run()
         late = records.step <= self.finalized_upto
-        ignored = records.layer >= self.cfg.max_layers
+        ignored = records.layer >= self.buffer.max_layers
         if late.any() or ignored.any():
             self.late_records += int(late.sum())
             self.ignored_records += int((ignored & ~late).sum())
@@ -175,9 +197,17 @@ class GroupEstimator:
     def ingest_peer_rows(self, rows: PeerRows) -> None:
         if not len(rows) or not rows.wait_s.size:
             return
+        # Only steps that can still be assembled, within the peer budget (counted
+        # ignored otherwise): rows for far-future steps would never be freed.
+        horizon = self._peer_horizon()
         for step in np.unique(rows.step):
             if step > self.finalized_upto:
                 sel = rows.step == step
+                size = int(sel.sum()) * self.P * 16
+                if step > horizon or self._peer_bytes + size > self._peer_budget:
+                    self.ignored_records += int(sel.sum())
+                    continue
+                self._peer_bytes += size
                 self._peer.setdefault(int(step), []).append(
                     PeerRows(
                         rank=rows.rank[sel],
@@ -190,6 +220,11 @@ class GroupEstimator:
                         else rows.send_bytes,
                     )
                 )
+
+    def _peer_horizon(self) -> float:
+        """The newest step whose per-peer rows are kept (any before records arrive)."""
+        newest = max(self.newest_step, self.finalized_upto)
+        return newest + self.buffer.slots if newest >= 0 else math.inf
 
     def ingest_entered(
         self, entered: Entered, node: str | None = None, now_s: float | None = None
@@ -217,8 +252,9 @@ class GroupEstimator:
         """Forget the assembly state of a run whose engine restarted (its step numbers
         begin again); flags of the old run close, the window starts afresh."""
         self.restarts += 1
-        self.buffer = StepBuffer(self.P, self.buffer.slots)
+        self.buffer = StepBuffer(self.P, self.buffer.slots, self.buffer.max_layers)
         self._peer.clear()
+        self._peer_bytes = 0
         self.window.clear()
         self.finalized_upto = self.newest_step = -1
         self._restarted[:] = False
@@ -236,8 +272,10 @@ class GroupEstimator:
     def _finalize(self, step: int) -> None:
         taken = self.buffer.take(step)
         peers = self._peer.pop(step, [])
-        for stale in [s for s in self._peer if s < step]:
+        horizon = self._peer_horizon()
+        for stale in [s for s in self._peer if s < step or s > horizon]:
             del self._peer[stale]
+        self._peer_bytes = sum(len(r) * self.P * 16 for rs in self._peer.values() for r in rs)
         self.finalized_upto = max(self.finalized_upto, step)
         if taken is None:
             self.incomplete_steps += 1
@@ -281,11 +319,17 @@ class GroupEstimator:
         """Each rank's NIC slowdown from every sampled layer of the step (median)."""
         position = {int(layer): i for i, layer in enumerate(layers)}
         matrices: dict[int, dict[int, np.ndarray]] = {}
+        # Each (layer, phase) costs a P x P matrix: as many as the peer budget holds.
+        room = self._peer_budget // (self.P * self.P * 8)
         for rows in peers:
             pairs = np.unique(np.stack([rows.layer, rows.phase.astype(np.int64)]), axis=1)
             for layer, phase in pairs.T.tolist():
                 if layer not in position:
                     continue
+                if phase not in matrices.get(layer, {}):
+                    if room < 1:
+                        continue
+                    room -= 1
                 sel = (rows.layer == layer) & (rows.phase == phase)
                 m = matrices.setdefault(layer, {}).setdefault(
                     phase, np.full((self.P, self.P), np.nan)
