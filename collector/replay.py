@@ -15,7 +15,7 @@ import numpy as np
 
 from epwatch.collector.estimators import EstimatorConfig, GroupReport
 from epwatch.collector.offline import OfflineRun
-from epwatch.schema import RECORD_DTYPES, RecordColumns, RecordError
+from epwatch.schema import OPTIONAL_RECORD_COLUMNS, RECORD_DTYPES, RecordColumns, RecordError
 
 
 class ReplayError(ValueError):
@@ -46,9 +46,8 @@ def replay(files: list[Path], config: EstimatorConfig | None = None) -> list[Gro
         table = pa.concat_tables([pq.read_table(f) for f in files]).unify_dictionaries()
     except (OSError, pa.ArrowException) as err:
         raise ReplayError(f"cannot read the recording: {err}") from None
-    missing = {"ep_group", "node", "world_size", "received_unix_ns", *RECORD_DTYPES} - set(
-        table.column_names
-    )
+    required = {"ep_group", "node", "world_size", "received_unix_ns", *RECORD_DTYPES}
+    missing = required - OPTIONAL_RECORD_COLUMNS - set(table.column_names)
     if missing:
         raise ReplayError(f"not an epwatch recording: missing {', '.join(sorted(missing))}")
     table = table.sort_by("received_unix_ns")
@@ -56,7 +55,8 @@ def replay(files: list[Path], config: EstimatorConfig | None = None) -> list[Gro
     nodes = np.asarray(table.column("node").to_pylist(), dtype=object)
     group_of = np.asarray(groups, dtype=object)
     world = table.column("world_size").to_numpy()
-    cols = {name: table.column(name).to_numpy() for name in RECORD_DTYPES}
+    # Recordings made before an optional column existed lack it: from_arrays fills 0.
+    cols = {n: table.column(n).to_numpy() for n in RECORD_DTYPES if n in table.column_names}
     reports = []
     for group in dict.fromkeys(groups):
         mine = np.flatnonzero(group_of == group)

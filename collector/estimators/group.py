@@ -21,6 +21,7 @@ from epwatch.collector.estimators.buffer import StepBuffer
 from epwatch.collector.estimators.config import EstimatorConfig
 from epwatch.collector.estimators.network import link_slowdown
 from epwatch.collector.estimators.report import (
+    DropStats,
     GroupReport,
     PhaseReport,
     StragglerReport,
@@ -68,6 +69,7 @@ class GroupEstimator:
         self.steps_done = 0
         self.incomplete_steps = 0
         self.late_records = 0
+        self.dropped_total = np.zeros(world_size, dtype=np.int64)  # never reset: a counter
         self.window: deque[StepStats] = deque(maxlen=cfg.window_steps)
         self._peer: dict[int, list[PeerRows]] = {}
         self.trackers = {
@@ -250,6 +252,7 @@ class GroupEstimator:
         d = durations(arrays)
         stats = step_stats(step, arrays, d)
         self.window.append(stats)
+        self.dropped_total += stats.dropped
         self.steps_done += 1
         self.trackers["compute"].push(step, stats.compute_ratio)
         self.trackers["routing"].push(step, stats.load_ratio)
@@ -316,9 +319,18 @@ class GroupEstimator:
             transfer = float(np.median(t))
             try:
                 f = hockney.fit(v, t)
-            except hockney.FitError:
+                problem = hockney.untrustworthy(
+                    v, f, self.cfg.fit_min_size_spread, self.cfg.fit_min_r2
+                )
+            except hockney.FitError as err:
+                f, problem = None, str(err)
+            if problem is not None:  # no L, BW_eff or regime from a fit we cannot trust
                 self._fits[PHASE_NAMES[phase]] = PhaseReport(
-                    per_peer_message_bytes=per_peer, transfer_s=transfer, n=len(v)
+                    r2=f.r2 if f is not None else math.nan,
+                    n=len(v),
+                    per_peer_message_bytes=per_peer,
+                    transfer_s=transfer,
+                    fit_problem=problem,
                 )
                 continue
             self._fits[PHASE_NAMES[phase]] = PhaseReport(
@@ -407,9 +419,13 @@ class GroupEstimator:
         for tracker in self.trackers.values():
             flags += tracker.flags(include_closed)
         stragglers = []
+        drops = self._drops()
         for f in sorted(flags, key=lambda f: (f.first_step, f.rank, f.cause)):
             node, dev = str(self.nodes[f.rank]), int(self.local_device[f.rank])
-            ev = evidence(f.cause, node, dev)[:_MAX_EVIDENCE] if evidence else []
+            ev = evidence(f.cause, node, dev) if evidence else []
+            if f.cause == "routing" and drops.fraction[f.rank] > 0:
+                ev = [drops.line(f.rank), *ev]
+            ev = ev[:_MAX_EVIDENCE]
             stragglers.append(
                 StragglerReport(
                     rank=f.rank,
@@ -467,5 +483,19 @@ class GroupEstimator:
                 for f in self.links.flags(include_closed)
             ),
             restarts=self.restarts,
+            dropped_tokens_total=tuple(self.dropped_total.tolist()),
+            dropped_fraction=tuple(drops.fraction.tolist()),
+            drop_capacity=tuple(drops.capacity.tolist()),
             **kw,
         )
+
+    def _drops(self) -> DropStats:
+        """Share of each rank's routed slots that capacity dropped over the window."""
+        if not self.window:
+            return DropStats(np.zeros(self.P), np.full(self.P, np.nan))
+        w = list(self.window)
+        dropped = np.sum([s.dropped for s in w], axis=0)
+        routed = np.sum([s.routed for s in w], axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fraction = np.where(routed > 0, dropped / routed, 0.0)
+        return DropStats(fraction, _quiet_nanmedian(np.stack([s.capacity for s in w]), 0))

@@ -34,6 +34,7 @@ class PhaseReport:
     crossover_bytes: float = math.nan
     per_peer_message_bytes: float = math.nan
     transfer_s: float = math.nan
+    fit_problem: str = ""  # why L and BW_eff are not published ("" when they are)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +46,7 @@ class PhaseReport:
             "crossover_bytes": _num(self.crossover_bytes),
             "per_peer_message_bytes": _num(self.per_peer_message_bytes),
             "transfer_s": _num(self.transfer_s),
+            "fit_problem": self.fit_problem or None,
         }
 
 
@@ -94,6 +96,21 @@ class SuspectLink:
 
 
 @dataclass(frozen=True)
+class DropStats:
+    """Per rank: the share of routed slots a capacity limit dropped, and the most slots
+    it kept in a layer that dropped some (the capacity it ran into)."""
+
+    fraction: Any  # np.ndarray [P]
+    capacity: Any  # np.ndarray [P], NaN where nothing was dropped
+
+    def line(self, rank: int) -> str:
+        """"rank 1 dropped 33% of its routed tokens (capacity 256)"."""
+        cap = self.capacity[rank]
+        where = f" (capacity {int(cap)})" if math.isfinite(cap) else ""
+        return f"rank {rank} dropped {self.fraction[rank]:.0%} of its routed tokens{where}"
+
+
+@dataclass(frozen=True)
 class GroupReport:
     ep_group: str
     ranks: int
@@ -117,6 +134,9 @@ class GroupReport:
     suspect_links: tuple[SuspectLink, ...] = ()
     restarts: int = 0
     whatif: dict[str, Any] = field(default_factory=dict)
+    dropped_tokens_total: tuple[int, ...] = ()  # per rank, since the collector started
+    dropped_fraction: tuple[float, ...] = ()  # per rank, over the window
+    drop_capacity: tuple[float, ...] = ()  # per rank: slots kept where some were dropped
 
     @property
     def balancedness(self) -> float:
@@ -144,6 +164,9 @@ class GroupReport:
             "compute_slowdown": [_num(v) for v in self.compute_slowdown],
             "load_ratio": [_num(v) for v in self.load_ratio],
             "arrival_lag_s": [_num(v) for v in self.arrival_lag_s],
+            "dropped_fraction": [_num(v) for v in self.dropped_fraction],
+            "dropped_tokens_total": list(self.dropped_tokens_total),
+            "drop_capacity": [_num(v) for v in self.drop_capacity],
         }
         out["incomplete_steps"] = self.incomplete_steps
         out["late_records"] = self.late_records
