@@ -10,23 +10,15 @@ show how hot it is.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from epwatch.cliargs import free_port
 from epwatch.collector.offline import OfflineRun
 from epwatch.schema import RecordColumns
 from tests.fairscale_worker import TOKENS
-from tests.hook_sink import FrameSink
+from tests.patched_ranks import positions, run_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 P, LAYERS, STEPS, HOT = 4, 2, 40, 2
 CAPACITY = 2 * TOKENS // P  # slots per source and expert
 
@@ -34,57 +26,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
-def records() -> Iterator[RecordColumns]:
+def records() -> RecordColumns:
     if importlib.util.find_spec("fairscale") is None:
         pytest.fail("fairscale is a test dependency: pip install -e '.[test]'")
-    with tempfile.TemporaryDirectory(prefix="epw-fs-") as tmp:
-        sock = os.path.join(tmp, "agent.sock")
-        with FrameSink(sock) as sink:
-            env = {
-                **os.environ,
-                "PYTHONPATH": str(ROOT),
-                "OMP_NUM_THREADS": "1",
-                "EPWATCH_AGENT_SOCKET": sock,
-                "EPWATCH_EP_GROUP": "fairscale",
-                "EPWATCH_FLUSH_INTERVAL_MS": "50",
-            }
-            env.pop("EPWATCH_DISABLE", None)
-            port = free_port()
-            args = [
-                "--world-size", str(P), "--port", str(port), "--steps", str(STEPS),
-                "--layers", str(LAYERS), "--hot-rank", str(HOT),
-            ]  # fmt: skip
-            workers = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "tests.fairscale_worker", "--rank", str(r), *args],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for r in range(P)
-            ]
-            outputs = []
-            try:
-                for w in workers:
-                    outputs.append(w.communicate(timeout=180))
-            finally:
-                for w in workers:
-                    if w.poll() is None:
-                        w.kill()
-            for w, (out, err) in zip(workers, outputs, strict=True):
-                assert w.returncode == 0, f"worker failed:\n{out}\n{err[-3000:]}"
-            sink.wait_for(lambda: len(sink.records()) >= P * STEPS * LAYERS * 2, 10)
-            yield sink.records()
+    args = ["--steps", str(STEPS), "--layers", str(LAYERS), "--hot-rank", str(HOT)]
+    return run_ranks(
+        "tests.fairscale_worker", P, args, P * STEPS * LAYERS * 2, EPWATCH_EP_GROUP="fairscale"
+    )
 
 
 def test_every_rank_records_every_layer_dispatch_then_combine(records: RecordColumns) -> None:
     grid = {(s, layer, ph) for s in range(STEPS) for layer in range(LAYERS) for ph in (0, 1)}
     for rank in range(P):
-        mine = records.take(records.rank == rank)
-        got = list(zip(mine.step.tolist(), mine.layer.tolist(), mine.phase.tolist(), strict=True))
+        got = positions(records, rank)
         assert len(got) == len(grid) and set(got) == grid, f"rank {rank}"
+        mine = records.take(records.rank == rank)
         # on each rank's own clock the combine starts after its dispatch ended
         order = np.lexsort((mine.phase, mine.layer, mine.step))
         enter, exit_ = mine.enter_ns[order].reshape(-1, 2), mine.exit_ns[order].reshape(-1, 2)
