@@ -193,3 +193,44 @@ def test_a_hang_has_its_own_metric_and_drops_are_counted() -> None:
             [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
         )
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def get_json(port: int, path: str) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_live_diagnosis_api_on_the_metrics_port(running: tuple[CollectorService, str]) -> None:
+    svc = running[0]
+    status, doc = get_json(svc.metrics_port, "/api/v1/diagnosis")
+    assert status == 200
+    (group,) = doc["groups"]
+    assert (group["ep_group"], group["ranks"]) == ("ep0", 16)
+    slow = [s for s in group["stragglers"] if (s["rank"], s["cause"]) == (5, "compute")]
+    assert slow and slow[0]["active"] and any("hw_slowdown" in e for e in slow[0]["evidence"])
+    assert get_json(svc.metrics_port, "/api/v1/diagnosis?ep_group=ep0") == (status, doc)
+    missing, err = get_json(svc.metrics_port, "/api/v1/diagnosis?ep_group=nope")
+    assert missing == 404 and "no EP group 'nope'" in err["error"]
+
+
+def test_status_prints_the_live_report(
+    running: tuple[CollectorService, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from epwatch.cli import main
+
+    url = f"http://127.0.0.1:{running[0].metrics_port}"
+    assert main(["status", "--collector-url", url]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("EP group ep0: 16 ranks")
+    assert "rank 5 on node-0: compute, since step" in out and "evidence: " in out
+    assert main(["status", "--collector-url", url, "--json", "--ep-group", "ep0"]) == 0
+    assert '"ep_group": "ep0"' in capsys.readouterr().out
+    assert main(["status", "--collector-url", url, "--ep-group", "nope"]) == 1
+    assert "no EP group 'nope'" in capsys.readouterr().err
