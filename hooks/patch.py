@@ -30,7 +30,6 @@ are removed before the original sees the call.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -40,7 +39,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from epwatch.hooks.layers import LayerCursor
 from epwatch.hooks.probe import COMBINE, DISPATCH, NullProbe, Probe, Token
 from epwatch.hooks.registry import get_probe
 from epwatch.hooks.torch_a2a import (
@@ -59,8 +57,11 @@ _HINTS = ("phase", "layer", "step", "count", "recv_tokens", "dropped_tokens")
 _lock = threading.Lock()
 
 
-class _Inside(threading.local):
-    """Set while a patched call runs on this thread: nested patched calls pass through."""
+class _Inside:
+    """Set while a patched call runs: nested patched calls (``deepspeed.comm`` calling
+    torch's function) pass through. Not per thread: a thread-local costs ~100 ns a call,
+    and one thread issues a group's all-to-alls (the phase state assumes it anyway); a
+    call from another thread while one is in flight goes through untimed."""
 
     active = False
 
@@ -75,7 +76,10 @@ def patched_by(fn: Any) -> AllToAllPatch | None:
 
 
 class AllToAllPatch:
-    """Wrappers on one or more modules, one probe, one layer cursor, one phase state."""
+    """Wrappers on one or more modules, one probe, one phase state and one position.
+
+    The per-call path is one method with the probe, clock test and counters resolved
+    once: the record is all it allocates."""
 
     def __init__(
         self,
@@ -87,7 +91,7 @@ class AllToAllPatch:
         capacity_layout: bool | None = None,
         aux_max_elements: int = 0,
     ) -> None:
-        self.cursor = LayerCursor(layers_per_step=layers_per_step)
+        self.layers_per_step = layers_per_step
         self.group = group
         self.ep_group = ep_group
         self.capacity_layout = capacity_layout
@@ -97,15 +101,16 @@ class AllToAllPatch:
         self._installed: list[tuple[Any, str, Callable[..., Any], Callable[..., Any]]] = []
         self._probe: Probe | NullProbe | None = None
         self._capturing: Callable[[], bool] | None = None
-        self._now: Callable[[], Any] = _never_called
+        self._fast = False  # see _can_be_fast
         if probe is not None:
             self._use(probe)
+        # Phases alternate; a dispatch takes the next layer, its combine the same one.
         self._next = DISPATCH
-        # (token, step, layer, phase) of a span an auxiliary exchange opened.
-        self._open: tuple[Token, int, int, int] | None = None
-        # A finished dispatch waiting for trailing auxiliary calls:
-        # [token, exit stamp, send, recv, tokens, peers, dropped].
-        self._pending: list[Any] | None = None
+        self.step = 0
+        self._layer = 0
+        self._next_layer = 0
+        # (token, step, layer) of a dispatch an auxiliary exchange opened.
+        self._open: tuple[Token | None, int, int] | None = None
         self._dropped = 0
 
     # ---- set-up -----------------------------------------------------------------------
@@ -113,8 +118,19 @@ class AllToAllPatch:
     def _use(self, probe: Probe | NullProbe) -> Probe | NullProbe:
         self._probe = probe
         self._capturing = capture_check(probe)
-        self._now = probe.clock.now
+        self._fast = self._can_be_fast()
         return probe
+
+    def _can_be_fast(self) -> bool:
+        """Whether a plain call of a payload may skip every check but the thread's."""
+        return (
+            self.active
+            and self._probe is not None
+            and self._probe.enabled
+            and self._capturing is None
+            and self.group is None
+            and self.aux_max_elements <= 0
+        )
 
     @property
     def probe(self) -> Probe | NullProbe | None:
@@ -139,18 +155,18 @@ class AllToAllPatch:
             original = getattr(module, name, None)
             if original is None or not callable(original) or patched_by(original):
                 continue
-            wrapper = (_wrap_single if name == "all_to_all_single" else _wrap_list)(self, original)
+            wrap = _wrap_single if name == "all_to_all_single" else _wrap_list
+            wrapper = wrap(self, original)
             setattr(module, name, wrapper)
             self._installed.append((module, name, original, wrapper))
 
     def unpatch(self) -> None:
         """Put the originals back (a wrapper someone else wrapped over stays, and passes
-        straight through from now on); queue a dispatch still waiting."""
+        straight through from now on)."""
         with _lock:
             if not self.active:
                 return
-            self.active = False
-            self._flush()
+            self.active = self._fast = False
             for module, name, original, wrapper in reversed(self._installed):
                 if getattr(module, name, None) is wrapper:
                     setattr(module, name, original)
@@ -163,21 +179,18 @@ class AllToAllPatch:
     # ---- what the engine may tell us --------------------------------------------------
 
     def next_step(self, step: int | None = None) -> int:
-        """Start a forward pass when ``layers_per_step`` was not given."""
-        self._flush()
-        self._open = None
+        """Start a forward pass (needed when ``layers_per_step`` was not given)."""
+        self.step = self.step + 1 if step is None else step
+        self._next_layer = 0
         self._next = DISPATCH
-        return self.cursor.next_step(step)
+        self._open = None
+        return self.step
 
     def add_dropped(self, tokens: int) -> None:
-        """Routed slots for this rank's experts that a capacity limit dropped in the
-        current (or, before it starts, the next) dispatch: a gate knows, the
+        """Routed slots for this rank's experts that a capacity limit dropped, carried
+        by the next dispatch: a gate knows (it runs before the dispatch), the
         collective does not."""
-        pending = self._pending
-        if pending is not None:
-            pending[6] += int(tokens)
-        else:
-            self._dropped += int(tokens)
+        self._dropped += int(tokens)
 
     # ---- the wrappers' work -----------------------------------------------------------
 
@@ -185,100 +198,142 @@ class AllToAllPatch:
         mine = self.group
         return mine is None or group is mine or (group is None and mine is dist.group.WORLD)
 
-    def single(
+    def slow(
         self,
         original: Callable[..., Any],
-        output: torch.Tensor,
-        input: torch.Tensor,
-        output_split_sizes: Any,
-        input_split_sizes: Any,
-        group: Any,
-        async_op: bool,
-        kw: dict[str, Any],
-    ) -> Any:
-        hints = _pop_hints(kw) if kw else None
-        if _inside.active or not self.active or (self.group is not None and not self._mine(group)):
-            return original(
-                output, input, output_split_sizes, input_split_sizes,
-                group=group, async_op=async_op, **kw,
-            )  # fmt: skip
-        _inside.active = True
-        try:
-            return self._call(
-                original, (output, input, output_split_sizes, input_split_sizes), group,
-                async_op, kw, hints, output, input, output_split_sizes, input_split_sizes,
-            )  # fmt: skip
-        finally:
-            _inside.active = False
-
-    def lists(
-        self,
-        original: Callable[..., Any],
-        outputs: list[torch.Tensor],
-        inputs: list[torch.Tensor],
-        group: Any,
-        async_op: bool,
-        kw: dict[str, Any],
-    ) -> Any:
-        hints = _pop_hints(kw) if kw else None
-        if _inside.active or not self.active or (self.group is not None and not self._mine(group)):
-            return original(outputs, inputs, group=group, async_op=async_op, **kw)
-        _inside.active = True
-        try:
-            return self._call(
-                original, (outputs, inputs), group, async_op, kw, hints,
-                _Stacked(outputs), _Stacked(inputs), None, None,
-            )  # fmt: skip
-        finally:
-            _inside.active = False
-
-    def _call(
-        self,
-        original: Callable[..., Any],
-        args: tuple[Any, ...],
-        group: Any,
-        async_op: bool,
-        kw: dict[str, Any],
-        hints: dict[str, Any] | None,
         output: Any,
         input: Any,
         output_split_sizes: Any,
         input_split_sizes: Any,
+        group: Any,
+        async_op: bool,
+        kw: dict[str, Any],
     ) -> Any:
+        """Every call the wrapper's fast path does not take: keywords (hints, or a
+        library's own such as DeepSpeed's ``tensor=``, ``log_name=``), auxiliary
+        exchanges, the list form, other groups, nested or unpatched calls."""
+        hints = _pop_hints(kw) if kw else None
+        lists = output_split_sizes is _LISTS
+        if input is None and "tensor" in kw:  # deepspeed.comm names its input `tensor`
+            input = kw.pop("tensor")
+        args = (output, input) if lists else (output, input, output_split_sizes, input_split_sizes)
+        if _inside.active or not self.active or (self.group is not None and not self._mine(group)):
+            return original(*args, group=group, async_op=async_op, **kw)
         probe = self._probe
         if probe is None:
             probe = self._resolve_probe(group)
         capturing = self._capturing
         if not probe.enabled or (capturing is not None and capturing()):
             return original(*args, group=group, async_op=async_op, **kw)
-        count = None if hints is None else hints.get("count")
-        aux = count is False or (
-            count is None and (input.ndim < 2 or input.numel() <= self.aux_max_elements)
-        )
-        phase = self._next if hints is None or hints.get("phase") is None else hints["phase"]
+        if lists:
+            output, input = _Stacked(output), _Stacked(input)
+            output_split_sizes = input_split_sizes = None
+        phase = self._next
+        if hints is None:
+            aux = input.ndim < 2 or 0 < input.numel() <= self.aux_max_elements
+        else:
+            aux, phase = _aux_and_phase(hints, input, self.aux_max_elements, phase)
         if aux:
             return self._aux(original, args, group, async_op, kw, hints, probe, phase)
-        token, step, layer = self._start(probe, phase, hints)
-        work = original(*args, group=group, async_op=async_op, **kw)
+        return self.payload(
+            probe, original, output, input, output_split_sizes, input_split_sizes, group,
+            async_op, phase, hints, (args, kw),
+        )  # fmt: skip
+
+    def payload(
+        self,
+        probe: Probe | NullProbe,
+        original: Callable[..., Any],
+        output: Any,
+        input: Any,
+        output_split_sizes: Any,
+        input_split_sizes: Any,
+        group: Any,
+        async_op: bool,
+        phase: int,
+        hints: dict[str, Any] | None = None,
+        call_as: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    ) -> Any:
+        """Time one dispatch or combine payload. ``call_as``: the arguments the
+        original gets when they are not the four plain ones."""
+        if phase == DISPATCH and self._open is not None:
+            token, step, layer = self._open
+            self._open = None
+        else:
+            if hints is not None:
+                step, layer = self._position(phase, hints)
+            elif phase == DISPATCH:  # _position(), inlined for the common case
+                step, layer = self.step, self._next_layer
+                self._layer, self._next_layer = layer, layer + 1
+            else:
+                step, layer = self.step, self._layer
+                if self.layers_per_step is not None and layer + 1 >= self.layers_per_step:
+                    self.step, self._next_layer = step + 1, 0
+            token = probe.begin(step, layer, phase)
+        _inside.active = True
+        try:
+            if call_as is None:
+                work = original(
+                    output, input, output_split_sizes, input_split_sizes, group=group,
+                    async_op=async_op,
+                )  # fmt: skip
+            else:
+                work = original(*call_as[0], group=group, async_op=async_op, **call_as[1])
+        finally:
+            _inside.active = False
         self.calls += 1
         self._next = COMBINE if phase == DISPATCH else DISPATCH
         try:
-            counts = self._counts(
-                probe, phase, step, layer, hints, output, input,
-                output_split_sizes, input_split_sizes,
-            )  # fmt: skip
+            tokens = None if hints is None else hints.get("recv_tokens")
+            if tokens is None and type(output_split_sizes) is list:
+                # counts(), inlined for the common case (a dropless dispatch or combine)
+                send, recv, tokens = input.nbytes, output.nbytes, sum(output_split_sizes)
+            else:
+                send, recv, tokens = counts(
+                    output, input, output_split_sizes, input_split_sizes, phase,
+                    self.capacity_layout, tokens,
+                )  # fmt: skip
+            dropped = 0
+            if phase == DISPATCH:
+                dropped, self._dropped = self._dropped, 0
+                if hints is not None:
+                    dropped += int(hints.get("dropped_tokens") or 0)
+            every = probe.peer_sample_steps
+            peers = None
+            if every > 0 and not step % every and probe.sample_peers(step, layer):
+                peers = (
+                    input.peer_bytes
+                    if type(input) is _Stacked
+                    else peer_send_bytes(input, input_split_sizes, probe.world_size)
+                )
         except Exception:
             probe.count_error()
             return work
-        if phase == DISPATCH:
-            if async_op:
-                return TimedWork(work, lambda: self._hold(token, counts))
-            self._hold(token, counts)
-        elif async_op:
-            return TimedWork(work, lambda: probe.end(token, *counts))
-        else:
-            probe.end(token, *counts)
+        if async_op:
+            rest = (send, recv, tokens, None, peers, dropped)  # fmt: skip
+            return TimedWork(work, lambda: probe.end(token, *rest))
+        probe.end(token, send, recv, tokens, None, peers, dropped)
         return work
+
+    def _position(self, phase: int, hints: dict[str, Any] | None) -> tuple[int, int]:
+        """(step, layer) of a payload: a dispatch takes the next layer, its combine the
+        same; after the last layer's combine the step advances."""
+        layer = step = None
+        if hints is not None:
+            layer, step = hints.get("layer"), hints.get("step")
+        if phase == DISPATCH:
+            if layer is None:
+                layer = self._next_layer
+            self._layer, self._next_layer = layer, layer + 1
+            return (self.step if step is None else step), layer
+        if layer is None:
+            layer = self._layer
+        here = self.step if step is None else step
+        last = self.layers_per_step
+        if last is not None and layer + 1 >= last:
+            self.step += 1
+            self._next_layer = 0
+        return here, layer
 
     def _aux(
         self,
@@ -291,91 +346,39 @@ class AllToAllPatch:
         probe: Probe | NullProbe,
         phase: int,
     ) -> Any:
-        """A count, split-size or weight exchange: part of the dispatch around it."""
-        pending = self._pending
-        if pending is None and self._open is None:
-            token, step, layer = self._start(probe, phase, hints)
-            self._open = (token, step, layer, phase)
-        work = original(*args, group=group, async_op=async_op, **kw)
-        self.calls += 1
-        if pending is not None:  # trailing: the dispatch lasts until this one is done
-            if async_op:
-                return TimedWork(work, lambda: pending.__setitem__(1, self._now()))
-            pending[1] = self._now()
-        return work
-
-    def _start(
-        self,
-        probe: Probe | NullProbe,
-        phase: int,
-        hints: dict[str, Any] | None,
-    ) -> tuple[Token | None, int, int]:
-        """The token of the span this call belongs to: one an auxiliary exchange opened,
-        or a new one; a dispatch still waiting is queued first."""
-        if self._pending is not None:
-            self._flush()
-        opened = self._open
-        if opened is not None:
-            self._open = None
-            if opened[3] == phase:
-                return opened[0], opened[1], opened[2]
-        layer = step = None
-        if hints is not None:
-            layer, step = hints.get("layer"), hints.get("step")
+        """A count, split-size or weight exchange. Before a dispatch it opens the
+        dispatch (a late rank's wait shows up there, not as expert compute); between a
+        dispatch and its combine it is not timed."""
+        if phase == DISPATCH and self._open is None:
+            step, layer = self._position(DISPATCH, hints)
+            self._open = (probe.begin(step, layer, DISPATCH), step, layer)
+        _inside.active = True
         try:
-            pos = self.cursor.dispatch(layer) if phase == DISPATCH else self.cursor.combine(layer)
-        except Exception:
-            probe.count_error()
-            pos = (self.cursor.step, layer or 0)
-        s = pos[0] if step is None else step
-        return probe.begin(s, pos[1], phase), s, pos[1]
-
-    def _counts(
-        self,
-        probe: Probe | NullProbe,
-        phase: int,
-        step: int,
-        layer: int,
-        hints: dict[str, Any] | None,
-        output: Any,
-        input: Any,
-        output_split_sizes: Any,
-        input_split_sizes: Any,
-    ) -> tuple[Any, ...]:
-        """(send, recv, recv_tokens, peer wait, peer send, dropped) for probe.end."""
-        send, recv, tokens = counts(
-            output, input, output_split_sizes, input_split_sizes, phase, self.capacity_layout,
-            None if hints is None else hints.get("recv_tokens"),
-        )  # fmt: skip
-        dropped = 0
-        if phase == DISPATCH:
-            dropped, self._dropped = self._dropped, 0
-            if hints is not None:
-                dropped += int(hints.get("dropped_tokens") or 0)
-        every = probe.peer_sample_steps
-        peers = None
-        if every > 0 and not step % every and probe.sample_peers(step, layer):
-            peers = (
-                input.peer_bytes
-                if type(input) is _Stacked
-                else peer_send_bytes(input, input_split_sizes, probe.world_size)
-            )
-        return send, recv, tokens, None, peers, dropped
-
-    def _hold(self, token: Token | None, counts: tuple[Any, ...]) -> None:
-        """Keep a finished dispatch until the next payload: trailing exchanges and drops
-        the gate reports afterwards still belong to it."""
-        self._pending = [token, self._now(), *counts[:3], counts[4], counts[5]]
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None and self._probe is not None:
-            token, exit_stamp, send, recv, tokens, peers, dropped = pending
-            self._probe.end_at(token, exit_stamp, send, recv, tokens, None, peers, dropped)
+            work = original(*args, group=group, async_op=async_op, **kw)
+        finally:
+            _inside.active = False
+        self.calls += 1
+        return work
 
     def __repr__(self) -> str:
         where = ", ".join(getattr(m, "__name__", type(m).__name__) for m in self.modules)
         return f"AllToAllPatch([{where}], active={self.active}, probe={self._probe!r})"
+
+
+def _aux_and_phase(
+    hints: dict[str, Any], input: Any, aux_max_elements: int, phase: int
+) -> tuple[bool, int]:
+    count = hints.get("count")
+    if count is None:
+        aux = input.ndim < 2 or (aux_max_elements > 0 and input.numel() <= aux_max_elements)
+    else:
+        aux = not count
+    explicit = hints.get("phase")
+    return aux, (phase if explicit is None else int(explicit))
+
+
+# Marks a call of the list form (``all_to_all(outputs, inputs)``) in ``single``.
+_LISTS: Any = object()
 
 
 class _Stacked:
@@ -404,16 +407,6 @@ def _pop_hints(kw: dict[str, Any]) -> dict[str, Any] | None:
     return hints or None
 
 
-def _input_name(original: Callable[..., Any]) -> str:
-    """What the function calls its input: torch says ``input``, deepspeed.comm
-    ``tensor``."""
-    try:
-        names = list(inspect.signature(original).parameters)
-    except (TypeError, ValueError):
-        return "input"
-    return names[1] if len(names) > 1 and names[1] in ("input", "tensor") else "input"
-
-
 def _mark(wrapper: Callable[..., Any], original: Callable[..., Any], patch: AllToAllPatch) -> Any:
     functools.update_wrapper(wrapper, original)
     setattr(wrapper, ORIGINAL_ATTR, original)
@@ -422,37 +415,36 @@ def _mark(wrapper: Callable[..., Any], original: Callable[..., Any], patch: AllT
 
 
 def _wrap_single(patch: AllToAllPatch, original: Callable[..., Any]) -> Callable[..., Any]:
-    single = patch.single
-    if _input_name(original) == "tensor":
+    """The replacement of ``original``: the common call (a payload of this group, no
+    keywords) goes straight to :meth:`AllToAllPatch.payload`; everything else takes
+    :meth:`AllToAllPatch.slow`. Positional names suit torch (``input``) and
+    deepspeed.comm (``tensor``) alike."""
+    slow, payload = patch.slow, patch.payload
 
-        def all_to_all_single(  # deepspeed.comm's names
-            output, tensor, output_split_sizes=None, input_split_sizes=None, group=None,
-            async_op=False, **kw,
-        ):  # type: ignore[no-untyped-def]  # fmt: skip
-            return single(
-                original, output, tensor, output_split_sizes, input_split_sizes, group,
-                async_op, kw,
-            )  # fmt: skip
-
-    else:
-
-        def all_to_all_single(  # type: ignore[misc]
-            output, input, output_split_sizes=None, input_split_sizes=None, group=None,
-            async_op=False, **kw,
-        ):  # type: ignore[no-untyped-def]  # fmt: skip
-            return single(
+    def all_to_all_single(  # type: ignore[no-untyped-def]
+        output, input=None, output_split_sizes=None, input_split_sizes=None, group=None,
+        async_op=False, **kw,
+    ):  # fmt: skip
+        if kw or not patch._fast or _inside.active or input.ndim < 2:
+            return slow(
                 original, output, input, output_split_sizes, input_split_sizes, group,
                 async_op, kw,
             )  # fmt: skip
+        return payload(
+            patch._probe, original, output, input, output_split_sizes, input_split_sizes,
+            group, async_op, patch._next,
+        )  # fmt: skip
 
     return _mark(all_to_all_single, original, patch)
 
 
 def _wrap_list(patch: AllToAllPatch, original: Callable[..., Any]) -> Callable[..., Any]:
-    lists = patch.lists
+    slow = patch.slow
 
     def all_to_all(output_tensor_list, input_tensor_list, group=None, async_op=False, **kw):  # type: ignore[no-untyped-def]
-        return lists(original, output_tensor_list, input_tensor_list, group, async_op, kw)
+        return slow(
+            original, output_tensor_list, input_tensor_list, _LISTS, _LISTS, group, async_op, kw
+        )
 
     return _mark(all_to_all, original, patch)
 

@@ -1,9 +1,10 @@
 """``torch.distributed.all_to_all_single`` with the probe around it.
 
-Bytes come from the split sizes times the bytes of one row; received tokens from the
-output split sizes unless the caller says otherwise (a row is then not a token-expert
-slot). A dispatch is often two collectives, a count exchange and the payload: time
-both in one :class:`A2ASpan`, or the wait in the first is blamed on expert compute.
+Bytes are what the tensors hold (torch requires the split sizes to add up to their
+rows); received tokens are the output split sizes unless the caller says otherwise (a
+row is then not a token-expert slot). A dispatch is often two collectives, a count
+exchange and the payload: time both in one :class:`A2ASpan`, or the wait in the first
+is blamed on expert compute.
 
     a2a = EPAllToAll(group=ep_group)
     out = a2a.all_to_all_single(out, x, out_splits, in_splits, phase=DISPATCH, layer=l)
@@ -66,36 +67,29 @@ def counts(
     capacity_layout: bool | None = None,
     recv_tokens: Any = None,
 ) -> tuple[int, int, Any]:
-    """(send bytes, recv bytes, recv tokens) of one ``all_to_all_single``: split sizes
-    times the bytes of one row, or the whole tensor when no splits are given; tokens
-    are the received rows, or the routed rows of a capacity slab (a dispatch's; a
-    combine of slabs brings back expert outputs, no tokens). Every call of every
-    collective runs this: a tensor attribute costs 50-100 ns, so each is read once."""
-    if input_split_sizes is None:
-        send = input.nbytes
-    else:
-        rows = (
-            sum(input_split_sizes)
-            if type(input_split_sizes) is list
-            else split_total(input_split_sizes, input)
-        )
-        send = rows * (input.nbytes // input.shape[0]) if rows else 0
-    if output_split_sizes is not None:
-        rows = (
-            sum(output_split_sizes)
-            if type(output_split_sizes) is list
-            else split_total(output_split_sizes, output)
-        )
-        recv = rows * (output.nbytes // output.shape[0]) if rows else 0
-        return send, recv, rows if recv_tokens is None else recv_tokens
+    """(send bytes, recv bytes, recv tokens) of one ``all_to_all_single``.
+
+    torch refuses split sizes that do not add up to a tensor's rows, so the bytes moved
+    are the tensors' own sizes; the received rows are the output split sizes (a list
+    summed in C), or the output's rows. In a capacity slab the tokens are the routed
+    rows (a dispatch's; a combine of slabs brings back expert outputs, no tokens).
+    Every call of every collective runs this: a tensor attribute costs 50-200 ns, so
+    only two or three are read."""
     if recv_tokens is None:
-        if capacity_layout is None:
-            capacity_layout = output.ndim >= 3
-        if capacity_layout:
-            recv_tokens = routed_rows(output) if phase == DISPATCH else 0
+        if output_split_sizes is not None:
+            recv_tokens = (
+                sum(output_split_sizes)
+                if type(output_split_sizes) is list
+                else split_total(output_split_sizes, output)
+            )
         else:
-            recv_tokens = output.shape[0] if output.ndim else 1
-    return send, output.nbytes, recv_tokens
+            if capacity_layout is None:
+                capacity_layout = output.ndim >= 3
+            if capacity_layout:
+                recv_tokens = routed_rows(output) if phase == DISPATCH else 0
+            else:
+                recv_tokens = output.shape[0] if output.ndim else 1
+    return input.nbytes, output.nbytes, recv_tokens
 
 
 def peer_send_bytes(input: torch.Tensor, input_split_sizes: Splits, world_size: int) -> list[int]:
@@ -365,10 +359,14 @@ class EPAllToAll:
         if token is None:  # disabled, or inside CUDA-graph capture
             return work
         try:
-            send, recv, recv_tokens = counts(
-                output, input, output_split_sizes, input_split_sizes, phase,
-                self.capacity_layout, recv_tokens,
-            )  # fmt: skip
+            if recv_tokens is None and type(output_split_sizes) is list:
+                # counts(), inlined for the common case (a dropless dispatch or combine)
+                send, recv, recv_tokens = input.nbytes, output.nbytes, sum(output_split_sizes)
+            else:
+                send, recv, recv_tokens = counts(
+                    output, input, output_split_sizes, input_split_sizes, phase,
+                    self.capacity_layout, recv_tokens,
+                )  # fmt: skip
             every = probe.peer_sample_steps
             peers = (
                 peer_send_bytes(input, input_split_sizes, probe.world_size)

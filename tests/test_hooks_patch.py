@@ -129,8 +129,8 @@ def test_capacity_slabs_count_routed_rows_and_drops_follow_the_gate(
         slab[0, :5] = 1.0
         slab[1, :2] = 1.0
         patch.add_dropped(4)  # as a gate would, before its dispatch
+        patch.add_dropped(1)
         dist.all_to_all_single(torch.empty_like(slab), slab)
-        patch.add_dropped(1)  # ... or after it, before the combine
         dist.all_to_all_single(torch.empty_like(slab), slab + 1)
     finally:
         patch.unpatch()
