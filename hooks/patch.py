@@ -174,7 +174,11 @@ class AllToAllPatch:
 
     @property
     def modules(self) -> list[Any]:
-        return list(dict.fromkeys(m for m, *_ in self._installed))
+        seen: list[Any] = []
+        for module, *_ in self._installed:
+            if not any(module is m for m in seen):
+                seen.append(module)
+        return seen
 
     # ---- what the engine may tell us --------------------------------------------------
 
@@ -450,27 +454,21 @@ def _wrap_list(patch: AllToAllPatch, original: Callable[..., Any]) -> Callable[.
 
 
 def patch_all_to_all(
-    target: ModuleType | Any = None,
-    *,
-    aliases: Iterable[Any] = (),
-    layers_per_step: int | None = None,
-    group: Any = None,
-    probe: Probe | NullProbe | None = None,
-    ep_group: str | None = None,
-    capacity_layout: bool | None = None,
-    aux_max_elements: int = 0,
+    target: ModuleType | Any = None, *, aliases: Iterable[Any] = (), **settings: Any
 ) -> AllToAllPatch:
     """Instrument every all-to-all called through ``target`` (default
-    ``torch.distributed``) and ``aliases``.
+    ``torch.distributed``) and ``aliases``. ``settings`` are :class:`AllToAllPatch`'s:
 
-    ``layers_per_step``: MoE layers per forward pass (the step advances after the last
-    combine; otherwise call ``patch.next_step()``). ``group``: only calls on this
-    process group are timed (default: all). ``probe``: default, the registry's probe
-    for this rank of the first call's group (``EPWATCH_*`` settings, ``ep_group``).
-    ``capacity_layout``: count routed rows of ``[E, C, M]`` slabs (default: detected).
-    ``aux_max_elements``: payload-shaped tensors this small are auxiliary exchanges.
-    A module some active patch already covers keeps it; that patch is returned (and
-    takes on the new aliases)."""
+    - ``layers_per_step``: MoE layers per forward pass (the step advances after the
+      last combine; otherwise call ``patch.next_step()``);
+    - ``group``: only calls on this process group are timed (default: all);
+    - ``probe``: default, the registry's probe for this rank of the first call's group
+      (``EPWATCH_*`` settings, ``ep_group=``);
+    - ``capacity_layout``: count routed rows of ``[E, C, M]`` slabs (default: detected);
+    - ``aux_max_elements``: payload-shaped tensors this small are auxiliary exchanges.
+
+    A module some active patch already covers keeps it; that patch is returned (its
+    settings unchanged) and takes on the new aliases."""
     modules = [dist if target is None else target, *aliases]
     with _lock:
         existing = next(
@@ -482,14 +480,7 @@ def patch_all_to_all(
             ),
             None,
         )
-        patch = existing or AllToAllPatch(
-            layers_per_step=layers_per_step,
-            group=group,
-            probe=probe,
-            ep_group=ep_group,
-            capacity_layout=capacity_layout,
-            aux_max_elements=aux_max_elements,
-        )
+        patch = existing or AllToAllPatch(**settings)
         for module in modules:
             patch.install(module)
     if existing is None:

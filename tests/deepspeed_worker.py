@@ -17,7 +17,6 @@ returns None, DeepSpeed's own answer on a machine that cannot build it).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from epwatch.hooks.patch import patch_all_to_all
+from tests.patched_ranks import finish_worker, worker_arguments
 
 D_MODEL = 32
 FFN = 64
@@ -86,15 +86,7 @@ def autoep_layer(layer: int, rank: int, world_size: int, hot: int | None, bias: 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rank", type=int, required=True)
-    ap.add_argument("--world-size", type=int, required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--hot-rank", type=int, default=None)
-    ap.add_argument("--hot-bias", type=float, default=1.5)
-    args = ap.parse_args()
+    args = worker_arguments(steps=30, hot_bias=1.5)
     torch.set_num_threads(1)
     init(args.rank, args.world_size, args.port)
     import deepspeed.comm  # loads deepspeed.comm.torch
@@ -113,13 +105,7 @@ def main() -> int:
             for moe in layers:
                 out = moe(x)
                 x = out[0] if isinstance(out, tuple) else out
-    dist.barrier()
-    print(f"DONE rank {args.rank} calls={patch.calls} probe={patch.probe!r}", flush=True)
-    patch.unpatch()
-    from epwatch.hooks import shutdown
-
-    shutdown(timeout=5.0)
-    dist.destroy_process_group()
+    finish_worker(patch, args.rank)
     return 0
 
 

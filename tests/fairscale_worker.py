@@ -15,9 +15,6 @@ with an ``all_reduce``, and reported with ``patch.add_dropped``.
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from epwatch.hooks.patch import AllToAllPatch, patch_all_to_all
+from tests.patched_ranks import finish_worker, worker_arguments
 
 D_MODEL = 32
 TOKENS = 256  # per rank and step: capacity = 2 * 256 / P slots per source and expert
@@ -70,23 +68,12 @@ def dropped_reporter(counter: DemandCounter, patch: AllToAllPatch, rank: int) ->
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rank", type=int, required=True)
-    ap.add_argument("--world-size", type=int, required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--hot-rank", type=int, default=None)
-    ap.add_argument("--hot-bias", type=float, default=2.0)
-    args = ap.parse_args()
+    args = worker_arguments(steps=40, hot_bias=2.0)
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{args.port}",
-        rank=args.rank,
-        world_size=args.world_size,
-        timeout=timedelta(seconds=120),
-    )
+        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
+        world_size=args.world_size, timeout=timedelta(seconds=120),
+    )  # fmt: skip
     from fairscale.nn.moe import MOELayer, Top2Gate
 
     patch = patch_all_to_all(dist, layers_per_step=args.layers)  # the one line
@@ -115,15 +102,7 @@ def main() -> int:
             x = torch.randn(TOKENS // 8, 8, D_MODEL)
             for moe in layers:
                 x = moe(x)
-    dist.barrier()
-    print(f"DONE rank {args.rank} calls={patch.calls} probe={patch.probe!r}", flush=True)
-    patch.unpatch()
-    from epwatch.hooks import shutdown
-
-    shutdown(timeout=5.0)
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    time.sleep(0.1)
+    finish_worker(patch, args.rank)
     return 0
 
 

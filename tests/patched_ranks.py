@@ -1,14 +1,16 @@
 """Run a third-party MoE layer on P gloo ranks as subprocesses (``tests/*_worker.py``)
 with a stand-in agent socket, and hand back every record their patched collectives
-sent. Shared by the fairscale and DeepSpeed tests."""
+sent. Shared by the fairscale and DeepSpeed tests and their workers."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from epwatch.cliargs import free_port
 from epwatch.schema import RecordColumns
@@ -64,3 +66,29 @@ def positions(records: RecordColumns, rank: int) -> list[tuple[int, int, int]]:
     """(step, layer, phase) of every record of ``rank``, in arrival order."""
     mine = records.take(records.rank == rank)
     return list(zip(mine.step.tolist(), mine.layer.tolist(), mine.phase.tolist(), strict=True))
+
+
+def worker_arguments(steps: int, hot_bias: float) -> argparse.Namespace:
+    """What every worker is told: its rank, the group, the run and the biased gate."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--world-size", type=int, required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hot-rank", type=int, default=None)
+    ap.add_argument("--hot-bias", type=float, default=hot_bias)
+    return ap.parse_args()
+
+
+def finish_worker(patch: Any, rank: int) -> None:
+    """Wait for every rank, say what was timed, unpatch and ship what is queued."""
+    import torch.distributed as dist
+
+    from epwatch.hooks import shutdown
+
+    dist.barrier()
+    print(f"DONE rank {rank} calls={patch.calls} probe={patch.probe!r}", flush=True)
+    patch.unpatch()
+    shutdown(timeout=5.0)
+    dist.destroy_process_group()

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,29 +14,17 @@ import torch
 import torch.distributed as dist
 
 from epwatch.cliargs import free_port
-from epwatch.hooks import COMBINE, DISPATCH, Probe, get_probe, shutdown
+from epwatch.hooks import COMBINE, DISPATCH, Probe, get_probe
 from epwatch.hooks.patch import patch_all_to_all
 from epwatch.hooks.torch_a2a import EPAllToAll
-from tests.hook_sink import FrameSink
+from tests.hook_sink import FAST, FrameSink
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"flush_interval_s": 0.02, "heartbeat_interval_s": 0.05, "reconnect_interval_s": 0.1}
-
-
-@pytest.fixture(scope="module")
-def gloo() -> Iterator[None]:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture
-def sink(tmp_path: Path) -> Iterator[FrameSink]:
-    with FrameSink(str(tmp_path / "agent.sock")) as s:
-        yield s
-    shutdown()
+def sink(hook_sink: FrameSink) -> FrameSink:
+    return hook_sink
 
 
 @pytest.fixture
