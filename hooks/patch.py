@@ -122,12 +122,12 @@ class AllToAllPatch:
         return probe
 
     def _can_be_fast(self) -> bool:
-        """Whether a plain call of a payload may skip every check but the thread's."""
+        """Whether a plain call of a payload may skip the checks that hold for the
+        patch's life (the per-call ones remain: nesting, shape, graph capture)."""
         return (
             self.active
             and self._probe is not None
             and self._probe.enabled
-            and self._capturing is None
             and self.group is None
             and self.aux_max_elements <= 0
         )
@@ -233,10 +233,13 @@ class AllToAllPatch:
             output, input = _Stacked(output), _Stacked(input)
             output_split_sizes = input_split_sizes = None
         phase = self._next
-        if hints is None:
-            aux = input.ndim < 2 or 0 < input.numel() <= self.aux_max_elements
-        else:
-            aux, phase = _aux_and_phase(hints, input, self.aux_max_elements, phase)
+        try:
+            if hints is None:
+                aux = input.ndim < 2 or 0 < input.numel() <= self.aux_max_elements
+            else:
+                aux, phase = _aux_and_phase(hints, input, self.aux_max_elements, phase)
+        except Exception:  # not tensors: the original says what is wrong with them
+            return original(*args, group=group, async_op=async_op, **kw)
         if aux:
             return self._aux(original, args, group, async_op, kw, hints, probe, phase)
         return self.payload(
@@ -429,7 +432,18 @@ def _wrap_single(patch: AllToAllPatch, original: Callable[..., Any]) -> Callable
         output, input=None, output_split_sizes=None, input_split_sizes=None, group=None,
         async_op=False, **kw,
     ):  # fmt: skip
-        if kw or not patch._fast or _inside.active or input.ndim < 2:
+        capturing = patch._capturing  # None for the host clock
+        try:
+            plain = (
+                not kw
+                and patch._fast
+                and not _inside.active
+                and input.ndim >= 2
+                and (capturing is None or not capturing())
+            )
+        except Exception:  # not a tensor: the original says what is wrong with it
+            plain = False
+        if not plain:
             return slow(
                 original, output, input, output_split_sizes, input_split_sizes, group,
                 async_op, kw,

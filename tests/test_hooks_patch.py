@@ -275,3 +275,26 @@ def test_no_recursion_whatever_the_import_order(order: str, tmp_path: Path) -> N
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "RecursionError" not in done.stderr and done.stdout.startswith("OK")
+
+
+def test_a_bad_call_gets_torchs_own_error(gloo: None, sink: FrameSink, probe: Probe) -> None:
+    bad_calls = (
+        lambda: dist.all_to_all_single(torch.empty(2, 2), [1, 2]),  # not a tensor
+        lambda: dist.all_to_all_single(torch.empty(3, 2), torch.ones(4, 2), [3], [9]),
+    )
+
+    def errors() -> list[type[BaseException]]:
+        kinds = []
+        for call in bad_calls:
+            with pytest.raises(Exception) as info:
+                call()
+            kinds.append(type(info.value))
+        return kinds
+
+    unpatched = errors()
+    patch = patch_all_to_all(dist, probe=probe)
+    try:
+        assert errors() == unpatched
+    finally:
+        patch.unpatch()
+    assert probe.internal_errors == 0
