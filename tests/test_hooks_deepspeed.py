@@ -1,5 +1,5 @@
 """DeepSpeed's ``AutoEPMoELayer`` on 4 gloo ranks, instrumented with the one-line patch
-over ``torch.distributed`` and ``deepspeed.comm`` (``tests/deepspeed_worker.py``).
+over ``torch.distributed`` and ``deepspeed.comm`` (``tests/deepspeed_patch_worker.py``).
 
 AutoEP is dropless: a count exchange (a 1-D int tensor), the payload with split sizes,
 the combine. The count exchange must join the dispatch, the two patched levels must
@@ -15,7 +15,7 @@ import pytest
 
 from epwatch.collector.offline import OfflineRun
 from epwatch.schema import RecordColumns
-from tests.deepspeed_worker import D_MODEL, TOKENS
+from tests.deepspeed_patch_worker import D_MODEL, TOKENS
 from tests.patched_ranks import positions, run_ranks
 
 P, LAYERS, STEPS, HOT = 4, 2, 30, 1
@@ -29,7 +29,7 @@ def records() -> RecordColumns:
         pytest.fail("deepspeed is a test dependency: pip install -e '.[test]'")
     args = ["--steps", str(STEPS), "--layers", str(LAYERS), "--hot-rank", str(HOT)]
     return run_ranks(
-        "tests.deepspeed_worker", P, args, P * STEPS * LAYERS * 2, EPWATCH_EP_GROUP="autoep"
+        "tests.deepspeed_patch_worker", P, args, P * STEPS * LAYERS * 2, EPWATCH_EP_GROUP="autoep"
     )
 
 

@@ -1,5 +1,5 @@
 """fairscale's GShard ``MOELayer`` on 4 gloo ranks, instrumented with the one-line patch
-(``tests/fairscale_worker.py``); the records go to a stand-in agent socket and then
+(``tests/fairscale_patch_worker.py``); the records go to a stand-in agent socket and then
 through the collector's own estimators.
 
 The gate favours rank 2's expert: fairscale keeps at most 2 S / E slots per source and
@@ -16,7 +16,7 @@ import pytest
 
 from epwatch.collector.offline import OfflineRun
 from epwatch.schema import RecordColumns
-from tests.fairscale_worker import TOKENS
+from tests.fairscale_patch_worker import TOKENS
 from tests.patched_ranks import positions, run_ranks
 
 P, LAYERS, STEPS, HOT = 4, 2, 40, 2
@@ -30,8 +30,9 @@ def records() -> RecordColumns:
     if importlib.util.find_spec("fairscale") is None:
         pytest.fail("fairscale is a test dependency: pip install -e '.[test]'")
     args = ["--steps", str(STEPS), "--layers", str(LAYERS), "--hot-rank", str(HOT)]
+    expected = P * STEPS * LAYERS * 2
     return run_ranks(
-        "tests.fairscale_worker", P, args, P * STEPS * LAYERS * 2, EPWATCH_EP_GROUP="fairscale"
+        "tests.fairscale_patch_worker", P, args, expected, EPWATCH_EP_GROUP="fairscale"
     )
 
 

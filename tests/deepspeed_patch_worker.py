@@ -1,7 +1,7 @@
 """One rank of DeepSpeed's ``AutoEPMoELayer`` (dropless expert parallelism) on gloo,
 instrumented with the one-line patch over ``torch.distributed`` and ``deepspeed.comm``.
 
-Run as ``python -m tests.deepspeed_worker --rank R --world-size P --port N --steps S
+Run as ``python -m tests.deepspeed_patch_worker --rank R --world-size P --port N --steps S
 --layers L [--hot-rank H --hot-bias B]``; ``EPWATCH_AGENT_SOCKET`` and
 ``EPWATCH_EP_GROUP`` say where the records go. Each layer is built from a Mixtral-style
 block (a router and fused ``[E, 2F, M]`` / ``[E, M, F]`` expert weights, one expert per

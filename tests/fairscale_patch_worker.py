@@ -1,7 +1,7 @@
 """One rank of fairscale's GShard ``MOELayer`` + ``Top2Gate`` on gloo, instrumented with
 the one-line patch and nothing else in the model code.
 
-Run as ``python -m tests.fairscale_worker --rank R --world-size P --port N --steps S
+Run as ``python -m tests.fairscale_patch_worker --rank R --world-size P --port N --steps S
 --layers L [--hot-rank H --hot-bias B]``; ``EPWATCH_AGENT_SOCKET`` and
 ``EPWATCH_EP_GROUP`` say where the records go. Each rank owns one expert per layer;
 ``--hot-rank`` adds a logit bias to that rank's expert in every gate, so tokens pile up
