@@ -91,7 +91,7 @@ def fit(volume_bytes: np.ndarray, seconds: np.ndarray) -> HockneyFit:
     if len(x) < 3:
         raise FitError(f"need at least 3 points, got {len(x)}")
     if np.ptp(x) <= 0:
-        raise FitError(f"{TOO_UNIFORM} (every point has the same byte count)")
+        raise FitError(f"{TOO_UNIFORM}: every point has the same byte count")
     # Work in scaled units so the normal equations stay well conditioned.
     xs, ys = x.max(), np.median(np.abs(y)) or 1.0
     xn, yn = x / xs, y / ys
@@ -146,7 +146,7 @@ def untrustworthy(
     """Why L and BW_eff of ``result`` should not be published, or None when they can."""
     spread = size_spread(volume_bytes)
     if spread < min_spread:
-        return f"{TOO_UNIFORM} (spread {spread:.0%}, need {min_spread:.0%})"
+        return f"{TOO_UNIFORM}: spread {spread:.0%}, need {min_spread:.0%}"
     if not math.isfinite(result.r2) or result.r2 < min_r2:
-        return f"fit too poor to trust (R^2 {result.r2:.2f}, need {min_r2:.2f})"
+        return f"fit too poor to trust: R^2 {result.r2:.2f}, need {min_r2:.2f}"
     return None

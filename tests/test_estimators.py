@@ -279,7 +279,7 @@ def test_a_restart_without_heartbeats_is_noticed_from_the_records() -> None:
     ("workload", "network", "why"),
     [
         ({"batch_jitter": 0.0}, {}, "message sizes too uniform to separate L from BW"),
-        ({"batch_jitter": 0.3}, {"noise_cv": 0.9}, "fit too poor to trust (R^2 0."),
+        ({"batch_jitter": 0.3}, {"noise_cv": 0.9}, "fit too poor to trust: R^2 0."),
     ],
 )
 def test_an_untrustworthy_fit_publishes_no_latency_or_bandwidth(workload, network, why) -> None:

@@ -73,6 +73,16 @@ def test_fit_cli_reads_a_csv(tmp_path: Path) -> None:
     assert set(r) >= {"latency_s", "bandwidth_Bps", "r2", "n", "crossover_bytes"}
     assert r["n"] == 400
     assert r["bandwidth_Bps"] == pytest.approx(BW_TRUE, rel=0.03)
+    assert r["fit_problem"] is None and "warning" not in out.stderr
+    narrow = tmp_path / "narrow.csv"  # sizes within 1%: fitted, but flagged
+    narrow.write_text("bytes,seconds\n" + "".join(
+        f"{1e6 + i},{L_TRUE + (1e6 + i) / BW_TRUE + 1e-7 * (i % 3)}\n" for i in range(0, 5000, 50)
+    ))  # fmt: skip
+    out = fit_cli(narrow)
+    assert out.returncode == 0 and json.loads(out.stdout)["fit_problem"].startswith(
+        "message sizes too uniform"
+    )
+    assert "warning: not trustworthy: message sizes too uniform" in out.stderr
 
 
 @pytest.mark.parametrize(
