@@ -11,20 +11,20 @@
 ``deepspeed.comm``, a library module that did ``from torch.distributed import
 all_to_all_single``) are replaced by wrappers that call the function they replaced,
 captured once: a wrapper never looks its own name up, so it cannot recurse. A call made
-while another patched call is running on the same thread (``deepspeed.comm`` calls
-torch's function underneath) goes straight through, so stacked levels count once.
-Patching a module again returns the patch already on it.
+while another patched call is running (``deepspeed.comm`` calls torch's function
+underneath) goes straight through, so stacked levels count once. Patching a module
+again returns the patch already on it.
 
 The library does not say which collective is the dispatch and which the combine, so
 the patch infers it: payloads (tensors of two or more dims) alternate dispatch,
 combine, dispatch, ... through the layers; auxiliary exchanges (1-D tensors such as
 count or split-size vectors and routing weights, ``count=False``, or at most
-``aux_max_elements`` elements) move no tokens and join the dispatch: one that precedes
-a dispatch payload opens its span (DeepSpeed AutoEP's count exchange), one right after
-it extends it (Megatron's probabilities). The dispatch record is queued when the next
-payload starts. Keywords ``phase=``, ``layer=``, ``step=``, ``count=``,
-``recv_tokens=`` and ``dropped_tokens=`` on a patched call override the inference and
-are removed before the original sees the call.
+``aux_max_elements`` elements) move no tokens: one that precedes a dispatch payload
+opens its span (DeepSpeed AutoEP's count exchange, where a late rank's wait shows),
+one between a dispatch and its combine (Megatron's routing probabilities) is not
+timed. Keywords ``phase=``, ``layer=``, ``step=``, ``count=``, ``recv_tokens=`` and
+``dropped_tokens=`` on a patched call override the inference and are removed before
+the original sees the call.
 """
 
 from __future__ import annotations
