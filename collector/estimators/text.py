@@ -14,6 +14,9 @@ _CAUSE_TEXT = {
 }
 
 
+_MAX_DROP_LINES = 5  # the ranks that drop most; the JSON has every rank
+
+
 def _f(v: float, fmt: str, scale: float = 1.0, unit: str = "") -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v * scale:{fmt}}{unit}"
 
@@ -71,11 +74,13 @@ def format_report(r: GroupReport) -> str:
             f"slower than both ends predict, since step {link.first_step}{state}"
         )
     drops = DropStats(r.dropped_fraction, r.drop_capacity)
-    lines += [
-        f"  dropped at capacity: {drops.line(rank)}"
-        for rank, share in enumerate(r.dropped_fraction)
-        if share and share > 0
-    ]
+    dropping = sorted(
+        (rank for rank, share in enumerate(r.dropped_fraction) if share and share > 0),
+        key=lambda rank: -r.dropped_fraction[rank],
+    )
+    lines += [f"  dropped at capacity: {drops.line(rank)}" for rank in dropping[:_MAX_DROP_LINES]]
+    if len(dropping) > _MAX_DROP_LINES:
+        lines.append(f"  ... and {len(dropping) - _MAX_DROP_LINES} more ranks dropped fewer")
     if r.stragglers:
         lines.append("  stragglers:")
         lines += [f"    {explain(s)}" for s in r.stragglers]
