@@ -260,6 +260,8 @@ x = torch.ones(1, 4, 3)
 for _ in range(3):
     out = m._AllToAll.apply(dist.group.WORLD, x)
     assert torch.equal(out, x)
+p.unpatch()
+dist.destroy_process_group()  # gloo's threads must not outlive the interpreter
 print("OK", sys.getrecursionlimit())
 """
 
