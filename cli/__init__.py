@@ -29,6 +29,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "Run the node agent: hook records and node samples to the collector.",
     ),
     "demo": ("epwatch.cli.demo", "A simulated EP cluster through the real agent and collector."),
+    "status": (
+        "epwatch.cli.status",
+        "The live diagnosis of a running collector, once or refreshed in place (--watch).",
+    ),
 }
 
 

@@ -227,8 +227,20 @@ class GroupMetrics(Collector):
             ),
             "straggler": _gauge(
                 "epwatch_straggler",
-                "Present while the rank is flagged; value = slowdown",
+                "Present while the rank is flagged slow; value = slowdown",
                 [*g, "rank", "node", "cause"],
+            ),
+            "stalled_rank": _gauge(
+                "epwatch_rank_stalled_seconds",
+                "Present while the rank is pinned as hung (never entered the collective "
+                "its peers wait in); value = seconds the group has made no progress",
+                [*g, "rank", "node"],
+            ),
+            "dropped": CounterMetricFamily(
+                "epwatch_dropped_tokens",
+                "Routed token-expert slots for the rank's experts that a capacity limit "
+                "dropped (GShard/Switch layers), in analysed steps",
+                labels=[*g, "rank"],
             ),
             "first_step": _gauge(
                 "epwatch_straggler_first_step",
@@ -324,12 +336,18 @@ def _add_group(fams: dict[str, Any], group: Group, rep: GroupReport, stalled: fl
         if not s.active or key in seen:
             continue
         seen.add(key)
-        slowdown = finite(s.slowdown)
-        fams["straggler"].add_metric([name, *key], slowdown if slowdown is not None else 1.0)
+        if s.cause == "hang":  # seconds stalled, not a slowdown: a metric of its own
+            fams["stalled_rank"].add_metric([name, *key[:2]], max(stalled, 0.0))
+        else:
+            slowdown = finite(s.slowdown)
+            fams["straggler"].add_metric([name, *key], 1.0 if slowdown is None else slowdown)
         _add(fams["first_step"], [name, *key], s.first_step)
         lines = dict.fromkeys(evidence_label(x) for x in s.evidence)
         for line in list(lines)[:MAX_EVIDENCE]:
             fams["evidence"].add_metric([name, *key, line], 1.0)
+    for rank, total in enumerate(rep.dropped_tokens_total):
+        if total:
+            fams["dropped"].add_metric([name, str(rank)], float(total))
     _add(fams["steps"], [name], rep.steps)
     if rep.last_step >= 0:
         _add(fams["last_step"], [name], rep.last_step)

@@ -20,6 +20,7 @@ from epwatch.collector.estimators import EstimatorConfig, GroupReport
 from epwatch.collector.offline import OfflineRun
 from epwatch.collector.recorder import PEERS
 from epwatch.schema import (
+    OPTIONAL_RECORD_COLUMNS,
     PEER_KEY_DTYPES,
     RECORD_DTYPES,
     PeerRows,
@@ -98,7 +99,8 @@ def _read(
 def read_recording(files: list[Path], skipped: list[tuple[Path, str]] | None = None) -> Any:
     """The recorded hook records as one pyarrow table, in the order received; files
     that cannot be read are appended to ``skipped``."""
-    return _read(files, set(RECORD_DTYPES), "recording", [] if skipped is None else skipped)
+    required = set(RECORD_DTYPES) - OPTIONAL_RECORD_COLUMNS
+    return _read(files, required, "recording", [] if skipped is None else skipped)
 
 
 def read_peers(files: list[Path], skipped: list[tuple[Path, str]] | None = None) -> Any | None:
@@ -176,7 +178,13 @@ class GroupRecording:
         node, each with the per-peer rows received along with it (or just before)."""
         world, group = self.world_size, self.name
         node_code, node_names = codes(self.records, "node")
-        cols = {name: self.records.column(name).to_numpy() for name in RECORD_DTYPES}
+        # Recordings made before an optional column existed lack it (or, joined with
+        # newer files, hold nulls there): from_arrays fills 0.
+        cols = {
+            name: self.records.column(name).fill_null(0).to_numpy()
+            for name in RECORD_DTYPES
+            if name in self.records.column_names
+        }
         received = self.records.column("received_unix_ns").to_numpy()
         starts = np.flatnonzero(np.r_[True, node_code[1:] != node_code[:-1]])
         ends = [*starts[1:].tolist(), len(node_code)]

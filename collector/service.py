@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ from epwatch.collector.server import CollectorHandlers, ServerSecurity, StreamGa
 from epwatch.webserver import WebSecurity, WebServer, warn_if_exposed
 
 log = logging.getLogger(__name__)
+
+# The live diagnosis on the metrics port: what `epwatch status` reads.
+DIAGNOSIS_PATH = "/api/v1/diagnosis"
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,10 @@ class CollectorService:
         self.analyzer.start()
         if self.config.metrics_listen is not None:
             host, port = self.config.metrics_listen
-            self._http = WebServer(self.registry, host, port, security=self.config.web).start()
+            routes = {DIAGNOSIS_PATH: self._diagnosis_route}
+            self._http = WebServer(
+                self.registry, host, port, routes, security=self.config.web
+            ).start()
             self.metrics_port = self._http.port
         log.info(
             "collector: gRPC on port %d, /metrics on port %d", self.grpc_port, self.metrics_port
@@ -166,11 +173,25 @@ class CollectorService:
         """Newest report of every group (after at least one estimator pass)."""
         return [g.report for g in self.groups.groups() if g.report is not None]
 
-    def diagnosis(self) -> list[GroupReport]:
-        """Every group's report now, with the flags that cleared during the run."""
+    def diagnosis(self, ep_group: str | None = None) -> list[GroupReport]:
+        """Every group's report now (or ``ep_group``'s), with the flags that cleared
+        recently (the last few per cause)."""
         evidence = self.analyzer.evidence
         out = []
         for group in self.groups.groups():
+            if ep_group is not None and group.ep_group != ep_group:
+                continue
             with group.lock:
                 out.append(group.estimator.report(evidence, include_closed=True))
         return out
+
+    def _diagnosis_route(self, query: Mapping[str, str]) -> tuple[int, Any]:
+        """``GET /api/v1/diagnosis[?ep_group=NAME]``: the diagnosis JSON of
+        ``simulate --json``, one entry per EP group; 404 for a group we do not have."""
+        from epwatch.collector.offline import diagnosis_json
+
+        ep_group = query.get("ep_group") or None
+        reports = self.diagnosis(ep_group)
+        if ep_group is not None and not reports:
+            return 404, {"error": f"no EP group {ep_group[:200]!r} on this collector"}
+        return 200, diagnosis_json(reports)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65pwatch/protos/epwatch.proto\x12\nepwatch.v1\"\xc1\x02\n\x0bRecordBatch\x12\x10\n\x08\x65p_group\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\x0c\x12\x14\n\x0clocal_device\x18\x05 \x01(\x0c\x12\x0c\n\x04step\x18\x06 \x01(\x0c\x12\r\n\x05layer\x18\x07 \x01(\x0c\x12\r\n\x05phase\x18\x08 \x01(\x0c\x12\x10\n\x08\x65nter_ns\x18\t \x01(\x0c\x12\x0f\n\x07\x65xit_ns\x18\n \x01(\x0c\x12\x12\n\nsend_bytes\x18\x0b \x01(\x0c\x12\x12\n\nrecv_bytes\x18\x0c \x01(\x0c\x12\x13\n\x0brecv_tokens\x18\r \x01(\x0c\x12\'\n\tpeer_rows\x18\x0e \x01(\x0b\x32\x14.epwatch.v1.PeerRows\x12$\n\x07\x65ntered\x18\x0f \x01(\x0b\x32\x13.epwatch.v1.Entered\"w\n\x08PeerRows\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\x0c\x12\x0c\n\x04step\x18\x03 \x01(\x0c\x12\r\n\x05layer\x18\x04 \x01(\x0c\x12\r\n\x05phase\x18\x05 \x01(\x0c\x12\x0e\n\x06wait_s\x18\x06 \x01(\x0c\x12\x12\n\nsend_bytes\x18\x07 \x01(\x0c\"R\n\x07\x45ntered\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\x0c\x12\x0c\n\x04step\x18\x03 \x01(\x0c\x12\r\n\x05layer\x18\x04 \x01(\x0c\x12\r\n\x05phase\x18\x05 \x01(\x0c\"x\n\nNodeSample\x12\x14\n\x0ctime_unix_ns\x18\x01 \x01(\x03\x12\'\n\x06points\x18\x02 \x03(\x0b\x32\x17.epwatch.v1.MetricPoint\x12+\n\x08samplers\x18\x03 \x03(\x0b\x32\x19.epwatch.v1.SamplerStatus\"\xe8\x01\n\x0bMetricPoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x33\n\x06labels\x18\x02 \x03(\x0b\x32#.epwatch.v1.MetricPoint.LabelsEntry\x12\r\n\x05value\x18\x03 \x01(\x01\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.epwatch.v1.MetricPoint.Kind\x12\x0c\n\x04help\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1e\n\x04Kind\x12\t\n\x05GAUGE\x10\x00\x12\x0b\n\x07\x43OUNTER\x10\x01\"L\n\rSamplerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"t\n\nAgentStats\x12\x18\n\x10records_received\x18\x01 \x01(\x04\x12\x17\n\x0frecords_dropped\x18\x02 \x01(\x04\x12\x15\n\rspool_records\x18\x03 \x01(\x04\x12\x1c\n\x14hook_records_dropped\x18\x04 \x01(\x04\"\xc1\x01\n\x0c\x41gentMessage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12(\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x17.epwatch.v1.RecordBatchH\x00\x12(\n\x06sample\x18\x05 \x01(\x0b\x32\x16.epwatch.v1.NodeSampleH\x00\x12%\n\x05stats\x18\x06 \x01(\x0b\x32\x16.epwatch.v1.AgentStatsB\t\n\x07payload\"T\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t*\"\n\x05Phase\x12\x0c\n\x08\x44ISPATCH\x10\x00\x12\x0b\n\x07\x43OMBINE\x10\x01\x32w\n\tCollector\x12\x37\n\x06Stream\x12\x18.epwatch.v1.AgentMessage\x1a\x0f.epwatch.v1.Ack(\x01\x30\x01\x12\x31\n\x04Push\x12\x18.epwatch.v1.AgentMessage\x1a\x0f.epwatch.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65pwatch/protos/epwatch.proto\x12\nepwatch.v1\"\xd9\x02\n\x0bRecordBatch\x12\x10\n\x08\x65p_group\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\x0c\x12\x14\n\x0clocal_device\x18\x05 \x01(\x0c\x12\x0c\n\x04step\x18\x06 \x01(\x0c\x12\r\n\x05layer\x18\x07 \x01(\x0c\x12\r\n\x05phase\x18\x08 \x01(\x0c\x12\x10\n\x08\x65nter_ns\x18\t \x01(\x0c\x12\x0f\n\x07\x65xit_ns\x18\n \x01(\x0c\x12\x12\n\nsend_bytes\x18\x0b \x01(\x0c\x12\x12\n\nrecv_bytes\x18\x0c \x01(\x0c\x12\x13\n\x0brecv_tokens\x18\r \x01(\x0c\x12\'\n\tpeer_rows\x18\x0e \x01(\x0b\x32\x14.epwatch.v1.PeerRows\x12$\n\x07\x65ntered\x18\x0f \x01(\x0b\x32\x13.epwatch.v1.Entered\x12\x16\n\x0e\x64ropped_tokens\x18\x10 \x01(\x0c\"w\n\x08PeerRows\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\x0c\x12\x0c\n\x04step\x18\x03 \x01(\x0c\x12\r\n\x05layer\x18\x04 \x01(\x0c\x12\r\n\x05phase\x18\x05 \x01(\x0c\x12\x0e\n\x06wait_s\x18\x06 \x01(\x0c\x12\x12\n\nsend_bytes\x18\x07 \x01(\x0c\"R\n\x07\x45ntered\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\x0c\x12\x0c\n\x04step\x18\x03 \x01(\x0c\x12\r\n\x05layer\x18\x04 \x01(\x0c\x12\r\n\x05phase\x18\x05 \x01(\x0c\"x\n\nNodeSample\x12\x14\n\x0ctime_unix_ns\x18\x01 \x01(\x03\x12\'\n\x06points\x18\x02 \x03(\x0b\x32\x17.epwatch.v1.MetricPoint\x12+\n\x08samplers\x18\x03 \x03(\x0b\x32\x19.epwatch.v1.SamplerStatus\"\xe8\x01\n\x0bMetricPoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x33\n\x06labels\x18\x02 \x03(\x0b\x32#.epwatch.v1.MetricPoint.LabelsEntry\x12\r\n\x05value\x18\x03 \x01(\x01\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.epwatch.v1.MetricPoint.Kind\x12\x0c\n\x04help\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1e\n\x04Kind\x12\t\n\x05GAUGE\x10\x00\x12\x0b\n\x07\x43OUNTER\x10\x01\"L\n\rSamplerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"t\n\nAgentStats\x12\x18\n\x10records_received\x18\x01 \x01(\x04\x12\x17\n\x0frecords_dropped\x18\x02 \x01(\x04\x12\x15\n\rspool_records\x18\x03 \x01(\x04\x12\x1c\n\x14hook_records_dropped\x18\x04 \x01(\x04\"\xc1\x01\n\x0c\x41gentMessage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12(\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x17.epwatch.v1.RecordBatchH\x00\x12(\n\x06sample\x18\x05 \x01(\x0b\x32\x16.epwatch.v1.NodeSampleH\x00\x12%\n\x05stats\x18\x06 \x01(\x0b\x32\x16.epwatch.v1.AgentStatsB\t\n\x07payload\"T\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t*\"\n\x05Phase\x12\x0c\n\x08\x44ISPATCH\x10\x00\x12\x0b\n\x07\x43OMBINE\x10\x01\x32w\n\tCollector\x12\x37\n\x06Stream\x12\x18.epwatch.v1.AgentMessage\x1a\x0f.epwatch.v1.Ack(\x01\x30\x01\x12\x31\n\x04Push\x12\x18.epwatch.v1.AgentMessage\x1a\x0f.epwatch.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_METRICPOINT_LABELSENTRY']._loaded_options = None
   _globals['_METRICPOINT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_PHASE']._serialized_start=1408
-  _globals['_PHASE']._serialized_end=1442
+  _globals['_PHASE']._serialized_start=1432
+  _globals['_PHASE']._serialized_end=1466
   _globals['_RECORDBATCH']._serialized_start=45
-  _globals['_RECORDBATCH']._serialized_end=366
-  _globals['_PEERROWS']._serialized_start=368
-  _globals['_PEERROWS']._serialized_end=487
-  _globals['_ENTERED']._serialized_start=489
-  _globals['_ENTERED']._serialized_end=571
-  _globals['_NODESAMPLE']._serialized_start=573
-  _globals['_NODESAMPLE']._serialized_end=693
-  _globals['_METRICPOINT']._serialized_start=696
-  _globals['_METRICPOINT']._serialized_end=928
-  _globals['_METRICPOINT_LABELSENTRY']._serialized_start=851
-  _globals['_METRICPOINT_LABELSENTRY']._serialized_end=896
-  _globals['_METRICPOINT_KIND']._serialized_start=898
-  _globals['_METRICPOINT_KIND']._serialized_end=928
-  _globals['_SAMPLERSTATUS']._serialized_start=930
-  _globals['_SAMPLERSTATUS']._serialized_end=1006
-  _globals['_AGENTSTATS']._serialized_start=1008
-  _globals['_AGENTSTATS']._serialized_end=1124
-  _globals['_AGENTMESSAGE']._serialized_start=1127
-  _globals['_AGENTMESSAGE']._serialized_end=1320
-  _globals['_ACK']._serialized_start=1322
-  _globals['_ACK']._serialized_end=1406
-  _globals['_COLLECTOR']._serialized_start=1444
-  _globals['_COLLECTOR']._serialized_end=1563
+  _globals['_RECORDBATCH']._serialized_end=390
+  _globals['_PEERROWS']._serialized_start=392
+  _globals['_PEERROWS']._serialized_end=511
+  _globals['_ENTERED']._serialized_start=513
+  _globals['_ENTERED']._serialized_end=595
+  _globals['_NODESAMPLE']._serialized_start=597
+  _globals['_NODESAMPLE']._serialized_end=717
+  _globals['_METRICPOINT']._serialized_start=720
+  _globals['_METRICPOINT']._serialized_end=952
+  _globals['_METRICPOINT_LABELSENTRY']._serialized_start=875
+  _globals['_METRICPOINT_LABELSENTRY']._serialized_end=920
+  _globals['_METRICPOINT_KIND']._serialized_start=922
+  _globals['_METRICPOINT_KIND']._serialized_end=952
+  _globals['_SAMPLERSTATUS']._serialized_start=954
+  _globals['_SAMPLERSTATUS']._serialized_end=1030
+  _globals['_AGENTSTATS']._serialized_start=1032
+  _globals['_AGENTSTATS']._serialized_end=1148
+  _globals['_AGENTMESSAGE']._serialized_start=1151
+  _globals['_AGENTMESSAGE']._serialized_end=1344
+  _globals['_ACK']._serialized_start=1346
+  _globals['_ACK']._serialized_end=1430
+  _globals['_COLLECTOR']._serialized_start=1468
+  _globals['_COLLECTOR']._serialized_end=1587
 # @@protoc_insertion_point(module_scope)

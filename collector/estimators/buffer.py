@@ -12,7 +12,7 @@ import numpy as np
 
 from epwatch.schema import RecordColumns
 
-_FIELDS = ("enter_ns", "exit_ns", "send_bytes", "recv_bytes", "recv_tokens")
+_FIELDS = ("enter_ns", "exit_ns", "send_bytes", "recv_bytes", "recv_tokens", "dropped_tokens")
 
 
 class StepBuffer:

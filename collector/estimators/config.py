@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from epwatch import hockney
 from epwatch.collector.estimators.sequential import SequentialParams
 
 CAUSES = ("compute", "routing", "network", "batch", "link")
@@ -42,6 +43,8 @@ class EstimatorConfig:
     buffer_bytes: int = 128 << 20  # memory for steps still being assembled
     max_slots: int = 32  # steps assembled at once (at most)
     max_fit_points: int = 4096  # per phase; the newest points of the window
+    fit_min_size_spread: float = hockney.MIN_SIZE_SPREAD  # publish L, BW_eff only above
+    fit_min_r2: float = hockney.MIN_R2  # ... and only when the fit explains this much
     max_layers: int = 128  # MoE layers per step; records of higher layers are ignored
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from epwatch.collector.estimators.buffer import StepBuffer
 from epwatch.collector.estimators.config import EstimatorConfig
 from epwatch.collector.estimators.network import link_slowdown
 from epwatch.collector.estimators.report import (
+    DropStats,
     GroupReport,
     PhaseReport,
     StragglerReport,
@@ -88,6 +89,7 @@ class GroupEstimator:
         self.steps_done = 0
         self.incomplete_steps = 0
         self.late_records = 0
+        self.dropped_total = np.zeros(world_size, dtype=np.int64)  # never reset: a counter
         self.window: deque[StepStats] = deque(maxlen=cfg.window_steps)
         self._peer: dict[int, list[PeerRows]] = {}
         self.trackers = {
@@ -286,6 +288,7 @@ class GroupEstimator:
         stats = step_stats(step, arrays, d, self._prev_end_ns if follows else None)
         self._advance_clock(stats)
         self.window.append(stats)
+        self.dropped_total += stats.dropped
         self.steps_done += 1
         now = self.run_time_s
         self.trackers["compute"].push(step, now, stats.compute_ratio)
@@ -390,9 +393,18 @@ class GroupEstimator:
             transfer = float(np.median(t))
             try:
                 f = hockney.fit(v, t)
-            except hockney.FitError:
+                problem = hockney.untrustworthy(
+                    v, f, self.cfg.fit_min_size_spread, self.cfg.fit_min_r2
+                )
+            except hockney.FitError as err:
+                f, problem = None, str(err)
+            if problem is not None:  # no L, BW_eff or regime from a fit we cannot trust
                 self._fits[PHASE_NAMES[phase]] = PhaseReport(
-                    per_peer_message_bytes=per_peer, transfer_s=transfer, n=len(v)
+                    r2=f.r2 if f is not None else math.nan,
+                    n=len(v),
+                    per_peer_message_bytes=per_peer,
+                    transfer_s=transfer,
+                    fit_problem=problem,
                 )
                 continue
             self._fits[PHASE_NAMES[phase]] = PhaseReport(
@@ -468,9 +480,15 @@ class GroupEstimator:
         }  # fmt: skip
 
     # -- report --------------------------------------------------------------------------
-    def _straggler(self, f: Flag, evidence: EvidenceFn | None = None) -> StragglerReport:
+    def _straggler(
+        self, f: Flag, evidence: EvidenceFn | None = None, drops: DropStats | None = None
+    ) -> StragglerReport:
         node, dev = str(self.nodes[f.rank]), int(self.local_device[f.rank])
         lines = self._own_evidence(f)
+        if f.cause == "routing":
+            drops = drops or self._drops()
+            if drops.fraction[f.rank] > 0:
+                lines.insert(0, drops.line(f.rank))
         if evidence:
             lines += evidence(f.cause, node, dev)
         slowdown, low, high = f.interval()
@@ -526,8 +544,9 @@ class GroupEstimator:
             flags += self._closed_hangs
         for tracker in self.trackers.values():
             flags += tracker.flags(include_closed)
+        drops = self._drops()
         stragglers = [
-            self._straggler(f, evidence)
+            self._straggler(f, evidence, drops)
             for f in sorted(flags, key=lambda f: (f.first_step, f.rank, f.cause))
         ]
         kw: dict = {}
@@ -570,5 +589,19 @@ class GroupEstimator:
                 for f in self.links.flags(include_closed)
             ),
             restarts=self.restarts,
+            dropped_tokens_total=tuple(self.dropped_total.tolist()),
+            dropped_fraction=tuple(drops.fraction.tolist()),
+            drop_capacity=tuple(drops.capacity.tolist()),
             **kw,
         )
+
+    def _drops(self) -> DropStats:
+        """Share of each rank's routed slots that capacity dropped over the window."""
+        if not self.window:
+            return DropStats(np.zeros(self.P), np.full(self.P, np.nan))
+        w = list(self.window)
+        dropped = np.sum([s.dropped for s in w], axis=0)
+        routed = np.sum([s.routed for s in w], axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fraction = np.where(routed > 0, dropped / routed, 0.0)
+        return DropStats(fraction, _quiet_nanmedian(np.stack([s.capacity for s in w]), 0))

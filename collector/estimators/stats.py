@@ -94,6 +94,9 @@ class StepStats:
     step_s: float  # median over ranks of the step's span on the rank's own clock
     start_ns: np.ndarray  # [P] each rank's first dispatch enter (its own clock)
     end_ns: np.ndarray  # [P] each rank's last combine exit (its own clock)
+    dropped: np.ndarray  # [P] routed slots capacity dropped, summed over layers
+    routed: np.ndarray  # [P] routed slots (kept + dropped), summed over layers
+    capacity: np.ndarray  # [P] most slots kept in a layer that dropped some (NaN: none)
 
 
 def durations(a: dict[str, np.ndarray]) -> np.ndarray:
@@ -145,16 +148,23 @@ def step_stats(
     enter, exit_ = a["enter_ns"], a["exit_ns"]
     x = (enter[:, C, :] - exit_[:, D, :]) * 1e-9
     x = np.where(x >= 0, x, np.nan)  # a negative gap is bad data, not fast compute
-    n = a["recv_tokens"][:, D, :].astype(np.float64)
+    kept = a["recv_tokens"][:, D, :]
+    dropped = a["dropped_tokens"][:, D, :] if "dropped_tokens" in a else np.zeros_like(kept)
+    # Per-token cost counts the slots a rank computed; the load is what the gates routed
+    # to it, dropped slots included: a capacity-capped hot expert keeps only C per
+    # source, and only its drops show how hot it is.
+    n = kept.astype(np.float64)
+    routed = (kept + dropped).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         x_mean = np.nanmean(x, axis=1)
         gamma = np.nanmax(x, axis=1) / x_mean
-        n_mean = n.mean(axis=1)
-        skew = n.max(axis=1) / n_mean
+        routed_mean = routed.mean(axis=1)
+        skew = routed.max(axis=1) / routed_mean
         cost = x / expected_compute(x, n)
         compute_ratio = peer_ratio(_quiet_nanmedian(cost, axis=0))
-        load_ratio = np.median(n / n_mean[:, None], axis=0)
+        load_ratio = np.median(routed / routed_mean[:, None], axis=0)
+        capacity = np.nanmax(np.where(dropped > 0, kept, np.nan), axis=0)
         x_max = np.nanmax(x, axis=1)
         lost = float(np.nansum(x_max - x_mean))
         compute_max = float(np.nanmedian(x_max))
@@ -179,6 +189,9 @@ def step_stats(
         step_s=float(np.median(span)),
         start_ns=enter[0, D, :].copy(),
         end_ns=exit_[-1, C, :].copy(),
+        dropped=dropped.sum(axis=0),
+        routed=routed.sum(axis=0),
+        capacity=capacity,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from epwatch.collector.estimators.report import GroupReport, StragglerReport
+from epwatch.collector.estimators.report import DropStats, GroupReport, StragglerReport
 
 _CAUSE_TEXT = {
     "compute": "per-token expert compute {slowdown:.3f}x the group median{ci} (slow GPU)",
@@ -15,6 +15,9 @@ _CAUSE_TEXT = {
     "dispatch late (balance the DP batches or the scheduler)",
     "hang": "never entered the collective the others are waiting in (hang)",
 }
+
+
+_MAX_DROP_LINES = 5  # the ranks that drop most; the JSON has every rank
 
 
 def _f(v: float, fmt: str, scale: float = 1.0, unit: str = "") -> str:
@@ -45,11 +48,12 @@ def format_report(r: GroupReport) -> str:
         "per forward pass",
     ]
     for name, p in r.phases.items():
+        why = f" ({p.fit_problem})" if p.fit_problem else ""
         lines.append(
             f"  {name:<8} L {_f(p.latency_s, '.1f', 1e6, ' us')}  BW_eff "
             f"{_f(p.bandwidth_Bps, '.2f', 1e-9, ' GB/s')}  R^2 {_f(p.r2, '.3f')} (n={p.n})  "
             f"per-peer {_f(p.per_peer_message_bytes, '.1f', 1e-3, ' KB')} vs crossover "
-            f"{_f(p.crossover_bytes, '.1f', 1e-3, ' KB')}: {p.regime}"
+            f"{_f(p.crossover_bytes, '.1f', 1e-3, ' KB')}: {p.regime}{why}"
         )
     w = r.whatif
     if w:
@@ -75,6 +79,14 @@ def format_report(r: GroupReport) -> str:
             f"  suspect link: rank {link.src} -> rank {link.dst} is {link.slowdown:.2f}x "
             f"slower than both ends predict, since step {link.first_step}{state}"
         )
+    drops = DropStats(r.dropped_fraction, r.drop_capacity)
+    dropping = sorted(
+        (rank for rank, share in enumerate(r.dropped_fraction) if share and share > 0),
+        key=lambda rank: -r.dropped_fraction[rank],
+    )
+    lines += [f"  dropped at capacity: {drops.line(rank)}" for rank in dropping[:_MAX_DROP_LINES]]
+    if len(dropping) > _MAX_DROP_LINES:
+        lines.append(f"  ... and {len(dropping) - _MAX_DROP_LINES} more ranks dropped fewer")
     if r.stragglers:
         lines.append("  stragglers:")
         lines += [f"    {explain(s)}" for s in r.stragglers]
