@@ -18,7 +18,7 @@ from epwatch.schema import RecordColumns
 from tests.deepspeed_patch_worker import D_MODEL, TOKENS
 from tests.patched_ranks import positions, run_ranks
 
-P, LAYERS, STEPS, HOT = 4, 2, 30, 1
+P, LAYERS, STEPS, HOT = 4, 2, 60, 1
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
