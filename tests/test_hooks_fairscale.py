@@ -19,7 +19,7 @@ from epwatch.schema import RecordColumns
 from tests.fairscale_patch_worker import TOKENS
 from tests.patched_ranks import positions, run_ranks
 
-P, LAYERS, STEPS, HOT = 4, 2, 40, 2
+P, LAYERS, STEPS, HOT = 4, 2, 60, 2
 CAPACITY = 2 * TOKENS // P  # slots per source and expert
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

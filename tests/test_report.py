@@ -36,8 +36,8 @@ pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.timeout(240)
 
 START = datetime(2025, 6, 1, 10, 0, tzinfo=UTC)
-SLOW_RANK, SLOW_STEP = 13, 50
-HOT_RANK, HOT_STEP = 29, 100
+SLOW_RANK, SLOW_STEP = 13, 37  # the demo's faults (cli/demo.py)
+HOT_RANK, HOT_STEP = 29, 75
 RANKS, LAYERS = 32, 8
 
 
@@ -79,8 +79,9 @@ def test_the_summary_names_both_ranks_with_their_steps_and_times(report: dict) -
     eps = {(e["rank"], e["node"], e["cause"]): e for e in group["episodes"]}
     assert set(eps) == {(SLOW_RANK, "node-1", "compute"), (HOT_RANK, "node-3", "routing")}
     slow, hot = eps[(SLOW_RANK, "node-1", "compute")], eps[(HOT_RANK, "node-3", "routing")]
-    assert SLOW_STEP <= slow["first_step"] <= SLOW_STEP + 10
-    assert HOT_STEP <= hot["first_step"] <= HOT_STEP + 10
+    # first_step is the evidence's change point: within a few steps of the onset
+    assert SLOW_STEP - 3 <= slow["first_step"] <= SLOW_STEP + 10
+    assert HOT_STEP - 3 <= hot["first_step"] <= HOT_STEP + 10
     assert slow["slowdown"] == pytest.approx(1.25, abs=0.03)
     assert hot["last_step"] == group["last_step"] and hot["active"]
     # intervals pass through when the estimators give them, null until then
