@@ -182,9 +182,16 @@ class Receiver:
             return False
         if msg.HasField("stats") and msg.agent_id:
             self.counters.hook_dropped(msg.agent_id, msg.stats.hook_records_dropped)
-        if msg.WhichOneof("payload") != "batch":
+        kind = msg.WhichOneof("payload")
+        if kind not in ("batch", "intervals"):
             return True  # stats-only frames are fine; hooks do not send samples
         try:
+            if kind == "intervals":
+                rows = wire.decode_intervals(msg.intervals)
+                self.counters.received(len(rows))
+                group = msg.intervals
+                self._batcher.add_intervals(group.ep_group, group.world_size, rows)
+                return True
             d = wire.decode_batch(msg.batch)
         except RecordError as exc:
             self.counters.rejected(exc.reason)

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from google.protobuf import unknown_fields
+
 from epwatch import wire
 from epwatch.collector.agents import AgentTable
 from epwatch.collector.decode import check_size, parse_message
@@ -89,8 +91,20 @@ class Ingestor:
                 self.agents.observe(agent_id, node, msg.stats if msg.HasField("stats") else None)
             if oversized is not None:
                 raise oversized
+            if msg.schema > wire.SCHEMA:
+                raise RecordError(
+                    "unsupported_schema",
+                    f"message needs wire schema {msg.schema}; this collector speaks up to "
+                    f"{wire.SCHEMA} (upgrade the collector)",
+                )
             kind = msg.WhichOneof("payload")
             if kind is None:
+                if len(unknown_fields.UnknownFieldSet(msg)):
+                    raise RecordError(
+                        "unsupported_payload",
+                        "message carries a payload this collector does not know "
+                        "(upgrade the collector)",
+                    )
                 return Outcome(seq, agent_id=agent_id, node=node)
             if not node:
                 raise RecordError("missing_node", f"{kind} message has no node")
@@ -101,6 +115,8 @@ class Ingestor:
                 claimed = True
             if kind == "batch":
                 self._batch(msg.batch, node)
+            elif kind == "intervals":
+                self._intervals(msg.intervals, node)
             else:
                 self._sample(msg.sample, node)
             self.metrics.batches.inc()
@@ -131,6 +147,15 @@ class Ingestor:
             self.metrics.records.labels(d.ep_group).inc(len(d.records))
             if self.recorder is not None:
                 self.recorder.put(d.ep_group, node, d.world_size, d.records)
+
+    def _intervals(self, batch: pb.IntervalBatch, node: str) -> None:
+        rows = wire.decode_intervals(batch)
+        group = self.groups.get(batch.ep_group, batch.world_size)
+        now = time.monotonic()
+        with group.lock:
+            group.estimator.ingest_intervals(rows, node, now)
+            group.last_ingest_s = now
+        self.metrics.intervals.labels(batch.ep_group).inc(len(rows))
 
     def _sample(self, sample: pb.NodeSample, node: str) -> None:
         self.samples.validate(sample, node)

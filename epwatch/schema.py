@@ -52,7 +52,7 @@ INTERVAL_KEY_DTYPES: dict[str, str] = {
     "rank": "<i4",
     "start_ns": "<i8",  # the rank's host monotonic clock at the previous snapshot
     "end_ns": "<i8",  # ... and at this one
-    "steps": "<i8",  # forward steps the engine reported in the interval; -1 unknown
+    "step": "<i8",  # the engine's forward-step counter at the snapshot; -1 unknown
 }
 INTERVAL_WAIT_DTYPE = "<f8"  # seconds waited for each source rank (cycles / SM clock)
 INTERVAL_TOKENS_DTYPE = "<i8"  # tokens received per local expert in the interval
@@ -285,14 +285,16 @@ class IntervalColumns:
     spent waiting for source rank j in that interval's dispatches / combines (DeepEP's
     ``*_wait_recv_cost_stats`` cycle deltas over the SM clock; summed over the rank's
     local-expert waiters, so comparable across ranks, not wall time);
-    ``expert_tokens[i, e]`` are the tokens its local expert e received. Intervals of
-    different ranks are not aligned: only rates and ratios are compared across ranks.
+    ``expert_tokens[i, e]`` are the tokens its local expert e received; ``step`` is the
+    engine's forward-step counter at the end (the same count on every rank of a group,
+    so a rank whose count stays behind is where a hang is). Intervals of different
+    ranks are not aligned in time: only rates and ratios are compared across ranks.
     """
 
     rank: np.ndarray
     start_ns: np.ndarray
     end_ns: np.ndarray
-    steps: np.ndarray
+    step: np.ndarray
     dispatch_wait_s: np.ndarray
     combine_wait_s: np.ndarray
     expert_tokens: np.ndarray
@@ -357,8 +359,8 @@ class IntervalColumns:
             return
         _check_ranks("interval", self.rank, world_size)
         _check_times("interval", self.start_ns, self.end_ns)
-        if self.steps.min() < -1 or self.steps.max() >= MAX_STEP:
-            raise RecordError("step_out_of_range", f"interval steps outside [-1, {MAX_STEP})")
+        if self.step.min() < -1 or self.step.max() >= MAX_STEP:
+            raise RecordError("step_out_of_range", f"interval step outside [-1, {MAX_STEP})")
         for name in ("dispatch_wait_s", "combine_wait_s"):
             m = getattr(self, name)
             if not np.isfinite(m).all():

@@ -71,24 +71,24 @@ class _Snapshotter:
         self.parts = (tensors.dispatch_wait, tensors.combine_wait, tensors.expert_tokens)
         self.cuda = tensors.dispatch_wait.is_cuda
         self._event: Any = None
-        self._pending: tuple[int, int] | None = None  # (time_ns, steps) of the copy in flight
+        self._pending: tuple[int, int] | None = None  # (time_ns, step) of the copy in flight
         if self.cuda:
             device = tensors.dispatch_wait.device
             self._stream = torch.cuda.Stream(device)
             self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in self.parts]
             self._event = torch.cuda.Event()
 
-    def start(self, steps: int) -> CounterSnapshot | None:
+    def start(self, step: int) -> CounterSnapshot | None:
         """Begin a snapshot; a CPU one is complete at once."""
         now = time.monotonic_ns()
         if not self.cuda:
             d, c, e = (t.detach().numpy().copy() for t in self.parts)
-            return CounterSnapshot(now, d, c, e, steps)
+            return CounterSnapshot(now, d, c, e, step)
         with torch.cuda.stream(self._stream):
             for host, dev in zip(self._host, self.parts, strict=True):
                 host.copy_(dev, non_blocking=True)
             self._event.record(self._stream)
-        self._pending = (now, steps)
+        self._pending = (now, step)
         return None
 
     @property
@@ -99,9 +99,9 @@ class _Snapshotter:
         """The snapshot in flight once its copy has completed (an event query, no sync)."""
         if self._pending is None or not self._event.query():
             return None
-        (now, steps), self._pending = self._pending, None
+        (now, step), self._pending = self._pending, None
         d, c, e = (h.numpy().copy() for h in self._host)
-        return CounterSnapshot(now, d, c, e, steps)
+        return CounterSnapshot(now, d, c, e, step)
 
 
 class CounterProbe:
@@ -112,9 +112,10 @@ class CounterProbe:
     a mapping with DeepEP's keyword names (the engine's own tensors), or a DeepEP
     ``Buffer`` (its ``rank`` and ``group_size`` fill in ``rank`` and ``world_size``;
     the tensors are allocated). ``probe`` is the rank's :func:`~epwatch.hooks.get_probe`
-    probe to ship through (default: asked for with the other arguments). Tell it each
-    forward step with :meth:`step` where the
-    engine can (outside the captured graph); interval records then carry step counts.
+    probe to ship through (default: asked for with the other arguments). Call
+    :meth:`step` as each forward step starts, before its graph replay: interval records
+    then carry the step counter, and a rank whose counter stays behind its peers' while
+    the group stalls is the one that hangs.
 
     Like every hook it never raises into the engine: bad settings leave a disabled
     probe (``enabled`` False, empty keyword dicts) and a warning.
@@ -232,7 +233,8 @@ class CounterProbe:
         return {COMBINE_WAIT: self.tensors.combine_wait}
 
     def step(self, n: int = 1) -> None:
-        """One (or ``n``) forward steps done: call it outside the captured graph."""
+        """A forward step starts (or ``n`` of them): call it outside the captured graph,
+        before the replay."""
         self._engine_steps = True
         self._steps += n
 

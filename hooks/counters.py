@@ -31,14 +31,14 @@ FRAME_INTERVALS = 256  # interval records per frame
 class CounterSnapshot:
     """The cumulative counters as read at ``time_ns`` (host monotonic clock).
 
-    ``steps`` is the engine's forward-step count at that time, or -1 when the engine
-    does not report one."""
+    ``step`` is the engine's forward-step counter at that time (its ``probe.step()``
+    calls, made as each step starts), or -1 when the engine does not report one."""
 
     time_ns: int
     dispatch_cycles: np.ndarray  # int64 [P]
     combine_cycles: np.ndarray  # int64 [P]
     expert_tokens: np.ndarray  # int [E_local], may wrap at 2**32
-    steps: int = -1
+    step: int = -1
 
 
 class IntervalMaker:
@@ -80,12 +80,11 @@ class IntervalMaker:
         tokens = (snap.expert_tokens.astype(np.int64) - prev.expert_tokens.astype(np.int64)) % (
             TOKEN_WRAP
         )
-        steps = snap.steps - prev.steps if snap.steps >= 0 and prev.steps >= 0 else -1
         row = IntervalColumns(
             rank=np.array([self.rank], np.int32),
             start_ns=np.array([prev.time_ns], np.int64),
             end_ns=np.array([snap.time_ns], np.int64),
-            steps=np.array([max(steps, -1)], np.int64),
+            step=np.array([max(snap.step, -1)], np.int64),
             dispatch_wait_s=(d_disp / sm_clock_hz)[None, :],
             combine_wait_s=(d_comb / sm_clock_hz)[None, :],
             expert_tokens=tokens[None, :],

@@ -81,7 +81,7 @@ class Entered(_message.Message):
     def __init__(self, count: _Optional[int] = ..., rank: _Optional[bytes] = ..., step: _Optional[bytes] = ..., layer: _Optional[bytes] = ..., phase: _Optional[bytes] = ...) -> None: ...
 
 class IntervalBatch(_message.Message):
-    __slots__ = ("ep_group", "world_size", "count", "local_experts", "rank", "start_ns", "end_ns", "steps", "dispatch_wait_s", "combine_wait_s", "expert_tokens")
+    __slots__ = ("ep_group", "world_size", "count", "local_experts", "rank", "start_ns", "end_ns", "step", "dispatch_wait_s", "combine_wait_s", "expert_tokens")
     EP_GROUP_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -89,7 +89,7 @@ class IntervalBatch(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     START_NS_FIELD_NUMBER: _ClassVar[int]
     END_NS_FIELD_NUMBER: _ClassVar[int]
-    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     COMBINE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -100,11 +100,11 @@ class IntervalBatch(_message.Message):
     rank: bytes
     start_ns: bytes
     end_ns: bytes
-    steps: bytes
+    step: bytes
     dispatch_wait_s: bytes
     combine_wait_s: bytes
     expert_tokens: bytes
-    def __init__(self, ep_group: _Optional[str] = ..., world_size: _Optional[int] = ..., count: _Optional[int] = ..., local_experts: _Optional[int] = ..., rank: _Optional[bytes] = ..., start_ns: _Optional[bytes] = ..., end_ns: _Optional[bytes] = ..., steps: _Optional[bytes] = ..., dispatch_wait_s: _Optional[bytes] = ..., combine_wait_s: _Optional[bytes] = ..., expert_tokens: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, ep_group: _Optional[str] = ..., world_size: _Optional[int] = ..., count: _Optional[int] = ..., local_experts: _Optional[int] = ..., rank: _Optional[bytes] = ..., start_ns: _Optional[bytes] = ..., end_ns: _Optional[bytes] = ..., step: _Optional[bytes] = ..., dispatch_wait_s: _Optional[bytes] = ..., combine_wait_s: _Optional[bytes] = ..., expert_tokens: _Optional[bytes] = ...) -> None: ...
 
 class NodeSample(_message.Message):
     __slots__ = ("time_unix_ns", "points", "samplers")

@@ -82,35 +82,36 @@ def test_intervals_from_counters_a_thread_writes(sink: FrameSink) -> None:
     assert set(rows.rank.tolist()) == {2}
     # Consecutive intervals tile the probe's clock without gaps.
     assert (rows.start_ns[1:] == rows.end_ns[:-1]).all() and (rows.end_ns > rows.start_ns).all()
-    busy = rows.steps > 0
-    assert busy.sum() >= 3
-    # Per step, 1000 cycles per source and 5000 for the slow one, at 1 GHz; a snapshot
-    # may land between two of the thread's adds, so compare the sums over intervals.
-    steps = rows.steps[busy].sum()
-    waited = rows.dispatch_wait_s[busy].sum(axis=0)
+    # The step counter at each snapshot; the kernels added once per step, and a
+    # snapshot may land between two of the thread's adds, so compare sums over intervals.
+    assert (np.diff(rows.step) >= 0).all() and rows.step[-1] - rows.step[0] >= 3
+    busy = np.r_[False, np.diff(rows.step) > 0]
+    steps = int(rows.step[-1] - rows.step[0])
+    waited = rows.dispatch_wait_s[1:].sum(axis=0)
     np.testing.assert_allclose(waited / steps, np.where(np.arange(P) == 5, 5e-6, 1e-6), rtol=0.05)
-    np.testing.assert_allclose(rows.combine_wait_s[busy].sum(0), waited, rtol=0.05)
-    tokens = rows.expert_tokens[busy].sum(axis=0)
+    np.testing.assert_allclose(rows.combine_wait_s[1:].sum(0), waited, rtol=0.05)
+    assert busy.any()
+    tokens = rows.expert_tokens[1:].sum(axis=0)
     np.testing.assert_allclose(tokens / steps, [10, 20, 30, 40], rtol=0.05)
 
 
-def snapshot(t_ns: int, wait: int, tokens: list[int], steps: int = -1) -> CounterSnapshot:
+def snapshot(t_ns: int, wait: int, tokens: list[int], step: int = -1) -> CounterSnapshot:
     w = np.full(P, wait, np.int64)
-    return CounterSnapshot(t_ns, w, w.copy(), np.array(tokens, np.int32), steps)
+    return CounterSnapshot(t_ns, w, w.copy(), np.array(tokens, np.int32), step)
 
 
 def test_int32_token_counters_wrap_and_a_reset_starts_a_new_baseline() -> None:
     maker = IntervalMaker("g", 0, P, 2)
     top = (1 << 31) - 5
     maker.push(snapshot(1_000, 100, [top, 7]), 1e9)
-    maker.push(snapshot(2_000, 300, [-(1 << 31) + 4, 9], steps=-1), 1e9)  # wrapped past int32
+    maker.push(snapshot(2_000, 300, [-(1 << 31) + 4, 9]), 1e9)  # wrapped past int32
     maker.push(snapshot(3_000, 50, [0, 0]), 1e9)  # counters went backwards: fresh tensors
     maker.push(snapshot(4_000, 70, [6, 1]), 1e9)
     ((_, rows),) = maker.frames()
     assert len(rows) == 2 and maker.restarts == 1
     assert rows[0].expert_tokens.tolist() == [[9, 2]]
     np.testing.assert_allclose(rows[0].dispatch_wait_s, np.full((1, P), 200e-9))
-    assert rows[0].steps.tolist() == [-1]
+    assert rows[0].step.tolist() == [-1]
     assert rows[1].expert_tokens.tolist() == [[6, 1]] and rows[1].start_ns.tolist() == [3_000]
 
 

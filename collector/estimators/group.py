@@ -19,6 +19,7 @@ import numpy as np
 from epwatch import costmodel, hockney
 from epwatch.collector.estimators.buffer import StepBuffer
 from epwatch.collector.estimators.config import EstimatorConfig
+from epwatch.collector.estimators.counters import CounterMode
 from epwatch.collector.estimators.network import link_slowdown
 from epwatch.collector.estimators.report import (
     GroupReport,
@@ -28,7 +29,7 @@ from epwatch.collector.estimators.report import (
 )
 from epwatch.collector.estimators.stats import StepStats, _quiet_nanmedian, durations, step_stats
 from epwatch.collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag, LinkTracker
-from epwatch.schema import PHASE_NAMES, Entered, PeerRows, Phase, RecordColumns
+from epwatch.schema import PHASE_NAMES, Entered, IntervalColumns, PeerRows, Phase, RecordColumns
 
 EvidenceFn = Callable[[str, str, int], list[str]]
 _LAYER_BITS = 17  # heartbeat key: step << 17 | layer << 1 | phase
@@ -101,6 +102,7 @@ class GroupEstimator:
         self.hangs: dict[int, Flag] = {}
         self._closed_hangs: deque[Flag] = deque(maxlen=CLOSED_FLAGS_KEPT)
         self._fits: dict[str, PhaseReport] = {}
+        self.counter_mode: CounterMode | None = None  # created by the first interval record
 
     # -- ingest ----------------------------------------------------------------------
     def set_nodes(self, nodes: Mapping[int, str]) -> None:
@@ -197,6 +199,18 @@ class GroupEstimator:
                     )
                 )
 
+    def ingest_intervals(
+        self, rows: IntervalColumns, node: str | None = None, now_s: float | None = None
+    ) -> None:
+        """Counter-mode interval records (decode under CUDA graphs) of this group."""
+        if not len(rows):
+            return
+        if self.counter_mode is None:
+            self.counter_mode = CounterMode(self.P, self.cfg)
+        if node is not None:
+            self._set_node(rows.rank, node, None)
+        self.counter_mode.ingest(rows, self._clock() if now_s is None else now_s)
+
     def ingest_entered(
         self, entered: Entered, node: str | None = None, now_s: float | None = None
     ) -> None:
@@ -290,6 +304,8 @@ class GroupEstimator:
         self._finalize_ready(final)
         self._fit()
         self._check_hang(now, final)
+        if self.counter_mode is not None:
+            self.counter_mode.update(now)
 
     def _finalize_ready(self, final: bool = False) -> None:
         for step in self.buffer.pending_steps():
@@ -406,10 +422,16 @@ class GroupEstimator:
             flags += self._closed_hangs
         for tracker in self.trackers.values():
             flags += tracker.flags(include_closed)
+        counted = self.counter_mode.flags(include_closed) if self.counter_mode else []
+        seen = {(f.rank, f.cause, f.active) for f in flags}
+        flags += [f for f in counted if (f.rank, f.cause, f.active) not in seen]
+        from_counters = {id(f) for f in counted}
         stragglers = []
         for f in sorted(flags, key=lambda f: (f.first_step, f.rank, f.cause)):
             node, dev = str(self.nodes[f.rank]), int(self.local_device[f.rank])
             ev = evidence(f.cause, node, dev)[:_MAX_EVIDENCE] if evidence else []
+            if id(f) in from_counters:
+                ev = [*self._counter_evidence(f), *ev][:_MAX_EVIDENCE]
             stragglers.append(
                 StragglerReport(
                     rank=f.rank,
@@ -467,5 +489,23 @@ class GroupEstimator:
                 for f in self.links.flags(include_closed)
             ),
             restarts=self.restarts,
+            mode=self._mode(),
             **kw,
         )
+
+    def _mode(self) -> str:
+        """Which records feed the diagnosis: per-collective, counters, or both."""
+        counters = self.counter_mode is not None and self.counter_mode.intervals > 0
+        records = self.steps_done > 0 or bool(self.buffer.pending_steps())
+        return "mixed" if counters and records else "counters" if counters else "records"
+
+    def _counter_evidence(self, flag: Flag) -> list[str]:
+        """What the kernel counters show for a counter-mode flag."""
+        assert self.counter_mode is not None
+        if flag.cause == "routing":
+            expert, ratio = self.counter_mode.hot_expert(flag.rank)
+            if expert >= 0:
+                return [f"hot expert {expert}: {ratio:.1f}x the mean expert's tokens per second"]
+        if flag.cause == "hang":
+            return ["its step counter stayed behind while every rank's kernel counters stopped"]
+        return []

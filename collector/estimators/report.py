@@ -117,6 +117,7 @@ class GroupReport:
     suspect_links: tuple[SuspectLink, ...] = ()
     restarts: int = 0
     whatif: dict[str, Any] = field(default_factory=dict)
+    mode: str = "records"  # "records", "counters" (CUDA graphs) or "mixed"
 
     @property
     def balancedness(self) -> float:
@@ -126,6 +127,7 @@ class GroupReport:
         out: dict[str, Any] = {
             "ep_group": self.ep_group,
             "ranks": self.ranks,
+            "mode": self.mode,
             "steps": self.steps,
             "last_step": self.last_step,
             "gamma": {"median": _num(self.gamma_median), "p99": _num(self.gamma_p99)},

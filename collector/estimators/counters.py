@@ -1,0 +1,271 @@
+"""Counter mode: the diagnosis from interval records (decode under CUDA graphs).
+
+Under graphs there is no per-collective record, only what each rank's kernel counters
+added over an interval: seconds waited for each source rank in dispatch and in
+combine (a row of each wait matrix) and tokens received per local expert. Intervals
+of different ranks are not aligned in time, so everything here is a rate on the rank's
+own clock (seconds waited per second, tokens per second) compared across ranks, pooled
+per tick (one estimator pass) and, like the record mode, never a clock difference
+across hosts.
+
+What each cause looks like (design §4):
+
+- a **slow sender** (its NIC's transmit side): peers wait longer for its data in both
+  dispatch and combine (its column), while it waits normally for theirs (its row);
+- a **slow receiver** (its NIC's receive side): it waits longer for everyone, in both
+  phases (its row);
+- a **slow link**: one cell far above what its row and column predict;
+- **late arrival**: a rank that enters a collective late finds its peers' data already
+  there (its row drops towards zero) while its peers wait for it (its column rises).
+  Late into combine only: its experts are slow (``compute``, per token: a hot expert's
+  extra load is divided out); late into dispatch as well: its attention is slow too
+  (``compute``, a slow GPU); late into dispatch only: its own DP batch is larger
+  (``batch``);
+- **routing**: a rank's experts receive more tokens per second than the group's mean;
+  the hottest local expert is named by its global id (``rank * local_experts + e``);
+- a **hang**: every rank's counters stop advancing for ``hang_after_s`` (measured on
+  each rank's own clock) while their probes go on reporting; the rank whose step
+  counter stays behind is the one that never started the step (the engine calls
+  ``probe.step()`` as each step starts), else the one whose probe went silent.
+
+γ and the Hockney fit need per-collective times and are not available in this mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from epwatch.collector.estimators.config import EstimatorConfig
+from epwatch.collector.estimators.network import cell_slowdown
+from epwatch.collector.estimators.stats import _quiet_nanmedian
+from epwatch.collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag, LinkTracker
+from epwatch.schema import IntervalColumns, RecordError
+
+# A late arriver finds its peers' data there already: its waits fall below this share
+# of the group's median row.
+LATE_ROW = 0.6
+_BYTES_PER_VALUE = 8
+
+
+@dataclass(frozen=True, slots=True)
+class CounterTick:
+    """What one estimator pass saw in the counters, per rank (NaN: not measured)."""
+
+    send: np.ndarray  # [2, P] peers' waits for the rank's data over the group's (D, C)
+    recv: np.ndarray  # [2, P] the rank's waits for everyone over the group's (D, C)
+    load: np.ndarray  # [P] tokens per second over the group's mean
+    hot_expert: np.ndarray  # [P] global id of the rank's busiest expert (-1 unknown)
+    hot_expert_ratio: np.ndarray  # [P] that expert's tokens over the mean expert's
+    cells: np.ndarray  # [P, P] link time over what its receiver's row and sender's column predict
+    reported: np.ndarray  # [P] bool: intervals arrived this tick
+
+    def cause_evidence(self) -> dict[str, np.ndarray]:
+        """Per-rank slowdown series for each cause (1 = nothing to see)."""
+        send_d, send_c = self.send
+        recv_d, recv_c = self.recv
+        load = np.where(np.isfinite(self.load), self.load, 1.0)
+        late_d, late_c = recv_d < LATE_ROW, recv_c < LATE_ROW
+        receiver = np.fmin(recv_d, recv_c)
+        sender = np.where(late_d | late_c, np.nan, np.fmin(send_d, send_c))
+        compute_c = np.where(late_c, send_c / np.maximum(load, 1.0), np.nan)
+        compute_d = np.where(late_d & late_c, send_d, np.nan)
+        batch = np.where(late_d & ~late_c & (send_c < 1.1), send_d, np.nan)
+        return {
+            "network": np.fmax(receiver, sender),
+            "compute": np.fmax(compute_c, compute_d),
+            "batch": batch,
+            "routing": load,
+        }
+
+
+class CounterMode:
+    """One EP group's interval records, pooled per estimator pass, and the flags they
+    raise (``compute``, ``batch``, ``network``, ``routing``, ``hang``) and suspect
+    links."""
+
+    def __init__(self, world_size: int, cfg: EstimatorConfig) -> None:
+        self.P = world_size
+        self.cfg = cfg
+        self.max_bytes = cfg.buffer_bytes
+        self.local_experts = -1
+        self.intervals = 0
+        self.ticks: deque[CounterTick] = deque(maxlen=cfg.window_steps)
+        floors = {
+            "compute": max(cfg.compute_threshold, 1.15),
+            "batch": max(cfg.compute_threshold, 1.15),
+            "network": cfg.network_threshold,
+            "routing": cfg.routing_threshold,
+        }
+        self.trackers = {
+            cause: CauseTracker(cause, world_size, floor, cfg.evidence_steps, cfg.confirm_steps)
+            for cause, floor in floors.items()
+        }
+        self.links = LinkTracker(cfg.link_threshold, cfg.network_confirm_samples)
+        self.hangs: dict[int, Flag] = {}
+        self._closed_hangs: deque[Flag] = deque(maxlen=CLOSED_FLAGS_KEPT)
+        self._ticks_done = 0
+        self._acc: dict[str, np.ndarray] | None = None
+        self._fresh = False
+        self.step = np.full(world_size, -1, dtype=np.int64)  # newest step counter
+        self.reported_s = np.full(world_size, math.nan)  # when each rank last reported
+        self.frozen_s = np.zeros(world_size)  # own-clock time without progress, so far
+        self.seen = np.zeros(world_size, dtype=bool)
+
+    @staticmethod
+    def bytes_needed(world_size: int, local_experts: int) -> int:
+        return (2 * world_size * world_size + world_size * (local_experts + 1)) * _BYTES_PER_VALUE
+
+    def _accumulators(self, local_experts: int) -> dict[str, np.ndarray]:
+        if self._acc is not None:
+            if local_experts != self.local_experts:
+                raise RecordError(
+                    "world_size_changed",
+                    f"interval records with {local_experts} local experts; the group has "
+                    f"{self.local_experts}",
+                )
+            return self._acc
+        need = self.bytes_needed(self.P, local_experts)
+        if need > self.max_bytes:
+            raise RecordError(
+                "too_large",
+                f"counter mode at P={self.P} needs {need >> 20} MiB, over the group's "
+                f"budget of {self.max_bytes >> 20} MiB",
+            )
+        P = self.P
+        self.local_experts = local_experts
+        self._acc = {
+            "dispatch": np.zeros((P, P)),
+            "combine": np.zeros((P, P)),
+            "tokens": np.zeros((P, local_experts)),
+            "seconds": np.zeros(P),
+        }
+        return self._acc
+
+    def ingest(self, rows: IntervalColumns, now_s: float) -> None:
+        """Validated interval records of any ranks of this group."""
+        if not len(rows):
+            return
+        acc = self._accumulators(rows.local_experts)
+        seconds = (rows.end_ns - rows.start_ns) * 1e-9
+        np.add.at(acc["dispatch"], rows.rank, rows.dispatch_wait_s)
+        np.add.at(acc["combine"], rows.rank, rows.combine_wait_s)
+        np.add.at(acc["tokens"], rows.rank, rows.expert_tokens)
+        np.add.at(acc["seconds"], rows.rank, seconds)
+        progressed = (rows.expert_tokens.sum(1) > 0) | (rows.dispatch_wait_s.sum(1) > 0) | (
+            rows.combine_wait_s.sum(1) > 0
+        )
+        for rank, moved, span in zip(
+            rows.rank.tolist(), progressed.tolist(), seconds.tolist(), strict=True
+        ):
+            self.frozen_s[rank] = 0.0 if moved else self.frozen_s[rank] + span
+        np.maximum.at(self.step, rows.rank, rows.step)
+        self.reported_s[rows.rank] = now_s
+        self.seen[rows.rank] = True
+        self.intervals += len(rows)
+        self._fresh = True
+
+    def tick(self) -> CounterTick | None:
+        """Pool what arrived since the last pass into one tick (None if nothing did)."""
+        if not self._fresh or self._acc is None:
+            return None
+        self._fresh = False
+        acc = self._acc
+        seconds = acc["seconds"]
+        reported = seconds > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_s = np.where(reported, 1.0 / seconds, np.nan)
+            send, recv, cells = [], [], None
+            for phase in ("dispatch", "combine"):
+                rate = acc[phase] * per_s[:, None]
+                np.fill_diagonal(rate, np.nan)
+                send.append(_relative(_quiet_nanmedian(rate, axis=0)))
+                recv.append(_relative(_quiet_nanmedian(rate, axis=1)))
+                cell = cell_slowdown(np.where(rate > 0, rate, np.nan))
+                cells = cell if cells is None else np.fmax(cells, cell)
+            tokens = acc["tokens"] * per_s[:, None]
+            per_rank = tokens.sum(axis=1)
+            load = per_rank / np.nanmean(per_rank) if np.isfinite(per_rank).any() else per_rank
+            mean_expert = np.nanmean(tokens) if np.isfinite(tokens).any() else math.nan
+            hottest = np.argmax(np.nan_to_num(tokens, nan=-1.0), axis=1)
+            hot_ratio = tokens[np.arange(self.P), hottest] / mean_expert
+        hot_id = np.where(reported, np.arange(self.P) * self.local_experts + hottest, -1)
+        for a in acc.values():
+            a[:] = 0.0
+        tick = CounterTick(
+            send=np.stack(send),
+            recv=np.stack(recv),
+            load=load,
+            hot_expert=hot_id,
+            hot_expert_ratio=hot_ratio,
+            cells=cells if cells is not None else np.full((self.P, self.P), np.nan),
+            reported=reported,
+        )
+        self.ticks.append(tick)
+        return tick
+
+    def update(self, now_s: float) -> None:
+        """Pool the new intervals into a tick, feed the flags, look for a hang."""
+        tick = self.tick()
+        if tick is not None:
+            self._ticks_done += 1
+            known = self.step[self.step >= 0]
+            at = int(known.max()) if len(known) else self._ticks_done
+            for cause, values in tick.cause_evidence().items():
+                self.trackers[cause].push(at, values)
+            self.links.push(at, tick.cells)
+            self._check_hang(tick, now_s, at)
+
+    def _check_hang(self, tick: CounterTick, now_s: float, at: int) -> None:
+        alive = tick.reported
+        stalled = bool(alive.any() and (self.frozen_s[alive] >= self.cfg.hang_after_s).all())
+        suspects = self.hang_suspects(now_s, 2 * self.cfg.hang_after_s) if stalled else []
+        for rank in suspects:
+            if rank not in self.hangs:
+                stuck = int(self.step[rank]) if self.step[rank] >= 0 else at
+                self.hangs[rank] = Flag(rank, "hang", stuck, stuck)
+            self.hangs[rank].last_step = at
+        for rank in [r for r in self.hangs if r not in suspects]:
+            flag = self.hangs.pop(rank)
+            flag.active = False
+            self._closed_hangs.append(flag)
+
+    def flags(self, include_closed: bool) -> list[Flag]:
+        out = list(self.hangs.values())
+        if include_closed:
+            out += self._closed_hangs
+        for tracker in self.trackers.values():
+            out += tracker.flags(include_closed)
+        return out
+
+    def hot_expert(self, rank: int) -> tuple[int, float]:
+        """The rank's busiest expert (global id) over the window, and its load over the
+        mean expert's."""
+        ids = [int(t.hot_expert[rank]) for t in self.ticks if t.hot_expert[rank] >= 0]
+        if not ids:
+            return -1, math.nan
+        expert = max(set(ids), key=ids.count)
+        ratios = [t.hot_expert_ratio[rank] for t in self.ticks if t.hot_expert[rank] == expert]
+        return expert, float(_quiet_nanmedian(np.asarray(ratios, dtype=float)))
+
+    def hang_suspects(self, now_s: float, silent_after_s: float) -> list[int]:
+        """Who a stall is pinned on: ranks whose step counter is behind the others'
+        (they never started the step the rest are stuck in), else ranks whose probes
+        went silent while the others report."""
+        known = self.step >= 0
+        if known.sum() >= 2 and self.step[known].min() < self.step[known].max():
+            return [int(r) for r in np.flatnonzero(known & (self.step < self.step.max()))]
+        quiet = self.seen & (now_s - self.reported_s > silent_after_s)
+        if quiet.any() and not quiet.all():
+            return [int(r) for r in np.flatnonzero(quiet)]
+        return []
+
+
+def _relative(medians: np.ndarray) -> np.ndarray:
+    ref = _quiet_nanmedian(medians)
+    if not ref or not np.isfinite(ref):
+        return np.full_like(medians, np.nan)
+    return medians / ref
