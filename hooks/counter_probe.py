@@ -142,6 +142,7 @@ class CounterProbe:
         self._steps = 0
         self._engine_steps = False
         self._paused = not start
+        self._closed = False
         self._lock = threading.Lock()
         self._next_due = 0.0
         self.interval_s = float(interval_ms) / 1e3
@@ -253,17 +254,16 @@ class CounterProbe:
         self._next_due = 0.0
 
     def close(self) -> None:
-        """Stop for good; what was measured is still shipped."""
+        """Stop sampling for good; what was measured is still shipped, then the
+        flusher lets go of the probe."""
         self._paused = True
-        if self.enabled:
-            self._flusher.remove_source(self)
-        self.enabled = False
+        self._closed = True
 
     # ---- the flusher's side -----------------------------------------------------------
 
     def poll(self) -> None:
         """Finish a snapshot in flight, or start one when an interval has passed."""
-        if not self.enabled:
+        if not self.enabled or self._closed:
             return
         with self._lock:
             snap = self._snap.finish() if self._snap.in_flight else None
@@ -276,7 +276,12 @@ class CounterProbe:
                 self.maker.push(snap, self._sm_hz())
 
     def frames(self) -> list[tuple[bytes, Any]]:
-        return self.maker.frames() if self.enabled or len(self.maker) else []
+        if not self.enabled:
+            return []
+        if self._closed and not len(self.maker):
+            self._flusher.remove_source(self)
+            return []
+        return self.maker.frames()
 
     def put_back(self, carried: Any) -> None:
         self.maker.put_back(carried)
