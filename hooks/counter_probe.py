@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from epwatch.hooks.counters import CounterSnapshot, IntervalMaker
+from epwatch.counters import CounterSnapshot
+from epwatch.hooks.counters import IntervalMaker
 from epwatch.hooks.registry import flusher_of, get_probe
 from epwatch.hooks.tensors import SmClock
 

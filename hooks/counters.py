@@ -1,44 +1,27 @@
-"""Counter mode without torch: cumulative kernel counters -> interval records -> frames.
+"""Counter mode without torch: counter snapshots -> interval records -> frames.
 
 Under CUDA graphs no Python runs per collective, but DeepEP's low-latency kernels keep
 cumulative counters in device memory that go on growing inside every graph replay:
 cycles waited per source rank (dispatch and combine) and tokens received per local
 expert. A side thread snapshots them every few hundred milliseconds
 (:class:`epwatch.hooks.deepep.CounterProbe`); this module turns consecutive snapshots
-into interval records (the deltas) and keeps them, bounded, until the flusher ships
-them. Counters are never reset (a reset races the kernels' atomic adds): snapshots are
-diffed.
+into interval records (:func:`epwatch.counters.interval_between`) and keeps them,
+bounded, until the flusher ships them. Counters are never reset (a reset races the
+kernels' atomic adds): snapshots are diffed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
 
-import numpy as np
-
+from epwatch.counters import CounterSnapshot, interval_between
 from epwatch.frames import interval_frame
 from epwatch.schema import IntervalColumns, RecordError
 
 log = logging.getLogger("epwatch.hooks")
 
-TOKEN_WRAP = 1 << 32  # DeepEP's per-expert token counters are int32
 FRAME_INTERVALS = 256  # interval records per frame
-
-
-@dataclass(frozen=True, slots=True)
-class CounterSnapshot:
-    """The cumulative counters as read at ``time_ns`` (host monotonic clock).
-
-    ``step`` is the engine's forward-step counter at that time (its ``probe.step()``
-    calls, made as each step starts), or -1 when the engine does not report one."""
-
-    time_ns: int
-    dispatch_cycles: np.ndarray  # int64 [P]
-    combine_cycles: np.ndarray  # int64 [P]
-    expert_tokens: np.ndarray  # int [E_local], may wrap at 2**32
-    step: int = -1
 
 
 class IntervalMaker:
@@ -70,25 +53,13 @@ class IntervalMaker:
     def push(self, snap: CounterSnapshot, sm_clock_hz: float) -> None:
         """Take one snapshot; the interval since the previous one is queued."""
         prev, self._prev = self._prev, snap
-        if prev is None or snap.time_ns <= prev.time_ns:
+        if prev is None:
             return
-        d_disp = snap.dispatch_cycles.astype(np.int64) - prev.dispatch_cycles.astype(np.int64)
-        d_comb = snap.combine_cycles.astype(np.int64) - prev.combine_cycles.astype(np.int64)
-        if d_disp.min(initial=0) < 0 or d_comb.min(initial=0) < 0:
-            self.restarts += 1
+        row = interval_between(self.rank, prev, snap, sm_clock_hz)
+        if row is None:
+            if snap.time_ns > prev.time_ns:  # counters went backwards
+                self.restarts += 1
             return
-        tokens = (snap.expert_tokens.astype(np.int64) - prev.expert_tokens.astype(np.int64)) % (
-            TOKEN_WRAP
-        )
-        row = IntervalColumns(
-            rank=np.array([self.rank], np.int32),
-            start_ns=np.array([prev.time_ns], np.int64),
-            end_ns=np.array([snap.time_ns], np.int64),
-            step=np.array([max(snap.step, -1)], np.int64),
-            dispatch_wait_s=(d_disp / sm_clock_hz)[None, :],
-            combine_wait_s=(d_comb / sm_clock_hz)[None, :],
-            expert_tokens=tokens[None, :],
-        )
         if len(self._rows) == self._rows.maxlen:
             self.dropped += 1
         self._rows.append(row)

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from epwatch import wire
+from epwatch.counters import CounterSnapshot
 from epwatch.hooks import get_probe, shutdown
-from epwatch.hooks.counters import CounterSnapshot, IntervalMaker
+from epwatch.hooks.counters import IntervalMaker
 from epwatch.hooks.deepep import CounterProbe, CounterTensors, InstrumentedBuffer
 from epwatch.schema import IntervalColumns
 from tests.hook_sink import FrameSink
