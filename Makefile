@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian's prometheus (promtool + server) and alertmanager for the integration tests.
+# Debian's prometheus (promtool + server), alertmanager and chromium for the integration tests.
 # Installed when absent and we are root; otherwise those tests skip and say how.
 system-deps:
 	@deploy/install-system-deps.sh
@@ -46,6 +46,8 @@ bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/hook_overhead.py
 	$(PY) bench/agent_footprint.py
+	$(PY) bench/report.py
+	$(PY) bench/diagnosis_suite.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

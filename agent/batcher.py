@@ -69,11 +69,14 @@ def _latest_entered(parts: list[Entered]) -> Entered | None:
 class Batcher:
     """Pending hook data per (ep_group, world_size); thread-safe."""
 
-    def __init__(self, spool: Spool, batch_records: int) -> None:
+    def __init__(
+        self, spool: Spool, batch_records: int, max_bytes: int = MAX_PENDING_BYTES
+    ) -> None:
         if batch_records < 1:
             raise ValueError(f"batch_records must be >= 1, got {batch_records}")
         self._spool = spool
-        self._batch_records = min(batch_records, MAX_PENDING_BYTES // RECORD_BYTES)
+        self._max_bytes = max_bytes
+        self._batch_records = max(1, min(batch_records, max_bytes // RECORD_BYTES))
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, int], _Pending] = {}
         # (ep_group, world_size, local experts) -> counter-mode interval records
@@ -101,7 +104,7 @@ class Batcher:
                 p.entered.append(entered)
             if p.n_records >= self._batch_records:
                 self._emit(ep_group, world_size, p, keep_remainder=True)
-            elif p.n_bytes >= MAX_PENDING_BYTES:
+            elif p.n_bytes >= self._max_bytes:
                 self._emit(ep_group, world_size, p, keep_remainder=False)
             if not p.empty():
                 self._has_pending.set()

@@ -7,20 +7,24 @@ Everything the agent counts is kept in plain attributes of these parts; the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from epwatch.agent.batcher import Batcher
+from epwatch.agent.batcher import MAX_PENDING_BYTES, Batcher
+from epwatch.agent.ledger import LossLedger
 from epwatch.agent.nodesample import NodeSampleEncoder
-from epwatch.agent.receiver import Receiver, ReceiverCounters
-from epwatch.agent.shipper import Shipper
+from epwatch.agent.receiver import Receiver, ReceiverCounters, SocketPolicy
+from epwatch.agent.shipper import ClientSecurity, Shipper
+from epwatch.agent.split import split_payload
 from epwatch.agent.spool import Spool
+from epwatch.agent.spool_disk import SpoolStore, new_store_agent_id
 from epwatch.protos import epwatch_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -35,19 +39,39 @@ class AgentConfig:
     node: str
     socket_path: str
     collector: str = "127.0.0.1:50051"
-    socket_mode: int = 0o666
+    socket_mode: int = 0o660
     spool_records: int = 1_000_000
+    spool_bytes: int = 64 << 20
+    spool_dir: str | None = None
     batch_records: int = 16_384
     flush_interval_s: float = 0.2
     sample_interval_s: float = 1.0
     backoff_base_s: float = 0.1
     backoff_max_s: float = 5.0
     window: int = 32
+    socket: SocketPolicy = field(default_factory=SocketPolicy)  # its mode: socket_mode
+    security: ClientSecurity = field(default_factory=ClientSecurity)
+
+
+def _batch_bounds(config: AgentConfig) -> tuple[int, int]:
+    """Records and bytes per shipped batch, below a quarter of the spool's bounds: a
+    spool smaller than one flush would drop whole batches even while connected."""
+    records = min(config.batch_records, max(1, config.spool_records // 4))
+    message_bytes = min(MAX_PENDING_BYTES, max(64 << 10, config.spool_bytes // 8))
+    if records < config.batch_records:
+        log.warning(
+            "--spool-records %d holds less than four batches of --batch-records %d: "
+            "shipping batches of %d records instead",
+            config.spool_records,
+            config.batch_records,
+            records,
+        )
+    return records, message_bytes
 
 
 def new_agent_id(node: str) -> str:
     """Unique per process: a restarted agent starts a fresh seq space."""
-    return f"{node}:{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{node[:96]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class Agent:
@@ -55,13 +79,30 @@ class Agent:
 
     def __init__(self, config: AgentConfig, sample_round: SampleRound | None = None) -> None:
         self.config = config
-        self.agent_id = new_agent_id(config.node)
-        self.spool = Spool(config.spool_records)
-        self.batcher = Batcher(self.spool, config.batch_records)
-        self.receiver_counters = ReceiverCounters()
-        self.receiver = Receiver(
-            config.socket_path, self.batcher, self.receiver_counters, config.socket_mode
+        store = SpoolStore(config.spool_dir) if config.spool_dir else None
+        self.agent_id = (
+            store.agent_id(lambda: new_store_agent_id(config.node))
+            if store is not None
+            else new_agent_id(config.node)
         )
+        self.spool = Spool(config.spool_records, config.spool_bytes, store)
+        if self.spool.recovered_messages:
+            log.info(
+                "spool folder: %d messages (%d records) from before to deliver",
+                self.spool.recovered_messages,
+                self.spool.recovered_records,
+            )
+        self.ledger = LossLedger(
+            os.path.join(config.spool_dir, "state.json")
+            if config.spool_dir
+            else f"{config.socket_path}.state"
+        )
+        if not self.spool.durable:  # acks lower the records a crash would lose
+            self.spool.on_ack = lambda: self.ledger.update(self.records_at_risk())
+        self.batcher = Batcher(self.spool, *_batch_bounds(config))
+        self.receiver_counters = ReceiverCounters()
+        policy = dataclasses.replace(config.socket, mode=config.socket_mode)
+        self.receiver = Receiver(config.socket_path, self.batcher, self.receiver_counters, policy)
         self.shipper = Shipper(
             config.collector,
             self.agent_id,
@@ -71,6 +112,8 @@ class Agent:
             window=config.window,
             backoff_base=config.backoff_base_s,
             backoff_max=config.backoff_max_s,
+            security=config.security,
+            split=split_payload,
         )
         self._sample_round = sample_round
         self._stop = threading.Event()
@@ -84,7 +127,7 @@ class Agent:
         c = self.spool.counters
         return pb.AgentStats(
             records_received=self.receiver_counters.records_received,
-            records_dropped=c.records_dropped,
+            records_dropped=c.records_dropped + self.ledger.lost_at_start,
             spool_records=self.spool.records + self.batcher.pending_records(),
             hook_records_dropped=self.receiver_counters.hook_records_dropped,
         )
@@ -111,12 +154,27 @@ class Agent:
         self.batcher.flush()
         self.shipper.stop(drain_timeout)
         if self.spool.records:
-            log.warning("exiting with %d records unacknowledged", self.spool.records)
+            where = "kept in the spool folder" if self.spool.durable else "lost"
+            log.warning("exiting with %d records unacknowledged (%s)", self.spool.records, where)
+        self.spool.close()
+        self.ledger.update(0, clean=True, force=True)
+
+    def records_at_risk(self) -> int:
+        """Accepted records a crash now would lose: those being batched, and without a
+        spool folder the spool's too."""
+        pending = self.batcher.pending_records()
+        return pending if self.spool.durable else pending + self.spool.records
 
     def _flush_loop(self) -> None:
         """A partial batch ships one flush interval after its first record came."""
         while True:
-            self.batcher.wait_pending()
+            # The crash ledger follows the records at risk; once it has caught up this
+            # sleeps until a hook sends something (no polling while idle).
+            at_risk = self.records_at_risk()
+            self.ledger.update(at_risk)
+            behind = self.ledger.written != at_risk
+            if not self.batcher.wait_pending(self.ledger.min_interval_s if behind else None):
+                continue
             if self._stop.wait(self.config.flush_interval_s):
                 return  # stop() flushes what is left
             try:

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from epwatch.agent.daemon import Agent
-from epwatch.webserver import WebServer
+from epwatch.webserver import WebSecurity, WebServer
 
 
 class AgentMetrics(Collector):
@@ -77,6 +77,36 @@ class AgentMetrics(Collector):
             "Streams to the collector that ended or failed to open",
             a.shipper.reconnects,
         )
+        yield counter(
+            "epwatch_agent_records_lost_total",
+            "Records a previous agent process had accepted but not made durable when it "
+            "died (from its state file)",
+            a.ledger.lost_at_start,
+        )
+        yield gauge(
+            "epwatch_agent_records_at_risk",
+            "Accepted records a crash now would lose: being batched, and without "
+            "--spool-dir the spool's too",
+            a.records_at_risk(),
+        )
+        yield gauge(
+            "epwatch_agent_spool_bytes",
+            "Serialized bytes waiting for an ack (bounded by --spool-bytes)",
+            a.spool.bytes,
+        )
+        yield counter(
+            "epwatch_agent_messages_split_total",
+            "Messages over the collector's size limit, shipped as smaller ones",
+            sc.messages_split,
+        )
+        dropped = CounterMetricFamily(
+            "epwatch_agent_messages_dropped",
+            "Messages dropped, by reason (spool_full, oversized)",
+            labels=["node", "reason"],
+        )
+        for reason in ("spool_full", "oversized"):
+            dropped.add_metric([node, reason], sc.messages_dropped[reason])
+        yield dropped
         rejected = CounterMetricFamily(
             "epwatch_agent_frames_rejected_total",
             "Hook frames refused, by reason",
@@ -87,8 +117,10 @@ class AgentMetrics(Collector):
         yield rejected
 
 
-def serve_metrics(agent: Agent, host: str, port: int) -> WebServer:
+def serve_metrics(
+    agent: Agent, host: str, port: int, security: WebSecurity | None = None
+) -> WebServer:
     """Start /metrics; the server's ``port`` is the bound one, ``stop()`` ends it."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentMetrics(agent))
-    return WebServer(registry, host, port).start()
+    return WebServer(registry, host, port, security=security).start()

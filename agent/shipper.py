@@ -11,27 +11,65 @@ merges into one message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import grpc
 
-from epwatch.agent.spool import Spool
+from epwatch.agent.split import HEADER_ROOM
+from epwatch.agent.spool import Entry, Spool
 from epwatch.protos import epwatch_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 STREAM_METHOD = "/epwatch.v1.Collector/Stream"
 MAX_MESSAGE_BYTES = 64 << 20
+MAX_MESSAGE_METADATA = "epwatch-max-message-bytes"  # the collector's limit, in its headers
+_TRANSPORT_LIMIT = re.compile(r"larger than max \(\d+ vs\. (\d+)\)")
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Exponential backoff with 'equal jitter': half fixed, half random."""
     d = min(cap, base * (2 ** min(attempt, 30)))
     return d / 2 + rng.uniform(0, d / 2)
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How the agent proves itself to the collector: TLS against ``ca`` (PEM bytes),
+    with a client certificate (``cert``/``key``, mTLS), and/or a bearer token.
+    Empty: plaintext, the default for a collector on 127.0.0.1."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    token: bytes | None = None
+    server_name: str | None = None  # the name to expect on the collector's certificate
+
+    @property
+    def tls(self) -> bool:
+        return self.ca is not None
+
+    def channel(self, target: str, options: list[tuple[str, object]]) -> grpc.Channel:
+        if self.server_name:
+            options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
+        if not self.tls:
+            return grpc.insecure_channel(target, options=options)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+        return grpc.secure_channel(target, creds, options=options)
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        if self.token is None:
+            return None
+        return (("authorization", f"Bearer {self.token.decode()}"),)
 
 
 class Shipper:
@@ -51,6 +89,8 @@ class Shipper:
         heartbeat_s: float = 2.0,
         ack_timeout_s: float = 30.0,
         connect_timeout_s: float = 2.0,
+        security: ClientSecurity | None = None,
+        split: Callable[[bytes, int], list[tuple[bytes, int]] | None] | None = None,
     ) -> None:
         self.target = target
         self.agent_id = agent_id
@@ -62,6 +102,11 @@ class Shipper:
         self._heartbeat_s = heartbeat_s
         self._ack_timeout_s = ack_timeout_s
         self._connect_timeout_s = connect_timeout_s
+        self._security = security or ClientSecurity()
+        self._split = split
+        # The collector's --max-message-bytes, as it says when a stream opens (or as a
+        # transport refusal reveals); larger messages are split before they are sent.
+        self.max_message_bytes = MAX_MESSAGE_BYTES
         self._rng = random.Random()
         self._stop = threading.Event()
         self._call: grpc.Future | None = None
@@ -69,6 +114,7 @@ class Shipper:
         self.connected = False
         self.reconnects = 0
         self.rejections = 0
+        self.auth_failures = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -88,10 +134,15 @@ class Shipper:
         msg = pb.AgentMessage(agent_id=self.agent_id, node=self.node, seq=seq, stats=self._stats())
         return msg.SerializeToString()
 
-    def _requests(self, closed: threading.Event, taking: threading.Lock) -> Iterator[bytes]:
+    def _requests(
+        self, closed: threading.Event, taking: threading.Lock, limit_known: threading.Event
+    ) -> Iterator[bytes]:
         """The stream's messages; sleeps in the spool until a message, a heartbeat or
         the ack-timeout check is due (no polling while the node is quiet)."""
         yield self._header(0)  # identifies the agent to the collector at once
+        # Nothing else before the collector has said its message limit (it does so as
+        # the stream opens; an older one does not, hence the timeout).
+        limit_known.wait(self._connect_timeout_s)
 
         def cancelled() -> bool:
             return closed.is_set() or self._stop.is_set()
@@ -106,7 +157,11 @@ class Shipper:
                 entry = self._spool.take(self._window, timeout=wait, cancelled=cancelled)
             now = time.monotonic()
             if entry is not None:
-                yield self._header(entry.seq) + entry.payload
+                header = self._header(entry.seq)
+                if len(header) + len(entry.payload) > self.max_message_bytes:
+                    self._too_large(entry)
+                    continue
+                yield header + entry.payload
                 last = now
                 continue
             if self._spool.oldest_inflight_age(now) > self._ack_timeout_s:
@@ -118,6 +173,19 @@ class Shipper:
             if now - last >= self._heartbeat_s:
                 yield self._header(0)
                 last = now
+
+    def _too_large(self, entry: Entry) -> None:
+        """Split a message the collector would refuse for its size, or drop it (counted
+        by the spool as ``oversized``): resending it as it is would never succeed."""
+        parts = self._split(entry.payload, self.max_message_bytes) if self._split else None
+        log.warning(
+            "message seq %d (%d bytes) exceeds the collector's limit of %d bytes: %s",
+            entry.seq,
+            len(entry.payload),
+            self.max_message_bytes,
+            f"split in {len(parts)}" if parts else "dropped",
+        )
+        self._spool.replace(entry, parts)
 
     def _ack_check_at(self, now: float) -> float:
         """When the oldest message in flight runs out of time for its ack."""
@@ -148,15 +216,24 @@ class Shipper:
             # and each one cost a ping round trip (wake-ups on both ends)
             ("grpc.http2.bdp_probe", 0),
         ]
-        channel = grpc.insecure_channel(self.target, options=options)
+        channel = self._security.channel(self.target, options)
         closed = threading.Event()
         taking = threading.Lock()
         acked = False
         try:
             self._wait_ready(channel)
             stream = channel.stream_stream(STREAM_METHOD, response_deserializer=pb.Ack.FromString)
-            call = self._call = stream(self._requests(closed, taking))
+            limit_known = threading.Event()
+            call = self._call = stream(
+                self._requests(closed, taking, limit_known), metadata=self._security.metadata()
+            )
             call.add_done_callback(lambda _: self._spool.wake())
+
+            def learn() -> None:
+                self._learn_limit(call.initial_metadata() or ())
+                limit_known.set()
+
+            threading.Thread(target=learn, name="shipper-headers", daemon=True).start()
             self.connected = True
             log.info("connected to collector %s", self.target)
             acks = iter(call)
@@ -174,7 +251,7 @@ class Shipper:
             log.debug("collector %s not reachable", self.target)
         except grpc.RpcError as exc:
             if not self._stop.is_set():
-                log.warning("stream to %s ended: %s", self.target, _describe(exc))
+                self._stream_failed(exc)
         finally:
             closed.set()
             self._spool.wake()
@@ -201,8 +278,38 @@ class Shipper:
         finally:
             ready.cancel()
 
+    def _learn_limit(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
+        for key, value in metadata:
+            if key == MAX_MESSAGE_METADATA:
+                with contextlib.suppress(ValueError):
+                    self.max_message_bytes = max(HEADER_ROOM * 2, int(value))
+
+    def _stream_failed(self, exc: grpc.RpcError) -> None:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        details = (exc.details() if isinstance(exc, grpc.Call) else "") or ""
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            self.auth_failures += 1
+            log.error(
+                "the collector %s refused this agent (%s): check --tls-cert/--tls-key "
+                "(the certificate must name this node, %r) and --token-file",
+                self.target,
+                _describe(exc),
+                self.node,
+            )
+            return
+        too_large = _TRANSPORT_LIMIT.search(details)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and too_large:
+            # An older collector that does not say its limit: its transport limit it is.
+            self.max_message_bytes = int(too_large.group(1))
+        log.warning("stream to %s ended: %s", self.target, _describe(exc))
+
     def _on_ack(self, ack: pb.Ack) -> None:
         ok = ack.code == 0
+        if not ok and ack.reason == "oversized" and ack.seq:
+            entry = self._spool.get(ack.seq)
+            if entry is not None:
+                self._too_large(entry)
+                return
         if ack.seq:
             self._spool.ack(ack.seq, ok)
         if not ok:

@@ -20,11 +20,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "collector": ("epwatch.cli.collector", "Run the collector: gRPC ingest, estimators, /metrics."),
     "replay": ("epwatch.cli.replay", "Post-mortem diagnosis from the collector's --record files."),
+    "report": (
+        "epwatch.cli.report",
+        "Post-mortem HTML report (figures) or Perfetto trace from --record files.",
+    ),
     "agent": (
         "epwatch.cli.agent",
         "Run the node agent: hook records and node samples to the collector.",
     ),
     "demo": ("epwatch.cli.demo", "A simulated EP cluster through the real agent and collector."),
+    "status": (
+        "epwatch.cli.status",
+        "The live diagnosis of a running collector, once or refreshed in place (--watch).",
+    ),
 }
 
 

@@ -34,6 +34,7 @@ from epwatch.cli.demo_view import HEADER, AlertWatch, table_row
 from epwatch.cliargs import parse_hostport, stop_on_signals
 from epwatch.collector.estimators.text import format_report
 from epwatch.collector.offline import diagnosis_json
+from epwatch.collector.recorder import RecorderConfig
 from epwatch.collector.service import CollectorConfig, CollectorService
 from epwatch.simulator.scenario import Scenario, ScenarioError, load_scenario
 
@@ -88,6 +89,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="end with the diagnosis as JSON")
     p.add_argument(
+        "--record",
+        type=Path,
+        metavar="DIR",
+        help="record what the collector accepts into DIR, as `epwatch collector --record`",
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="with --record: end by writing this run's HTML report (`epwatch report`) to "
+        "DIR/report.html",
+    )
+    p.add_argument(
         "--prometheus",
         action="store_true",
         help="also run a real Prometheus (and Alertmanager when installed) on 127.0.0.1 with "
@@ -125,6 +138,8 @@ def demo_scenario(args: argparse.Namespace) -> Scenario:
             "steps": steps,
             "cluster": {"ranks": p, "ranks_per_node": args.ranks_per_node, "ep_group": "demo"},
             "model": {"layers": args.layers, "experts": experts},
+            # Equal data-parallel batches: the demo's story is the GPU and the expert.
+            "workload": {"rank_batch_jitter": 0.0},
             "faults": faults,
         }
     )
@@ -140,13 +155,13 @@ def _default_faults(args: argparse.Namespace, p: int, experts: int) -> list[dict
             "kind": "slow_gpu",
             "rank": slow_rank,
             "factor": 1.25,
-            "start_step": int(min(10.0, duration / 3) * sps),
+            "start_step": int(min(10.0, duration / 4) * sps),
         },
         {
             "kind": "hot_expert",
             "expert": hot_rank * (experts // p),
             "share": 0.06,
-            "start_step": int(min(20.0, 2 * duration / 3) * sps),
+            "start_step": int(min(20.0, duration / 2) * sps),
         },
     ]
 
@@ -224,7 +239,27 @@ def start_prometheus(
     return stack
 
 
+def write_report(directory: Path, since_ns: int) -> None:
+    """This run's part of the recording as an HTML report in the same folder."""
+    from epwatch.cli.report import INSTALL, make_report
+    from epwatch.collector.replay import ReplayError
+
+    out = directory / "report.html"
+    try:
+        make_report([directory], out=out, start_ns=since_ns)
+    except (ReplayError, OSError) as err:
+        print(f"epwatch demo: no report: {err}", file=sys.stderr)
+        return
+    except ImportError:
+        print(f"epwatch demo: no report: {INSTALL}", file=sys.stderr)
+        return
+    print(f"report: {out}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.report and args.record is None:
+        print("epwatch demo: --report needs --record DIR (where the report goes)", file=sys.stderr)
+        return 2
     try:
         scenario = demo_scenario(args)
     except ScenarioError as err:
@@ -232,8 +267,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     stop = stop_on_signals()
     disable_created_metrics()  # as `epwatch collector`: no *_created twin per counter
+    started_ns = time.time_ns()
     service = CollectorService(
-        CollectorConfig(grpc_listen="127.0.0.1:0", metrics_listen=args.metrics_listen)
+        CollectorConfig(
+            grpc_listen="127.0.0.1:0",
+            metrics_listen=args.metrics_listen,
+            record=RecorderConfig(str(args.record)) if args.record else None,
+        )
     )
     try:
         service.start()
@@ -301,6 +341,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     for report in reports:
         print(format_report(report))
+    if args.report:
+        write_report(args.record, started_ns)
     if args.json:
         print(json.dumps(diagnosis_json(reports)))
     return 0

@@ -18,7 +18,7 @@ import numpy as np
 from epwatch.frames import FrameSender, hook_frame
 from epwatch.protos import epwatch_pb2 as pb
 from epwatch.protos import epwatch_pb2_grpc as pb_grpc
-from epwatch.schema import Entered, PeerRows, RecordColumns
+from epwatch.schema import Entered, RecordColumns
 from epwatch.simulator.engine import Simulation, StepChunk
 from epwatch.simulator.node_samples import NodeSampleModel
 from epwatch.simulator.scenario import Scenario
@@ -132,16 +132,7 @@ class Ranks:
     ) -> None:
         rows = chunk.peer_rows
         sel = (rows.rank == rank) & (rows.step == step)
-        peer = None
-        if sel.any():
-            peer = PeerRows(
-                rank=rows.rank[sel],
-                step=rows.step[sel],
-                layer=rows.layer[sel],
-                phase=rows.phase[sel],
-                wait_s=rows.wait_s[sel],
-                send_bytes=rows.send_bytes[sel],
-            )
+        peer = rows.take(sel) if sel.any() else None
         entered = None
         if last:  # heartbeat: where the rank is at the end of the chunk
             e = chunk.entered

@@ -59,12 +59,15 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, hockney.FitError) as err:
         print(f"epwatch fit: {err}", file=sys.stderr)
         return 2
+    problem = hockney.untrustworthy(x, result)  # the collector would not publish it
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({**result.to_json(), "fit_problem": problem}))
     else:
         print(
             f"L = {result.latency_s * 1e6:.2f} us, BW_eff = {result.bandwidth_Bps / 1e9:.3f} GB/s, "
             f"R^2 = {result.r2:.4f}, n = {result.n} ({result.inliers} inliers), "
             f"crossover n1/2 = {result.crossover_bytes / 1e3:.1f} KB"
         )
+    if problem:
+        print(f"epwatch fit: warning: not trustworthy: {problem}", file=sys.stderr)
     return 0

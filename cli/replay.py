@@ -2,9 +2,9 @@
 
 The recorded hook records go through the same estimators as they did live, in the
 order the collector received them, and the diagnosis comes out as ``simulate``'s does.
-Recordings hold the records only (no per-peer wait rows, no heartbeats, no node
-samples), so the replay can flag compute and routing stragglers but not network
-ones, hangs, or evidence.
+The sampled per-peer wait rows recorded with them go in too, so compute, routing and
+network stragglers are found; recordings hold no heartbeats and no node samples, so a
+replay flags no hangs and gives no GPU/NIC evidence.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from epwatch.collector.estimators.text import format_report
 from epwatch.collector.offline import diagnosis_json
-from epwatch.collector.replay import ReplayError, recording_files, replay
+from epwatch.collector.replay import ReplayError, peer_files, recording_files, replay
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,11 +27,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    skipped: list[tuple[Path, str]] = []
     try:
-        reports = replay(recording_files(args.paths))
+        reports = replay(
+            recording_files(args.paths), peers=peer_files(args.paths), skipped=skipped
+        )
     except ReplayError as err:
         print(f"epwatch replay: {err}", file=sys.stderr)
         return 2
+    for path, why in skipped:
+        print(f"epwatch replay: skipped {path}: {why}", file=sys.stderr)
     if args.json:
         print(json.dumps(diagnosis_json(reports)))
     else:

@@ -24,13 +24,22 @@ scenario file (TOML), every key optional but the fault's kind:
   steps = 400
   [cluster]  ranks = 64, ranks_per_node = 8, ep_group = "ep0"
   [model]    layers = 61, experts = 256, topk = 8, hidden = 7168, bytes_per_elem = 1
-  [workload] batch_tokens = 16384, batch_jitter = 0.3, routing = "uniform" | "zipf", zipf_s = 1.0
-  [network]  latency_us = 80, bandwidth_gbps = 40, noise_cv = 0.05
-  [compute]  ns_per_token = 40, noise_cv = 0.05
+  [workload] batch_tokens = 16384, batch_jitter = 0.3 (the step's batch, shared),
+             rank_batch_jitter = 0.05 (each rank's own data-parallel share),
+             routing = "uniform" | "zipf", zipf_s = 1.0 (0 = uniform)
+  [network]  latency_us = 80, bandwidth_gbps = 40, noise_cv = 0.05, link_noise_cv = 0.01,
+             spike_prob = 0 (2-5x slower collectives)
+  [compute]  ns_per_token = 40, noise_cv = 0.05, shared_cv = 0 (one factor per step for
+             every rank), drift_cv = 0, drift_steps = 300 (slow per-rank wander),
+             spike_prob = 0 (per step, layer, rank), rank_spike_prob = 0 (a whole
+             rank-step), spike_min = 2, spike_max = 5
+  [attention] fixed_us = 20, ns_per_token = 100, noise_cv = 0.05 (before each dispatch,
+             per token of the rank's own batch; a slow GPU slows it too)
   [probe]    peer_sample_every = 10
-  [[faults]] kind = "slow_gpu" | "slow_nic" | "hot_expert" | "hang" | "slow_link",
-             rank, start_step, factor (slow_gpu, slow_nic, slow_link), expert and share
-             (hot_expert), layer (hang), peer (slow_link: the link's other end)
+  [[faults]] kind = "slow_gpu" | "slow_nic" | "hot_expert" | "batch_imbalance" | "hang"
+             | "slow_link", rank, start_step, factor (slow_gpu, slow_nic, slow_link,
+             batch_imbalance: the rank's batch), expert and share (hot_expert), layer
+             (hang), peer (slow_link: the link's other end)
 examples are in simulator/scenarios/.
 """
 
@@ -79,6 +88,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", type=Path, help="scenario file (TOML)")
     p.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--record",
+        type=Path,
+        metavar="DIR",
+        help="also write the run as the collector's --record would (records and per-peer "
+        "rows), for `epwatch replay` and `epwatch report`",
+    )
 
 
 def _progress(done: int, total: int) -> None:
@@ -92,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"epwatch simulate: {err}", file=sys.stderr)
         return 2
     show = not args.quiet and sys.stderr.isatty()
+    if args.record is not None:
+        from epwatch.cli.simrecord import record_scenario
+
+        written = record_scenario(scenario, args.record)
+        print(f"recorded {written:,} records in {args.record}", file=sys.stderr)
     report, _ = run_scenario(scenario, progress=_progress if show else None)
     if args.json:
         print(json.dumps(diagnosis_json([report])))

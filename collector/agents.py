@@ -3,7 +3,9 @@
 Every message carries the sending agent's ``AgentStats`` (running totals). The table
 keeps the newest per agent and sums them per node at scrape time; a restarted agent is
 a new ``agent_id`` and its predecessor's totals stay in the sum, so the per-node
-counters keep increasing. Agents with no open stream are forgotten LRU past a bound.
+counters keep increasing. Agents with no open stream are forgotten LRU past a bound,
+their totals folded into their node's until the node itself has been gone an hour.
+Only messages that passed validation reach this table.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prometheus_client.registry import Collector
 from epwatch.protos import epwatch_pb2 as pb
 
 SPOOL_STALE_S = 300.0
+RETIRED_KEEP_S = 3600.0
 
 _CONNECTED = ("epwatch_agents_connected", "Agents with an open stream")
 _PER_NODE = (
@@ -47,6 +50,7 @@ class AgentTable(Collector):
     def __init__(self, max_agents: int = 10_000) -> None:
         self._max_agents = max_agents
         self._agents: OrderedDict[str, _Agent] = OrderedDict()
+        self._retired: OrderedDict[str, _Agent] = OrderedDict()  # per node
         self._lock = threading.Lock()
 
     def _get(self, agent_id: str, node: str) -> _Agent:
@@ -64,9 +68,30 @@ class AgentTable(Collector):
         if len(self._agents) <= self._max_agents:
             return
         for agent_id in [k for k, a in self._agents.items() if a.streams == 0]:
-            del self._agents[agent_id]
+            self._retire(self._agents.pop(agent_id))
             if len(self._agents) <= self._max_agents:
                 return
+
+    def _retire(self, a: _Agent) -> None:
+        """An evicted agent's totals stay in its node's counters (a counter that went
+        down would read as a reset), until the node has been silent for
+        ``RETIRED_KEEP_S``."""
+        if not a.node:
+            return
+        r = self._retired.setdefault(a.node, _Agent(a.node))
+        self._retired.move_to_end(a.node)
+        r.records_dropped += a.records_dropped
+        r.hook_records_dropped += a.hook_records_dropped
+        r.seen_s = max(r.seen_s, a.seen_s)
+        while len(self._retired) > self._max_agents:
+            self._retired.popitem(last=False)
+
+    def _forget_retired(self, now: float) -> None:
+        live = {a.node for a in self._agents.values()}
+        for node in [
+            n for n, r in self._retired.items() if n not in live and now - r.seen_s > RETIRED_KEEP_S
+        ]:
+            del self._retired[node]
 
     def observe(self, agent_id: str, node: str, stats: pb.AgentStats | None) -> None:
         """Record the stats a message carried."""
@@ -103,7 +128,12 @@ class AgentTable(Collector):
         hook_dropped: dict[str, int] = {}
         spool: dict[str, int] = {}
         with self._lock:
+            self._forget_retired(now)
             agents = list(self._agents.values())
+            retired = list(self._retired.values())
+        for a in retired:
+            dropped[a.node] = dropped.get(a.node, 0) + a.records_dropped
+            hook_dropped[a.node] = hook_dropped.get(a.node, 0) + a.hook_records_dropped
         for a in agents:
             if not a.node:
                 continue

@@ -8,10 +8,12 @@ the others. A failing estimator is logged and skipped, never fatal.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 
+from epwatch.collector.estimators.report import StragglerReport
 from epwatch.collector.groups import EvidenceFn, Group, GroupTable
 from epwatch.collector.metrics import IngestMetrics
 
@@ -62,8 +64,13 @@ class Analyzer:
             with group.lock:
                 group.estimator.update(now, final=final)
                 group.report = group.estimator.report(evidence=self.evidence)
+                take = getattr(group.estimator, "take_flag_changes", None)
+                changes = take() if take is not None else []
         except Exception:
             log.exception("estimators failed for EP group %s", group.ep_group)
+            return
+        for event, s in changes:
+            log_flag_change(group.ep_group, event, s)
 
     def _run(self) -> None:
         next_at = time.monotonic()
@@ -75,3 +82,16 @@ class Analyzer:
                 delay = self._interval_s / 4
                 next_at = time.monotonic() + delay
             self._stop.wait(delay)
+
+
+def log_flag_change(ep_group: str, event: str, s: StragglerReport) -> None:
+    """One INFO line per flag that opened or cleared: what an operator greps for."""
+    size = f"{s.slowdown:.3g}x"
+    if math.isfinite(s.slowdown_low) and math.isfinite(s.slowdown_high):
+        size += f" [{s.slowdown_low:.3g}-{s.slowdown_high:.3g}]"
+    verb = "flagged as" if event == "opened" else "cleared as"
+    step = s.opened_step if event == "opened" else s.last_step
+    log.info(
+        "EP group %s: rank %d on %s %s %s straggler, %s, step %d",
+        ep_group, s.rank, s.node or "?", verb, s.cause, size, step,
+    )  # fmt: skip

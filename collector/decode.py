@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from google.protobuf.message import DecodeError
 
+from epwatch.names import check_name
 from epwatch.protos import epwatch_pb2 as pb
-from epwatch.schema import RecordError
+from epwatch.schema import MAX_COUNT, RecordError
+
+_STATS_FIELDS = ("records_received", "records_dropped", "spool_records", "hook_records_dropped")
 
 
 def parse_message(raw: bytes) -> pb.AgentMessage:
@@ -34,3 +37,17 @@ def check_size(raw: bytes, max_bytes: int) -> None:
         raise RecordError(
             "oversized", f"message of {len(raw)} bytes exceeds the limit of {max_bytes} bytes"
         )
+
+
+def check_header(msg: pb.AgentMessage) -> None:
+    """The names and running totals every message carries: names bounded and
+    label-safe, totals below 2^48 (an agent's real counters never get there; a forged
+    2^64-1 would show on every dashboard)."""
+    if msg.agent_id:
+        check_name("agent_id", msg.agent_id)
+    if msg.node:
+        check_name("node", msg.node)
+    if msg.HasField("stats"):
+        for name in _STATS_FIELDS:
+            if getattr(msg.stats, name) >= MAX_COUNT:
+                raise RecordError("bad_stats", f"agent stats {name} is implausibly large")

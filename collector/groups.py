@@ -84,13 +84,30 @@ class Group:
     estimator: Estimator
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_ingest_s: float = field(default_factory=time.monotonic)
+    created_s: float = field(default_factory=time.monotonic)
     report: GroupReport | None = None  # the newest, set by the analyzer
+
+    @property
+    def established(self) -> bool:
+        """It has completed a step: real ranks are behind it, not a stray name."""
+        return self.report is not None and self.report.steps > 0
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(getattr(self.estimator, "memory_bytes", 0))
 
 
 class GroupTable:
-    """Groups by name, created on first use; a group idle for ``expire_after_s`` is
-    forgotten (its series vanish). A group quiet for ``resize_after_s`` may come back
-    with another world size: its engine restarted at another EP width."""
+    """Groups by name, created on first use, within a slot count and a memory budget.
+
+    A group that has not completed a step is provisional: provisional groups may hold
+    at most ``max_provisional`` slots, one that completes no step within
+    ``provisional_grace_s`` gives its slot to a newcomer, and one idle that long is
+    forgotten. So names that never form a step cannot lock a real group out. An
+    established group idle for ``expire_after_s`` is forgotten (its series vanish); one
+    quiet for ``resize_after_s`` may come back with another world size (its engine
+    restarted at another EP width). Every group's estimator reserves its
+    ``memory_bytes`` from ``memory_budget`` for as long as it lives."""
 
     def __init__(
         self,
@@ -98,33 +115,33 @@ class GroupTable:
         max_groups: int = 64,
         expire_after_s: float = 600.0,
         resize_after_s: float = 30.0,
+        *,
+        memory_budget: int | None = None,
+        provisional_grace_s: float = 30.0,
+        max_provisional: int | None = None,
     ) -> None:
         self._factory = factory
         self._max_groups = max_groups
         self._expire_after_s = expire_after_s
         self._resize_after_s = resize_after_s
+        self._memory_budget = memory_budget
+        self._grace_s = provisional_grace_s
+        self._max_provisional = max_provisional or max_groups
         self._groups: dict[str, Group] = {}
         self._lock = threading.Lock()
 
     def get(self, ep_group: str, world_size: int) -> Group:
-        """The group for a batch; RecordError if its world size disagrees."""
+        """The group for a batch; RecordError if its world size disagrees, or if there
+        is no slot or memory for a new one."""
         g = self._groups.get(ep_group)
         if g is not None and g.world_size == world_size:
             return g
         with self._lock:
             g = self._groups.get(ep_group)
             if g is None:
-                if len(self._groups) >= self._max_groups:
-                    raise RecordError(
-                        "too_many_groups",
-                        f"already {self._max_groups} EP groups; {ep_group!r} refused",
-                    )
-                g = self._groups[ep_group] = Group(
-                    ep_group, world_size, self._factory(ep_group, world_size)
-                )
-                log.info("new EP group %s with world_size %d", ep_group, world_size)
+                return self._create(ep_group, world_size, replacing=None)
+            if g.world_size == world_size:
                 return g
-        if g.world_size != world_size:
             idle = time.monotonic() - g.last_ingest_s
             if idle < self._resize_after_s:
                 raise RecordError(
@@ -133,11 +150,50 @@ class GroupTable:
                     f"{world_size} (accepted once the group has been quiet for "
                     f"{self._resize_after_s:.0f} s: an engine restarted at another size)",
                 )
-            with self._lock:
-                g = self._groups[ep_group] = Group(
-                    ep_group, world_size, self._factory(ep_group, world_size)
+            g = self._create(ep_group, world_size, replacing=g)
+        log.info("EP group %s restarted with world_size %d", ep_group, world_size)
+        return g
+
+    def _create(self, ep_group: str, world_size: int, replacing: Group | None) -> Group:
+        """A new provisional group (caller holds the lock)."""
+        others = [g for g in self._groups.values() if g is not replacing]
+        provisional = [g for g in others if not g.established]
+        if replacing is None and (
+            len(others) >= self._max_groups or len(provisional) >= self._max_provisional
+        ):
+            now = time.monotonic()
+            stale = [g for g in provisional if now - g.created_s > self._grace_s]
+            if not stale:
+                kind = "groups" if len(others) >= self._max_groups else "new groups"
+                raise RecordError(
+                    "too_many_groups",
+                    f"already {len(others) if kind == 'groups' else len(provisional)} EP "
+                    f"{kind}; {ep_group!r} refused (a new group's slot frees when one has "
+                    f"completed no step for {self._grace_s:.0f} s)",
                 )
-            log.info("EP group %s restarted with world_size %d", ep_group, world_size)
+            victim = min(stale, key=lambda g: g.last_ingest_s)
+            del self._groups[victim.ep_group]
+            others.remove(victim)
+            log.warning(
+                "EP group %s completed no step: its slot goes to %s", victim.ep_group, ep_group
+            )
+        try:
+            estimator = self._factory(ep_group, world_size)
+        except ValueError as exc:
+            raise RecordError("over_budget", f"EP group {ep_group!r}: {exc}") from None
+        g = Group(ep_group, world_size, estimator)
+        if self._memory_budget is not None:
+            used = sum(o.memory_bytes for o in others)
+            if used + g.memory_bytes > self._memory_budget:
+                raise RecordError(
+                    "over_budget",
+                    f"EP group {ep_group!r} (world_size {world_size}) needs "
+                    f"{g.memory_bytes >> 20} MiB; {used >> 20} of the collector's "
+                    f"{self._memory_budget >> 20} MiB are in use",
+                )
+        self._groups[ep_group] = g
+        if replacing is None:
+            log.info("new EP group %s with world_size %d", ep_group, world_size)
         return g
 
     def groups(self) -> list[Group]:
@@ -149,12 +205,17 @@ class GroupTable:
             gone = [
                 name
                 for name, g in self._groups.items()
-                if now_s - g.last_ingest_s > self._expire_after_s
+                if now_s - g.last_ingest_s
+                > (
+                    self._expire_after_s
+                    if g.established
+                    else min(self._grace_s, self._expire_after_s)
+                )
             ]
             for name in gone:
                 del self._groups[name]
         for name in gone:
-            log.info("EP group %s expired after %.0f s without data", name, self._expire_after_s)
+            log.info("EP group %s expired without data", name)
         return gone
 
 

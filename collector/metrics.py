@@ -30,12 +30,15 @@ PHASES = ("dispatch", "combine")
 # series before anything goes wrong (tests/test_collector_ingest.py keeps this list
 # complete).
 REJECT_REASONS = (
+    "bad_name",
     "bad_phase",
     "bad_sample",
+    "bad_stats",
     "bad_world_size",
     "count_out_of_range",
     "duration_out_of_range",
     "garbage",
+    "identity",
     "internal",
     "layer_out_of_range",
     "length_mismatch",
@@ -43,15 +46,19 @@ REJECT_REASONS = (
     "missing_column",
     "missing_group",
     "missing_node",
+    "missing_seq",
     "negative_count",
     "negative_duration",
     "negative_time",
     "non_finite",
+    "over_budget",
     "oversized",
     "rank_out_of_range",
     "step_out_of_range",
     "too_large",
     "too_many_groups",
+    "too_many_streams",
+    "unauthenticated",
     "unsupported_payload",
     "unsupported_schema",
     "world_size_changed",
@@ -224,10 +231,27 @@ class GroupMetrics(Collector):
             "arrival_lag_s": _gauge(
                 "epwatch_rank_arrival_lag_seconds", "Median arrival lag", [*g, "rank", "node"]
             ),
+            "batch_ratio": _gauge(
+                "epwatch_rank_batch_ratio",
+                "A rank's own (data-parallel) batch over the group median",
+                [*g, "rank", "node"],
+            ),
             "straggler": _gauge(
                 "epwatch_straggler",
-                "Present while the rank is flagged; value = slowdown",
+                "Present while the rank is flagged slow; value = slowdown",
                 [*g, "rank", "node", "cause"],
+            ),
+            "stalled_rank": _gauge(
+                "epwatch_rank_stalled_seconds",
+                "Present while the rank is pinned as hung (never entered the collective "
+                "its peers wait in); value = seconds the group has made no progress",
+                [*g, "rank", "node"],
+            ),
+            "dropped": CounterMetricFamily(
+                "epwatch_dropped_tokens",
+                "Routed token-expert slots for the rank's experts that a capacity limit "
+                "dropped (GShard/Switch layers), in analysed steps",
+                labels=[*g, "rank"],
             ),
             "first_step": _gauge(
                 "epwatch_straggler_first_step",
@@ -319,7 +343,7 @@ def _add_group(fams: dict[str, Any], group: Group, rep: GroupReport, stalled: fl
                 [name, phase], 1.0 if fit.regime == "latency-bound" else 0.0
             )
     _add(fams["lost"], [name], rep.time_lost_per_step_s)
-    for key in ("compute_slowdown", "load_ratio", "arrival_lag_s"):
+    for key in ("compute_slowdown", "load_ratio", "arrival_lag_s", "batch_ratio"):
         for rank, value in enumerate(getattr(rep, key)):
             node = rep.nodes[rank] if rank < len(rep.nodes) else ""
             _add(fams[key], [name, str(rank), node], value)
@@ -329,12 +353,18 @@ def _add_group(fams: dict[str, Any], group: Group, rep: GroupReport, stalled: fl
         if not s.active or key in seen:
             continue
         seen.add(key)
-        slowdown = finite(s.slowdown)
-        fams["straggler"].add_metric([name, *key], slowdown if slowdown is not None else 1.0)
+        if s.cause == "hang":  # seconds stalled, not a slowdown: a metric of its own
+            fams["stalled_rank"].add_metric([name, *key[:2]], max(stalled, 0.0))
+        else:
+            slowdown = finite(s.slowdown)
+            fams["straggler"].add_metric([name, *key], 1.0 if slowdown is None else slowdown)
         _add(fams["first_step"], [name, *key], s.first_step)
         lines = dict.fromkeys(evidence_label(x) for x in s.evidence)
         for line in list(lines)[:MAX_EVIDENCE]:
             fams["evidence"].add_metric([name, *key, line], 1.0)
+    for rank, total in enumerate(rep.dropped_tokens_total):
+        if total:
+            fams["dropped"].add_metric([name, str(rank)], float(total))
     _add(fams["steps"], [name], rep.steps)
     if rep.last_step >= 0:
         _add(fams["last_step"], [name], rep.last_step)

@@ -14,6 +14,7 @@ from typing import Any
 
 from epwatch.collector.estimators import EstimatorConfig, GroupEstimator, GroupReport
 from epwatch.collector.estimators.evidence import NodeEvidence
+from epwatch.collector.estimators.stats import StepStats
 from epwatch.schema import Entered, PeerRows, RecordColumns
 
 # Window statistics over (up to) the whole run, as a post-mortem wants them.
@@ -54,6 +55,7 @@ class OfflineRun:
             self.estimator.set_nodes(nodes)
         self.source_time_s = 0.0
         self.evidence = NodeEvidence(clock=lambda: self.source_time_s)
+        self._steps_seen = 0
 
     def ingest(
         self,
@@ -75,6 +77,15 @@ class OfflineRun:
         """A node's GPU/NIC sample points taken at ``time_s`` (the source's clock)."""
         self.source_time_s = time_s
         self.evidence.update(node, points, time_s)
+
+    def new_steps(self) -> list[StepStats]:
+        """The statistics of every step finalised since the last call, the estimators'
+        own numbers, for a report that draws the run step by step (call it after each
+        batch: the window keeps only its last ``window_steps``)."""
+        est = self.estimator
+        fresh = min(est.steps_done - self._steps_seen, len(est.window))
+        self._steps_seen = est.steps_done
+        return [est.window[-i] for i in range(fresh, 0, -1)]  # deque ends index in O(1)
 
     def finish(self) -> GroupReport:
         """Finalise every step still open and report the whole run."""

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from epwatch.names import check_label_value
 from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import RecordError
 
 NAME_RE = re.compile(r"^epwatch_[a-zA-Z0-9_]+$")
 LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-MAX_POINTS = 20_000
+MAX_POINTS = 4_096  # per message, and so per node (a round replaces the node's last)
+MAX_TOTAL_POINTS = 500_000  # every node's together
 MAX_LABELS = 16
-MAX_LABEL_VALUE = 256
 MAX_NAMES = 2_000
 MAX_NODES = 10_000
 GAUGE = pb.MetricPoint.Kind.GAUGE
@@ -58,18 +59,25 @@ class NodeSampleStore(Collector):
         self._stale_after_s = stale_after_s
         self._lock = threading.Lock()
         self._nodes: dict[str, _NodeRound] = {}
+        self._total = 0  # points held over every node
         # family and sample names -> the (name, kind) that first used them
         self._owners: dict[str, tuple[str, int]] = {}
         self._help: dict[str, str] = {}
 
     def validate(self, sample: pb.NodeSample, node: str = "") -> None:
         """Raise RecordError(reason='bad_sample') naming the first bad point."""
-        with self._lock:
-            full = node not in self._nodes and len(self._nodes) >= MAX_NODES
-        if full:
-            raise RecordError("bad_sample", f"already {MAX_NODES} nodes; {node!r} refused")
         if len(sample.points) > MAX_POINTS:
             raise RecordError("bad_sample", f"{len(sample.points)} points > {MAX_POINTS}")
+        with self._lock:
+            full = node not in self._nodes and len(self._nodes) >= MAX_NODES
+            previous = self._nodes.get(node)
+            total = self._total - (len(previous.points) if previous else 0) + len(sample.points)
+        if full:
+            raise RecordError("bad_sample", f"already {MAX_NODES} nodes; {node!r} refused")
+        if total > MAX_TOTAL_POINTS:
+            raise RecordError(
+                "bad_sample", f"the nodes' samples would hold {total} series > {MAX_TOTAL_POINTS}"
+            )
         claimed: dict[str, tuple[str, int]] = {}
         for p in sample.points:
             name = p.name
@@ -100,8 +108,7 @@ class NodeSampleStore(Collector):
             for key, value in p.labels.items():
                 if not LABEL_RE.match(key) or key.startswith("__"):
                     raise RecordError("bad_sample", f"label name {key!r} of {name!r} is invalid")
-                if len(value) > MAX_LABEL_VALUE:
-                    raise RecordError("bad_sample", f"label {key!r} of {name!r} is too long")
+                check_label_value(f"label {key!r} of {name!r}", value)
 
     def update(self, node: str, sample: pb.NodeSample, now_s: float | None = None) -> None:
         """Replace ``node``'s round (call :meth:`validate` first)."""
@@ -117,6 +124,8 @@ class NodeSampleStore(Collector):
                 points.append(
                     _Point(p.name, tuple(sorted(labels.items())), p.value, p.kind == COUNTER)
                 )
+            previous = self._nodes.get(node)
+            self._total += len(points) - (len(previous.points) if previous else 0)
             self._nodes[node] = _NodeRound(time.monotonic() if now_s is None else now_s, points)
 
     def nodes(self) -> list[str]:
@@ -129,7 +138,7 @@ class NodeSampleStore(Collector):
             for node in [
                 n for n, r in self._nodes.items() if now - r.received_s > self._stale_after_s
             ]:
-                del self._nodes[node]
+                self._total -= len(self._nodes.pop(node).points)
             rounds = list(self._nodes.values())
             helps = dict(self._help)
         series: dict[tuple[str, bool], dict[tuple[tuple[str, str], ...], float]] = {}

@@ -96,18 +96,24 @@ def ep_group() -> Dashboard:
     board.row("Stragglers").add(
         table(
             "Current stragglers",
-            Target(f"epwatch_straggler{{{gn}}}"),
+            # Hung ranks have their own metric (seconds stalled, not a slowdown); one
+            # table shows both, the hang's value in seconds.
+            Target(
+                f"epwatch_straggler{{{gn}}} or label_replace("
+                f'epwatch_rank_stalled_seconds{{{gn}}}, "cause", "hang", "", "")'
+            ),
             Target(f"epwatch_straggler_first_step{{{gn}}}"),
             columns={
                 "rank": "rank",
                 "node": "node",
                 "cause": "cause",
-                "Value #A": "slowdown",
+                "Value #A": "slowdown x (hang: s stalled)",
                 "Value #B": "first step",
             },
             hide=("Time", "__name__", "job", "instance", "ep_group"),
-            description="Ranks flagged now: cause compute, network, routing or hang; "
-            "slowdown relative to the group. The node links to its node dashboard.",
+            description="Ranks flagged now: cause compute, network, routing (slowdown "
+            "relative to the group) or hang (seconds the group has been stalled). The node "
+            "links to its node dashboard.",
             overrides=[link_column("node", "Node dashboard", NODE_LINK)],
         ),
         table(

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Install Debian's prometheus (server + promtool) and prometheus-alertmanager when they
-# are missing. Only root can; anyone else gets a message and the tests that need the
-# binaries skip with the same advice.
+# Install Debian's prometheus (server + promtool), prometheus-alertmanager and chromium
+# (the report's headless-browser test) when they are missing. Only root can; anyone else
+# gets a message and the tests that need the binaries skip with the same advice.
 set -u
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 \
   || missing+=(prometheus-alertmanager)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "note: ${missing[*]} not installed; Prometheus/Alertmanager tests will skip." >&2
+  echo "note: ${missing[*]} not installed; the tests that need them will skip." >&2
   echo "      install with: sudo apt-get install --no-install-recommends ${missing[*]}" >&2
   exit 0
 fi

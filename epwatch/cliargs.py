@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import socket
 import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import TypeVar
+
+from epwatch.webconfig import WebConfigError, WebSecurity, load_web_config
 
 N = TypeVar("N", int, float)
 
@@ -52,6 +55,32 @@ def positive(kind: type[N]) -> Callable[[str], N]:
     return parse
 
 
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([kmg]i?)?b?\s*", re.IGNORECASE)
+_UNITS = {
+    None: 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+}
+
+
+def byte_size(text: str) -> int:
+    """An argparse type for a byte count: ``1048576``, ``64MiB``, ``1GiB``, ``500M``."""
+    m = _SIZE_RE.fullmatch(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a byte count like 1048576 or 64MiB, got {text!r}"
+        )
+    unit = m.group(2).lower() if m.group(2) else None
+    value = int(m.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -85,3 +114,29 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return stop
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (a daemon with many clients
+    must not run out of descriptors at a distribution's default 1024); the new limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logging.getLogger(__name__).warning("cannot raise RLIMIT_NOFILE: %s", exc)
+    return soft
+
+
+def load_web_config_flag(path: str | None, command: str) -> WebSecurity | None:
+    """``--web-config FILE`` of ``epwatch <command>``: its settings, or exit saying
+    what is wrong with the file."""
+    if not path:
+        return None
+    try:
+        return load_web_config(path)
+    except WebConfigError as err:
+        raise SystemExit(f"epwatch {command}: --web-config: {err}") from None

@@ -17,7 +17,7 @@ from epwatch import wire
 from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import Entered, IntervalColumns, PeerRows, RecordColumns
 
-MAX_FRAME_BYTES = 64 << 20
+MAX_FRAME_BYTES = 64 << 20  # the protocol's bound; the agent's own is lower (16 MiB)
 HEADER = struct.Struct("<I")
 RUN_DIR = "/run/epwatch"
 
@@ -91,18 +91,19 @@ def interval_frame(
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    """Exactly n bytes, or None on EOF before the first byte."""
-    buf = bytearray(n)
-    view = memoryview(buf)
+    """Exactly n bytes, or None on EOF before the first byte. Read in chunks as they
+    arrive: memory follows what the peer sent, not the length it announced."""
+    chunks: list[bytes] = []
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
+        chunk = sock.recv(min(n - got, 256 << 10))
+        if not chunk:
             if got == 0:
                 return None
             raise FrameError("truncated", f"connection closed after {got} of {n} bytes")
-        got += k
-    return bytes(buf)
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 def read_frame(sock: socket.socket, max_bytes: int = MAX_FRAME_BYTES) -> bytes | None:

@@ -21,6 +21,16 @@ _BISQUARE_C = 4.685  # 95% efficiency under normal noise
 _IRLS_ITERATIONS = 10
 
 
+# When a fit is trustworthy enough to publish L and BW_eff (docs/design.md §4). Below
+# 10% spread in message size the intercept and slope trade off against each other
+# within the timing noise; below R^2 0.5 the line explains less than half of the
+# variance of the transfer times (other jobs on the fabric, stragglers the robust
+# weights did not remove), and L and BW_eff are numbers without a meaning.
+MIN_SIZE_SPREAD = 0.1  # (p90 - p10) / median of the message sizes
+MIN_R2 = 0.5
+TOO_UNIFORM = "message sizes too uniform to separate L from BW"
+
+
 class FitError(ValueError):
     """The points cannot support a fit (too few, or no spread in bytes)."""
 
@@ -81,7 +91,7 @@ def fit(volume_bytes: np.ndarray, seconds: np.ndarray) -> HockneyFit:
     if len(x) < 3:
         raise FitError(f"need at least 3 points, got {len(x)}")
     if np.ptp(x) <= 0:
-        raise FitError("all points have the same byte count: no spread to fit a bandwidth")
+        raise FitError(f"{TOO_UNIFORM}: every point has the same byte count")
     # Work in scaled units so the normal equations stay well conditioned.
     xs, ys = x.max(), np.median(np.abs(y)) or 1.0
     xn, yn = x / xs, y / ys
@@ -102,7 +112,7 @@ def fit(volume_bytes: np.ndarray, seconds: np.ndarray) -> HockneyFit:
         if converged:
             break
     if slope <= 0:
-        raise FitError("fitted time does not grow with bytes: no bandwidth to report")
+        raise FitError("transfer time does not grow with message size: no bandwidth to report")
     pred = intercept + slope * xn
     wm = (w * yn).sum() / w.sum() if w.sum() > 0 else yn.mean()
     ss_res = (w * (yn - pred) ** 2).sum()
@@ -115,3 +125,28 @@ def fit(volume_bytes: np.ndarray, seconds: np.ndarray) -> HockneyFit:
         n=len(x),
         inliers=int((w > 0).sum()),
     )
+
+
+def size_spread(volume_bytes: np.ndarray) -> float:
+    """(p90 - p10) / median of the finite message sizes; 0 when there are none."""
+    x = np.asarray(volume_bytes, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return 0.0
+    p10, p50, p90 = np.percentile(x, [10, 50, 90])
+    return float((p90 - p10) / p50) if p50 > 0 else 0.0
+
+
+def untrustworthy(
+    volume_bytes: np.ndarray,
+    result: HockneyFit,
+    min_spread: float = MIN_SIZE_SPREAD,
+    min_r2: float = MIN_R2,
+) -> str | None:
+    """Why L and BW_eff of ``result`` should not be published, or None when they can."""
+    spread = size_spread(volume_bytes)
+    if spread < min_spread:
+        return f"{TOO_UNIFORM}: spread {spread:.0%}, need {min_spread:.0%}"
+    if not math.isfinite(result.r2) or result.r2 < min_r2:
+        return f"fit too poor to trust: R^2 {result.r2:.2f}, need {min_r2:.2f}"
+    return None

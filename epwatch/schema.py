@@ -35,7 +35,11 @@ RECORD_DTYPES: dict[str, str] = {
     "send_bytes": "<i8",
     "recv_bytes": "<i8",
     "recv_tokens": "<i8",
+    "dropped_tokens": "<i8",
 }
+# Columns added after the first release: a sender, recording or caller that does not
+# have them means 0 (a dropless layer drops nothing).
+OPTIONAL_RECORD_COLUMNS = frozenset({"dropped_tokens"})
 
 # Optional, sampled per-peer rows (design §3): one row of world_size values.
 PEER_KEY_DTYPES: dict[str, str] = {"rank": "<i4", "step": "<i8", "layer": "<i4", "phase": "<u1"}
@@ -114,12 +118,17 @@ def _check_times(what: str, start: np.ndarray, end: np.ndarray) -> None:
         raise RecordError("duration_out_of_range", f"{what} lasts more than an hour")
 
 
-def _as_columns(values: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
+def _as_columns(
+    values: dict[str, np.ndarray], dtypes: dict[str, str], optional: frozenset[str] = frozenset()
+) -> dict[str, np.ndarray]:
     out = {}
     for name, dtype in dtypes.items():
-        if name not in values:
+        if name in values:
+            out[name] = np.ascontiguousarray(values[name], dtype=dtype)
+        elif name in optional:
+            out[name] = np.zeros(len(next(iter(out.values()), ())), dtype=dtype)
+        else:
             raise RecordError("missing_column", f"column {name!r} is missing")
-        out[name] = np.ascontiguousarray(values[name], dtype=dtype)
     return out
 
 
@@ -137,10 +146,12 @@ class RecordColumns:
     send_bytes: np.ndarray
     recv_bytes: np.ndarray
     recv_tokens: np.ndarray
+    dropped_tokens: np.ndarray  # routed slots for this rank's experts lost to capacity
 
     @classmethod
     def from_arrays(cls, **values: np.ndarray) -> RecordColumns:
-        return cls(**_as_columns(values, RECORD_DTYPES))
+        """Columns from arrays; the optional ones (``dropped_tokens``) default to 0."""
+        return cls(**_as_columns(values, RECORD_DTYPES, OPTIONAL_RECORD_COLUMNS))
 
     @classmethod
     def empty(cls) -> RecordColumns:
@@ -176,8 +187,11 @@ class RecordColumns:
             return
         _check_ranks("record", self.rank, world_size)
         _check_keys("record", self.step, self.layer, self.phase)
-        if self.enter_ns.min() < 0:
-            raise RecordError("negative_time", "enter_ns must be a non-negative clock reading")
+        if self.enter_ns.min() < 0 or self.exit_ns.min() < 0:
+            raise RecordError(
+                "negative_time", "enter_ns and exit_ns must be non-negative clock readings"
+            )
+        # Both are in [0, 2^63): the difference cannot wrap around int64.
         duration = self.exit_ns - self.enter_ns
         if duration.min() < 0:
             i = int(np.argmin(duration))
@@ -192,7 +206,7 @@ class RecordColumns:
                 "duration_out_of_range",
                 f"record {i} (rank {int(self.rank[i])}) lasts more than an hour",
             )
-        for name in ("send_bytes", "recv_bytes", "recv_tokens"):
+        for name in ("send_bytes", "recv_bytes", "recv_tokens", "dropped_tokens"):
             col = getattr(self, name)
             if col.min() < 0:
                 raise RecordError("negative_count", f"column {name!r} has a negative value")
@@ -215,6 +229,22 @@ class PeerRows:
 
     def __len__(self) -> int:
         return len(self.rank)
+
+    def take(self, index: np.ndarray | slice) -> PeerRows:
+        """The rows at ``index`` (a mask, indices or a slice); an absent matrix stays
+        absent."""
+
+        def rows_of(m: np.ndarray) -> np.ndarray:
+            return m[index] if m.ndim == 2 and len(m) == len(self) else m
+
+        return PeerRows(
+            rank=self.rank[index],
+            step=self.step[index],
+            layer=self.layer[index],
+            phase=self.phase[index],
+            wait_s=rows_of(self.wait_s),
+            send_bytes=rows_of(self.send_bytes),
+        )
 
     @classmethod
     def empty(cls, world_size: int = 0) -> PeerRows:

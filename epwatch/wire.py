@@ -19,6 +19,7 @@ from epwatch.schema import (
     INTERVAL_WAIT_DTYPE,
     MAX_LOCAL_EXPERTS,
     MAX_WORLD_SIZE,
+    OPTIONAL_RECORD_COLUMNS,
     PEER_KEY_DTYPES,
     PEER_SEND_DTYPE,
     PEER_WAIT_DTYPE,
@@ -57,7 +58,10 @@ def encode_records(
     """Pack columns into a :class:`RecordBatch` message."""
     batch = pb.RecordBatch(ep_group=ep_group, world_size=world_size, count=len(records))
     for name, dtype in RECORD_DTYPES.items():
-        setattr(batch, name, np.ascontiguousarray(getattr(records, name), dtype=dtype).tobytes())
+        column = getattr(records, name)
+        if name in OPTIONAL_RECORD_COLUMNS and not column.any():
+            continue  # all zero: absent on the wire, as from a sender that predates it
+        setattr(batch, name, np.ascontiguousarray(column, dtype=dtype).tobytes())
     if peer_rows is not None and len(peer_rows):
         rows = batch.peer_rows
         rows.count = len(peer_rows)
@@ -74,14 +78,17 @@ def encode_records(
 
 
 def decode_records(batch: pb.RecordBatch) -> RecordColumns:
-    """Columns of a batch, zero-copy. Raises :class:`RecordError` on length mismatch."""
+    """Columns of a batch, zero-copy. Raises :class:`RecordError` on length mismatch.
+    An optional column a batch does not carry (an older sender's) is all zero."""
     n = batch.count
-    return RecordColumns(
-        **{
-            name: _column(getattr(batch, name), dtype, n, name)
-            for name, dtype in RECORD_DTYPES.items()
-        }
-    )
+    columns = {}
+    for name, dtype in RECORD_DTYPES.items():
+        raw = getattr(batch, name)
+        if not raw and name in OPTIONAL_RECORD_COLUMNS:
+            columns[name] = np.zeros(n, dtype=dtype)
+        else:
+            columns[name] = _column(raw, dtype, n, name)
+    return RecordColumns(**columns)
 
 
 def _matrix(raw: bytes, dtype: str, rows: int, world_size: int, name: str) -> np.ndarray:

@@ -8,8 +8,10 @@
     probe.end(token, send_bytes=..., recv_bytes=..., recv_tokens=...)
 
 This package imports without torch. The adapters for ``torch.distributed`` and DeepEP
-live in :mod:`epwatch.hooks.torch_a2a` and :mod:`epwatch.hooks.deepep` and import torch
-when they are used. See docs/hooks.md.
+live in :mod:`epwatch.hooks.torch_a2a` and :mod:`epwatch.hooks.deepep`, and the
+one-line patch for libraries that call the all-to-all themselves (fairscale,
+DeepSpeed, Megatron) in :mod:`epwatch.hooks.patch`; they import torch when they are
+used. See docs/hooks.md.
 """
 
 from epwatch.hooks.config import HookConfig, default_socket_path

@@ -24,10 +24,11 @@ DISPATCH = int(Phase.DISPATCH)
 COMBINE = int(Phase.COMBINE)
 
 # begin() -> (step, layer, phase, enter stamp); end() appends the token extended by
-# (exit stamp, send_bytes, recv_bytes, recv_tokens, peer_wait_s, peer_send_bytes): one
-# flat tuple per record, so the token dies at once and little stays alive for the GC.
+# (exit stamp, send_bytes, recv_bytes, recv_tokens, dropped_tokens, peer_wait_s,
+# peer_send_bytes): one flat tuple per record, so the token dies at once and little
+# stays alive for the GC.
 Token = tuple[int, int, int, Any]
-Record = tuple[int, int, int, Any, Any, Any, Any, Any, Any, Any]
+Record = tuple[int, int, int, Any, Any, Any, Any, Any, Any, Any, Any]
 
 
 class Probe:
@@ -88,9 +89,12 @@ class Probe:
         recv_tokens: Any = 0,
         peer_wait_s: Any = None,
         peer_send_bytes: Any = None,
+        dropped_tokens: Any = 0,
     ) -> None:
         """Mark exit; queue the record. Counts may be numbers or :class:`Deferred`;
-        peer vectors are sequences of ``world_size`` values (kept on sampled steps)."""
+        peer vectors are sequences of ``world_size`` values (kept on sampled steps).
+        ``dropped_tokens``: routed token-expert slots for this rank's experts that a
+        capacity limit dropped (dispatch; 0 when the layer is dropless)."""
         if token is None:  # begin() failed or was skipped (CUDA-graph capture)
             return
         try:
@@ -98,7 +102,8 @@ class Probe:
             buf = self._buf
             if len(buf) < self._cap:
                 # One flat tuple per record; concatenation is ~4x cheaper than unpacking.
-                rest = (t, send_bytes, recv_bytes, recv_tokens, peer_wait_s, peer_send_bytes)
+                rest = (t, send_bytes, recv_bytes, recv_tokens, dropped_tokens, peer_wait_s,
+                        peer_send_bytes)  # fmt: skip
                 buf.append(token + rest)
             else:
                 self.dropped_buffer_full += 1
@@ -114,6 +119,7 @@ class Probe:
         recv_tokens: Any = 0,
         peer_wait_s: Any = None,
         peer_send_bytes: Any = None,
+        dropped_tokens: Any = 0,
     ) -> None:
         """:meth:`end` with a stamp the adapter took itself (e.g. on another stream)."""
         if token is None:
@@ -121,8 +127,8 @@ class Probe:
         try:
             buf = self._buf
             if len(buf) < self._cap:
-                rest = (exit_stamp, send_bytes, recv_bytes, recv_tokens, peer_wait_s,
-                        peer_send_bytes)  # fmt: skip
+                rest = (exit_stamp, send_bytes, recv_bytes, recv_tokens, dropped_tokens,
+                        peer_wait_s, peer_send_bytes)  # fmt: skip
                 buf.append(token + rest)
             else:
                 self.dropped_buffer_full += 1
@@ -205,6 +211,7 @@ class Span:
     """``with probe.collective(...) as span:`` around one collective."""
 
     __slots__ = (
+        "dropped_tokens",
         "layer",
         "peer_send_bytes",
         "peer_wait_s",
@@ -234,6 +241,7 @@ class Span:
         self.send_bytes = send_bytes
         self.recv_bytes = recv_bytes
         self.recv_tokens = recv_tokens
+        self.dropped_tokens: Any = 0
         self.peer_wait_s: Any = None
         self.peer_send_bytes: Any = None
         self.token: Token | None = None
@@ -256,6 +264,7 @@ class Span:
                 self.recv_tokens,
                 self.peer_wait_s,
                 self.peer_send_bytes,
+                self.dropped_tokens,
             )
         return False  # never swallow the collective's exception
 

@@ -30,7 +30,8 @@ from epwatch.schema import (
     RecordColumns,
 )
 
-_ENTER, _EXIT, _PEER_WAIT, _PEER_SEND = 3, 4, 8, 9
+_ENTER, _EXIT, _PEER_WAIT, _PEER_SEND = 3, 4, 9, 10
+_INTS = 9  # step .. dropped_tokens
 _Peer = tuple[int, int, int, np.ndarray | None, np.ndarray | None]
 
 
@@ -52,13 +53,13 @@ def _drop(v: object) -> None:
 
 
 def _int_columns(items: list[Record]) -> np.ndarray:
-    """The eight integer fields as an (8, n) array. ``zip(*items)`` would be simpler but
+    """The nine integer fields as a (9, n) array. ``zip(*items)`` would be simpler but
     allocates one GC-tracked iterator per record, which ages into the old generation
     and makes the engine's thread pay for full collections."""
     flat = np.fromiter(
-        chain.from_iterable(r[:8] for r in items), dtype=np.int64, count=8 * len(items)
+        chain.from_iterable(r[:_INTS] for r in items), dtype=np.int64, count=_INTS * len(items)
     )
-    return flat.reshape(len(items), 8).T
+    return flat.reshape(len(items), _INTS).T
 
 
 def _any_peers(items: list[Record]) -> bool:
@@ -137,7 +138,7 @@ class RecordResolver:
         """Mask of records within epwatch.schema's plausibility bounds, after repairs."""
         # Two CUDA stamps may straddle an anchor renewal; never ship a negative duration.
         np.maximum(ints[_EXIT], ints[_ENTER], out=ints[_EXIT])
-        np.maximum(ints[5:8], 0, out=ints[5:8])
+        np.maximum(ints[5:_INTS], 0, out=ints[5:_INTS])
         step, layer, phase = ints[0], ints[1], ints[2]
         valid = (
             (step >= 0)
@@ -148,7 +149,7 @@ class RecordResolver:
             & (phase <= 1)
             & (ints[_ENTER] >= 0)
             & (ints[_EXIT] - ints[_ENTER] <= MAX_DURATION_NS)  # an hour: garbage, or a hang
-            & (ints[5:8] < MAX_COUNT).all(axis=0)
+            & (ints[5:_INTS] < MAX_COUNT).all(axis=0)
         )
         self.invalid_records += int(len(valid) - valid.sum())
         return valid
@@ -208,6 +209,7 @@ class RecordResolver:
             send_bytes=a[5],
             recv_bytes=a[6],
             recv_tokens=a[7],
+            dropped_tokens=a[8],
         )
 
     def _peer_rows(self, peers: list[_Peer]) -> list[PeerRows]:

@@ -73,11 +73,24 @@ class HostCopy(Deferred):
         return self.host.numpy()
 
 
-def split_total(splits: Sequence[int] | None, tensor: torch.Tensor) -> int:
-    """Rows moved by an ``all_to_all_single`` side: the split sizes, else all rows."""
+def split_total(splits: Sequence[int] | torch.Tensor | None, tensor: torch.Tensor) -> int:
+    """Rows moved by an ``all_to_all_single`` side: the split sizes (a list, or a tensor
+    summed by torch rather than a Python loop), else all rows."""
     if splits is None:
         return int(tensor.shape[0]) if tensor.dim() else int(tensor.numel())
+    if isinstance(splits, torch.Tensor):
+        return int(splits.sum())
     return int(sum(splits))
+
+
+def routed_rows(tensor: torch.Tensor) -> int | HostCopy:
+    """Token rows that carry data in a GShard/Switch capacity slab (``[E, C, M]``: every
+    expert gets C slots per source and unused slots are zero). A token is one vector
+    along the last dim. On a GPU the count stays on the device until the flusher reads
+    it (no sync on the engine's thread)."""
+    flat = tensor.detach().reshape(-1, tensor.shape[-1]) if tensor.dim() else tensor.reshape(1, 1)
+    used = torch.count_nonzero(flat.abs().amax(dim=1))
+    return HostCopy(used) if used.is_cuda else int(used)
 
 
 class SmClock:

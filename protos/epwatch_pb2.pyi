@@ -15,7 +15,7 @@ DISPATCH: Phase
 COMBINE: Phase
 
 class RecordBatch(_message.Message):
-    __slots__ = ("ep_group", "world_size", "count", "rank", "local_device", "step", "layer", "phase", "enter_ns", "exit_ns", "send_bytes", "recv_bytes", "recv_tokens", "peer_rows", "entered")
+    __slots__ = ("ep_group", "world_size", "count", "rank", "local_device", "step", "layer", "phase", "enter_ns", "exit_ns", "send_bytes", "recv_bytes", "recv_tokens", "peer_rows", "entered", "dropped_tokens")
     EP_GROUP_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class RecordBatch(_message.Message):
     RECV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PEER_ROWS_FIELD_NUMBER: _ClassVar[int]
     ENTERED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ep_group: str
     world_size: int
     count: int
@@ -46,7 +47,8 @@ class RecordBatch(_message.Message):
     recv_tokens: bytes
     peer_rows: PeerRows
     entered: Entered
-    def __init__(self, ep_group: _Optional[str] = ..., world_size: _Optional[int] = ..., count: _Optional[int] = ..., rank: _Optional[bytes] = ..., local_device: _Optional[bytes] = ..., step: _Optional[bytes] = ..., layer: _Optional[bytes] = ..., phase: _Optional[bytes] = ..., enter_ns: _Optional[bytes] = ..., exit_ns: _Optional[bytes] = ..., send_bytes: _Optional[bytes] = ..., recv_bytes: _Optional[bytes] = ..., recv_tokens: _Optional[bytes] = ..., peer_rows: _Optional[_Union[PeerRows, _Mapping]] = ..., entered: _Optional[_Union[Entered, _Mapping]] = ...) -> None: ...
+    dropped_tokens: bytes
+    def __init__(self, ep_group: _Optional[str] = ..., world_size: _Optional[int] = ..., count: _Optional[int] = ..., rank: _Optional[bytes] = ..., local_device: _Optional[bytes] = ..., step: _Optional[bytes] = ..., layer: _Optional[bytes] = ..., phase: _Optional[bytes] = ..., enter_ns: _Optional[bytes] = ..., exit_ns: _Optional[bytes] = ..., send_bytes: _Optional[bytes] = ..., recv_bytes: _Optional[bytes] = ..., recv_tokens: _Optional[bytes] = ..., peer_rows: _Optional[_Union[PeerRows, _Mapping]] = ..., entered: _Optional[_Union[Entered, _Mapping]] = ..., dropped_tokens: _Optional[bytes] = ...) -> None: ...
 
 class PeerRows(_message.Message):
     __slots__ = ("count", "rank", "step", "layer", "phase", "wait_s", "send_bytes")
@@ -188,13 +190,15 @@ class AgentMessage(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., seq: _Optional[int] = ..., batch: _Optional[_Union[RecordBatch, _Mapping]] = ..., sample: _Optional[_Union[NodeSample, _Mapping]] = ..., intervals: _Optional[_Union[IntervalBatch, _Mapping]] = ..., stats: _Optional[_Union[AgentStats, _Mapping]] = ..., schema: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("seq", "code", "message", "duplicate")
+    __slots__ = ("seq", "code", "message", "duplicate", "reason")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     seq: int
     code: int
     message: str
     duplicate: bool
-    def __init__(self, seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    reason: str
+    def __init__(self, seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., duplicate: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...

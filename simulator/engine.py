@@ -2,12 +2,16 @@
 
 Timing follows the cost model (``epwatch.costmodel``) with noise:
 
-* dispatch: each rank sends ``T k d s`` bytes and receives ``n_r d s`` (its routed
+* attention (data-parallel): each rank holds its own share ``T_r`` of the step's
+  batch (jittered across ranks) and spends ``fixed + ns_per_token * T_r`` before
+  each dispatch, times its speed (slow GPU, drift, whole-step spikes);
+* dispatch: each rank sends ``T_r k d s`` bytes and receives ``n_r d s`` (its routed
   slots); data from rank j reaches rank i after ``L + max(tx_j, rx_i)`` scaled by one
   lognormal draw per collective, where ``tx``/``rx`` are bytes over the rank's NIC
   bandwidth. Every rank leaves when the last sender's data has arrived.
-* expert compute: ``x_r = ns_per_token * n_r`` (x the rank's slow-GPU factor, with
-  lognormal noise), then combine, the same transfer model in the other direction.
+* expert compute: ``x_r = ns_per_token * n_r`` times the rank's speed, a step factor
+  shared by every rank, independent lognormal noise and rare 2-5x spikes; then
+  combine, the same transfer model in the other direction.
 
 Steps are generated in fixed chunks, each with its own seeded generator, so a run is
 reproducible whatever the consumer does. Every rank has its own clock offset: the
@@ -27,10 +31,7 @@ from epwatch.schema import Entered, PeerRows, Phase, RecordColumns
 from epwatch.simulator.scenario import Fault, Scenario
 
 CHUNK_STEPS = 16
-_LAYER_GAP_S = 20e-6  # attention and friends between combine and the next dispatch
-_LAYER_GAP_JITTER_S = 5e-6
 _STEP_GAP_S = 200e-6  # scheduler work between forward passes
-_LINK_JITTER_CV = 0.01  # per-link noise in the sampled per-peer waits
 
 
 def _lognormal(rng: np.random.Generator, cv: float, shape: tuple[int, ...]) -> np.ndarray:
@@ -80,6 +81,8 @@ class Simulation:
         self.local_device = np.arange(self.P) % c.ranks_per_node
         self.hang: Fault | None = next((f for f in scenario.faults if f.kind == "hang"), None)
         self.last_step = scenario.steps - 1 if self.hang is None else self.hang.start_step
+        drift_rng = np.random.default_rng([scenario.seed, 0xD81F])
+        self._drift_phase = drift_rng.uniform(0, 2 * np.pi, (3, self.P))
 
     # -- fault helpers -------------------------------------------------------------
     def _rank_factor(self, kind: str, steps: np.ndarray) -> np.ndarray:
@@ -146,34 +149,74 @@ class Simulation:
             start_time = end_time
             yield chunk
 
+    def _drift(self, steps: np.ndarray) -> np.ndarray:
+        """[S, P] each rank's slow speed wander: a sum of three slow sines with random
+        phases per rank (a function of the step, so chunks join up seamlessly)."""
+        c = self.s.compute
+        if c.drift_cv <= 0:
+            return np.ones((len(steps), self.P))
+        periods = c.drift_steps * np.array([1.0, 0.43, 2.3])
+        arg = 2 * np.pi * steps[:, None, None] / periods[None, :, None] + self._drift_phase
+        return np.exp(c.drift_cv * np.sqrt(2 / 3) * np.sin(arg).sum(axis=1))
+
+    def _spikes(self, rng: np.random.Generator, prob: float, shape: tuple[int, ...]) -> np.ndarray:
+        """Heavy-tailed noise: a factor of 1, or with probability ``prob`` 2-5x."""
+        if prob <= 0:
+            return np.ones(shape)
+        c = self.s.compute
+        hit = rng.random(shape) < prob
+        return np.where(hit, rng.uniform(c.spike_min, c.spike_max, shape), 1.0)
+
     def _chunk(self, steps: np.ndarray, start_time: float) -> tuple[StepChunk, float]:
         s = self.s
         rng = np.random.default_rng([s.seed, int(steps[0]) // CHUNK_STEPS])
+        # The realistic-noise draws come from their own stream, so that turning them on
+        # or off leaves the routing, compute and network draws as they were.
+        extra = np.random.default_rng([s.seed, int(steps[0]) // CHUNK_STEPS, 0xE7])
         S, L, P = len(steps), self.L, self.P
-        k = s.model.topk
-        batch = s.workload.batch_tokens * (1 + s.workload.batch_jitter * rng.uniform(-1, 1, S))
-        tokens_per_rank = np.maximum(np.round(batch / P), 1)  # [S]
+        k, w, c, a = s.model.topk, s.workload, s.compute, s.attention
+        # The step's global batch is shared; each rank's data-parallel share varies.
+        batch = w.batch_tokens * (1 + w.batch_jitter * rng.uniform(-1, 1, S))
+        local = batch[:, None] / P * _lognormal(extra, w.rank_batch_jitter, (S, P))
+        tokens = np.maximum(np.round(local * self._rank_factor("batch_imbalance", steps)), 1)
         q = self._expert_probs(rng, steps).reshape(S, L, P, self.E // P).sum(-1)
-        slots = (tokens_per_rank * P * k).astype(np.int64)
+        slots = (tokens.sum(axis=1) * k).astype(np.int64)  # [S]
         n = rng.multinomial(np.broadcast_to(slots[:, None], (S, L)), q)
         n = n.astype(np.float64)  # [S, L, P]
         bw = self.bandwidth_Bps / self._rank_factor("slow_nic", steps)  # [S, P]
-        gpu = self._rank_factor("slow_gpu", steps)  # [S, P]
+        # A rank's speed: its fault, its drift, and now and then a whole slow step.
+        gpu = (
+            self._rank_factor("slow_gpu", steps)
+            * self._drift(steps)
+            * self._spikes(extra, c.rank_spike_prob, (S, P))
+        )
+        shared = _lognormal(extra, c.shared_cv, (S,))[:, None, None]
         x = (
-            s.compute.ns_per_token
+            c.ns_per_token
             * 1e-9
             * n
             * gpu[:, None, :]
-            * _lognormal(rng, s.compute.noise_cv, (S, L, P))
+            * shared
+            * _lognormal(rng, c.noise_cv, (S, L, P))
+            * self._spikes(extra, c.spike_prob, (S, L, P))
         )
-        eta = _lognormal(rng, s.network.noise_cv, (S, L, 2))
-        dispatch_send = np.broadcast_to((tokens_per_rank * k * self.slot_bytes)[:, None], (S, P))
+        # Attention before each dispatch: follows the rank's own batch and speed.
+        gap = (
+            (a.fixed_us * 1e-6 + a.ns_per_token * 1e-9 * tokens)[:, None, :]
+            * gpu[:, None, :]
+            * shared
+            * _lognormal(extra, a.noise_cv, (S, L, P))
+        )
+        eta = _lognormal(rng, s.network.noise_cv, (S, L, 2)) * self._spikes(
+            extra, s.network.spike_prob, (S, L, 2)
+        )
+        dispatch_send = tokens * k * self.slot_bytes  # [S, P]
 
         enter = np.empty((S, L, 2, P))
         exit_ = np.empty((S, L, 2, P))
         send = np.empty((S, L, 2, P))
         recv = np.empty((S, L, 2, P))
-        t = _LAYER_GAP_S + rng.uniform(0, _LAYER_GAP_JITTER_S, (S, P))
+        t = gap[:, 0]
         slow = self._slow_links(steps)
         for layer in range(L):
             routed = n[:, layer] * self.slot_bytes  # [S, P] bytes of routed slots
@@ -187,7 +230,8 @@ class Simulation:
                 enter[:, layer, 1], routed, dispatch_send, bw, eta[:, layer, 1], slow
             )
             exit_[:, layer, 1] = done[:, None]
-            t = done[:, None] + _LAYER_GAP_S + rng.uniform(0, _LAYER_GAP_JITTER_S, (S, P))
+            if layer + 1 < L:
+                t = done[:, None] + gap[:, layer + 1]
         step_len = exit_[:, -1, 1, 0] + _STEP_GAP_S
         step_start = start_time + np.concatenate([[0.0], np.cumsum(step_len)[:-1]])
         enter += step_start[:, None, None, None]
@@ -275,7 +319,12 @@ class Simulation:
                     if on[0]:
                         link[b, a] *= factor  # i = b waiting for j = a's data
                         link[a, b] *= factor
-                link = link * eta[si, layer, phase] * _lognormal(rng, _LINK_JITTER_CV, (P, P))
+                link = (
+                    link
+                    * eta[si, layer, phase]
+                    * _lognormal(rng, self.s.network.link_noise_cv, (P, P))
+                    * self._spikes(rng, self.s.network.spike_prob, (P, P))
+                )
                 arrive = np.minimum(e[None, :] + link, exit_[si, layer, phase, 0])
                 waits.append(np.maximum(arrive - e[:, None], 0.0))
                 links.append(link)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-FAULT_KINDS = ("slow_gpu", "slow_nic", "hot_expert", "hang", "slow_link")
+FAULT_KINDS = ("slow_gpu", "slow_nic", "hot_expert", "hang", "slow_link", "batch_imbalance")
 ROUTINGS = ("uniform", "zipf")
 
 
@@ -40,21 +40,50 @@ class Model:
 @dataclass(frozen=True)
 class WorkloadSpec:
     batch_tokens: int = 16384
-    batch_jitter: float = 0.3
+    batch_jitter: float = 0.3  # the global batch of a step varies: shared by every rank
+    rank_batch_jitter: float = 0.05  # each rank's own (data-parallel) batch around B / P
     routing: str = "uniform"
-    zipf_s: float = 1.0
+    zipf_s: float = 1.0  # 0 is uniform popularity
 
 
 @dataclass(frozen=True)
 class Network:
     latency_us: float = 80.0
     bandwidth_gbps: float = 40.0
-    noise_cv: float = 0.05
+    noise_cv: float = 0.05  # per collective, shared by every link
+    link_noise_cv: float = 0.01  # per link, in the sampled per-peer waits
+    spike_prob: float = 0.0  # a collective (all links) 2-5x slower: congestion bursts
 
 
 @dataclass(frozen=True)
 class Compute:
+    """Expert compute per routed slot, and the noise real clusters add to it.
+
+    ``noise_cv`` is independent per (step, layer, rank); ``shared_cv`` one factor per
+    step for every rank (batch composition, cluster-wide clocks); ``drift_cv`` a slow
+    per-rank wander over about ``drift_steps`` steps (GPUs are not identical and warm
+    up); ``spike_prob`` a 2-5x kernel spike per (step, layer, rank) and
+    ``rank_spike_prob`` a whole step of one rank 2-5x slower (host preemption, GC).
+    """
+
     ns_per_token: float = 40.0
+    noise_cv: float = 0.05
+    shared_cv: float = 0.0
+    drift_cv: float = 0.0
+    drift_steps: int = 300
+    spike_prob: float = 0.0
+    rank_spike_prob: float = 0.0
+    spike_min: float = 2.0
+    spike_max: float = 5.0
+
+
+@dataclass(frozen=True)
+class Attention:
+    """The work between a layer's combine and the next dispatch (DP attention): a fixed
+    part plus a cost per token of the rank's own batch; a slow GPU slows it too."""
+
+    fixed_us: float = 20.0
+    ns_per_token: float = 100.0
     noise_cv: float = 0.05
 
 
@@ -84,6 +113,7 @@ class Scenario:
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     network: Network = field(default_factory=Network)
     compute: Compute = field(default_factory=Compute)
+    attention: Attention = field(default_factory=Attention)
     probe: Probe = field(default_factory=Probe)
     faults: tuple[Fault, ...] = ()
 
@@ -103,6 +133,7 @@ _SECTIONS = {
     "workload": WorkloadSpec,
     "network": Network,
     "compute": Compute,
+    "attention": Attention,
     "probe": Probe,
 }
 
@@ -142,6 +173,7 @@ def _check(cond: bool, message: str) -> None:
 
 def _validate(s: Scenario) -> None:
     c, m, w, n, k, p = s.cluster, s.model, s.workload, s.network, s.compute, s.probe
+    a = s.attention
     _check(s.steps >= 1, f"steps must be >= 1, got {s.steps}")
     _check(c.ranks >= 2, f"[cluster] ranks must be >= 2, got {c.ranks}")
     _check(c.ranks_per_node >= 1, f"[cluster] ranks_per_node must be >= 1, got {c.ranks_per_node}")
@@ -165,12 +197,30 @@ def _validate(s: Scenario) -> None:
     _check(
         w.routing in ROUTINGS, f"[workload] routing must be one of {ROUTINGS}, got {w.routing!r}"
     )
-    _check(w.zipf_s > 0, f"[workload] zipf_s must be > 0, got {w.zipf_s}")
+    _check(
+        0 <= w.rank_batch_jitter < 1,
+        f"[workload] rank_batch_jitter must be in [0, 1), got {w.rank_batch_jitter}",
+    )
+    _check(w.zipf_s >= 0, f"[workload] zipf_s must be >= 0 (0 = uniform), got {w.zipf_s}")
     _check(n.latency_us >= 0, f"[network] latency_us must be >= 0, got {n.latency_us}")
     _check(n.bandwidth_gbps > 0, f"[network] bandwidth_gbps must be > 0, got {n.bandwidth_gbps}")
     _check(0 <= n.noise_cv < 1, f"[network] noise_cv must be in [0, 1), got {n.noise_cv}")
     _check(k.ns_per_token > 0, f"[compute] ns_per_token must be > 0, got {k.ns_per_token}")
-    _check(0 <= k.noise_cv < 1, f"[compute] noise_cv must be in [0, 1), got {k.noise_cv}")
+    for where, obj, names in (
+        ("network", n, ("link_noise_cv", "spike_prob")),
+        ("compute", k, ("noise_cv", "shared_cv", "drift_cv", "spike_prob", "rank_spike_prob")),
+        ("attention", a, ("noise_cv",)),
+    ):
+        for name in names:
+            v = getattr(obj, name)
+            _check(0 <= v < 1, f"[{where}] {name} must be in [0, 1), got {v}")
+    _check(k.drift_steps >= 1, f"[compute] drift_steps must be >= 1, got {k.drift_steps}")
+    _check(
+        1 <= k.spike_min <= k.spike_max,
+        f"[compute] need 1 <= spike_min <= spike_max, got {k.spike_min}, {k.spike_max}",
+    )
+    _check(a.fixed_us >= 0, f"[attention] fixed_us must be >= 0, got {a.fixed_us}")
+    _check(a.ns_per_token >= 0, f"[attention] ns_per_token must be >= 0, got {a.ns_per_token}")
     _check(
         p.peer_sample_every >= 1,
         f"[probe] peer_sample_every must be >= 1, got {p.peer_sample_every}",
@@ -185,14 +235,14 @@ def _validate(s: Scenario) -> None:
             0 <= f.start_step < s.steps,
             f"{where} start_step must be in [0, steps), got {f.start_step}",
         )
-        if f.kind in ("slow_gpu", "slow_nic", "hang", "slow_link"):
+        if f.kind in ("slow_gpu", "slow_nic", "hang", "slow_link", "batch_imbalance"):
             _check(0 <= f.rank < c.ranks, f"{where} rank must be in [0, {c.ranks}), got {f.rank}")
         if f.kind == "slow_link":
             _check(
                 0 <= f.peer < c.ranks and f.peer != f.rank,
                 f"{where} peer must be another rank in [0, {c.ranks}), got {f.peer}",
             )
-        if f.kind in ("slow_gpu", "slow_nic", "slow_link"):
+        if f.kind in ("slow_gpu", "slow_nic", "slow_link", "batch_imbalance"):
             _check(f.factor >= 1.0, f"{where} factor must be >= 1, got {f.factor}")
         if f.kind == "hot_expert":
             _check(

@@ -3,9 +3,14 @@ stub, /metrics scraping and synthetic records. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,7 +20,7 @@ from epwatch.collector.groups import EstimatorFactory, NullEstimator
 from epwatch.collector.service import CollectorConfig, CollectorService
 from epwatch.protos import epwatch_pb2 as pb
 from epwatch.protos import epwatch_pb2_grpc as pb_grpc
-from epwatch.schema import RecordColumns
+from epwatch.schema import PeerRows, RecordColumns
 
 
 def wait_for(
@@ -117,3 +122,47 @@ def make_records(
         recv_bytes=np.full(n, 1 << 20),
         recv_tokens=np.full(n, 128),
     )
+
+
+def make_peer_rows(
+    rows: int, world_size: int, step: int | np.ndarray = 0, wait_s: float = 0.001
+) -> PeerRows:
+    """``rows`` per-peer wait rows (ranks cycle, layer 0, dispatch) of ``step``."""
+    return PeerRows(
+        rank=np.arange(rows, dtype=np.int32) % world_size,
+        step=np.broadcast_to(np.asarray(step, np.int64), (rows,)).copy(),
+        layer=np.zeros(rows, np.int32),
+        phase=np.zeros(rows, np.uint8),
+        wait_s=np.full((rows, world_size), wait_s),
+        send_bytes=np.empty((rows, 0), np.int64),
+    )
+
+
+class Proc:
+    """An ``epwatch`` subprocess with its output in a file (shown when a test fails)."""
+
+    def __init__(
+        self, workdir: Path, name: str, *args: str, preexec: Callable[[], None] | None = None
+    ) -> None:
+        self.name = name
+        self.log = workdir / f"{name}.log"
+        with open(self.log, "ab") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "epwatch.cli", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=preexec,
+            )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait(5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]

@@ -21,6 +21,9 @@ from epwatch import wire
 from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import PeerRows, RecordColumns
 
+# Probe settings for tests: flush and reconnect within tens of milliseconds.
+FAST = {"flush_interval_s": 0.02, "heartbeat_interval_s": 0.05, "reconnect_interval_s": 0.1}
+
 
 class FrameSink:
     def __init__(self, path: str, *, read_delay_s: float = 0.0) -> None:

@@ -1,18 +1,24 @@
 """One rank of a miniature expert-parallel MoE model on gloo, instrumented with the hooks.
 
-Each layer routes every token to its top-2 of ``2 * world_size`` experts (two per
-rank), dispatches the token-expert slots with a count exchange and an uneven
-``all_to_all_single``, runs the rank's expert MLPs, and combines the results back
-with the reverse all-to-all. Expert compute is a real (tiny) MLP plus a modelled
-kernel time of ``cost_per_slot_s`` per received slot, slept rather than spun, so that
-four ranks on two cores keep steady, comparable timings; a "slow GPU" multiplies that
-time, a "hot expert" biases the router towards one rank's experts.
+Each layer runs the rank's own "attention" (a real tiny matmul plus a modelled
+``attn_cost_per_token_s`` per token of the rank's batch), routes every token to its
+top-2 of ``2 * world_size`` experts (two per rank), dispatches the token-expert slots
+with a count exchange and an uneven ``all_to_all_single`` (dropless: the splits
+follow the router), runs the rank's expert MLPs, and combines the results back with
+the reverse all-to-all. Expert compute is a real (tiny) MLP plus a modelled kernel
+time of ``cost_per_slot_s`` per received slot, slept rather than spun, so that four
+ranks on two cores keep steady, comparable timings. From step ``fault_step`` on: a
+"slow GPU" multiplies its attention and expert time by ``slow_factor`` (the extra
+time busy-spun with ``slow_mode="spin"``, as a slower device would spend it), a "hot
+expert" biases the router towards one rank's experts, and a "batch imbalance" gives
+one rank ``batch_factor`` times the tokens.
 
 Run as ``python -m tests.moe_worker --rank R --world-size P --port N --plan JSON``;
 the plan is a list of scenarios run in order, each as its own EP group:
 ``{"group": "moe-slow", "steps": 200, "layers": 4, "slow_rank": 2, "slow_factor": 1.3,
 "hot_rank": null, "hang_rank": null, "hang_step": null}``. A hanging rank prints
-``HANG <step> <layer>`` and sleeps before entering that dispatch.
+``HANG <step> <layer>`` and sleeps before entering that dispatch; rank 0 prints
+``ONSET <group> <step> <time>`` when a fault starts.
 """
 
 from __future__ import annotations
@@ -45,10 +51,15 @@ class Scenario:
     steps: int = 200
     layers: int = 4
     cost_per_slot_s: float = 100e-6
+    attn_cost_per_token_s: float = 20e-6
+    fault_step: int = 0  # the slow GPU, hot expert or batch imbalance starts here
     slow_rank: int | None = None
     slow_factor: float = 1.0
+    slow_mode: str = "sleep"  # or "spin": busy-wait the extra time
     hot_rank: int | None = None
     hot_bias: float = 1.2
+    batch_rank: int | None = None
+    batch_factor: float = 1.0
     hang_rank: int | None = None
     hang_step: int | None = None
     hang_layer: int = 1
@@ -98,11 +109,14 @@ class MoE:
         ]
         self.w1 = [torch.randn(n_exp, HIDDEN, 2 * HIDDEN, generator=g) * 0.2 for _ in range(layers)]
         self.w2 = [torch.randn(n_exp, 2 * HIDDEN, HIDDEN, generator=g) * 0.2 for _ in range(layers)]
+        self.attn = [torch.randn(HIDDEN, HIDDEN, generator=g) * 0.2 for _ in range(layers)]
 
     def layer(self, x: torch.Tensor, layer: int, step: int, sc: Scenario, a2a: Any) -> torch.Tensor:
         P = self.P
+        faulty = step >= sc.fault_step
+        x = self.attention(x, layer, sc, faulty)
         logits = x @ self.router[layer]
-        if sc.hot_rank is not None:  # a hot expert: the router favours one rank's pair
+        if sc.hot_rank is not None and faulty:  # a hot expert: the router favours one pair
             logits[:, sc.hot_rank * EXPERTS_PER_RANK] += sc.hot_bias
         weights, experts = torch.softmax(logits, dim=-1).topk(TOP_K, dim=-1)
         flat_expert = experts.reshape(-1)
@@ -119,7 +133,7 @@ class MoE:
             span.all_to_all_single(recv_counts, send_counts, count=False)
             recv = torch.empty(int(recv_counts.sum()), HIDDEN + 1)
             span.all_to_all_single(recv, payload, recv_counts.tolist(), send_counts.tolist())
-        out = self.experts(recv, layer, sc)
+        out = self.experts(recv, layer, sc, faulty)
         back = torch.empty(payload.shape[0], HIDDEN)
         with a2a.span(COMBINE, step=step, layer=layer) as span:
             span.all_to_all_single(back, out, send_counts.tolist(), recv_counts.tolist())
@@ -127,22 +141,47 @@ class MoE:
         y.index_add_(0, flat_token[order], back * weights.reshape(-1)[order].unsqueeze(1))
         return torch.layer_norm(x + y, (HIDDEN,))
 
-    def experts(self, recv: torch.Tensor, layer: int, sc: Scenario) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, layer: int, sc: Scenario, faulty: bool) -> torch.Tensor:
+        """The rank's own work before dispatch: it scales with the rank's batch."""
+        h = torch.tanh(x @ self.attn[layer])
+        self.kernel_time(x.shape[0] * sc.attn_cost_per_token_s, sc, faulty)
+        return torch.layer_norm(x + 0.1 * h, (HIDDEN,))
+
+    def experts(
+        self, recv: torch.Tensor, layer: int, sc: Scenario, faulty: bool
+    ) -> torch.Tensor:
         h, local = recv[:, :HIDDEN], recv[:, HIDDEN].long()
         out = torch.empty_like(h)
         for e in range(EXPERTS_PER_RANK):
             sel = local == e
             g = self.rank * EXPERTS_PER_RANK + e
             out[sel] = torch.relu(h[sel] @ self.w1[layer][g]) @ self.w2[layer][g]
-        factor = sc.slow_factor if sc.slow_rank == self.rank else 1.0
-        time.sleep(recv.shape[0] * sc.cost_per_slot_s * factor)  # the modelled kernel time
+        self.kernel_time(recv.shape[0] * sc.cost_per_slot_s, sc, faulty)
         return out
+
+    def kernel_time(self, seconds: float, sc: Scenario, faulty: bool) -> None:
+        """The modelled device time: slept, and on a slow GPU longer (or spun)."""
+        slow = faulty and sc.slow_rank == self.rank
+        factor = sc.slow_factor if slow else 1.0
+        if slow and sc.slow_mode == "spin":
+            time.sleep(seconds)
+            end = time.perf_counter() + seconds * (factor - 1.0)
+            while time.perf_counter() < end:
+                pass
+        else:
+            time.sleep(seconds * factor)
 
 
 def run_steps(model: MoE, sc: Scenario, a2a: Any, first_step: int = 0) -> None:
     for step in range(first_step, first_step + sc.steps):
         g = torch.Generator().manual_seed(step * 1000 + model.rank)
-        x = torch.randn(TOKENS, HIDDEN, generator=g)
+        faulty = step >= sc.fault_step
+        if faulty and step == sc.fault_step and sc.fault_step > 0 and model.rank == 0:
+            print(f"ONSET {sc.group} {step} {time.monotonic():.3f}", flush=True)
+        tokens = TOKENS
+        if faulty and sc.batch_rank == model.rank:
+            tokens = round(TOKENS * sc.batch_factor)
+        x = torch.randn(tokens, HIDDEN, generator=g)
         for layer in range(sc.layers):
             if sc.hang_rank == model.rank and step == sc.hang_step and layer == sc.hang_layer:
                 print(f"HANG {step} {layer} {time.monotonic():.3f}", flush=True)

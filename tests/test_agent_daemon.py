@@ -308,21 +308,6 @@ def test_idle_agent_threads_sleep_until_there_is_work(sockdir: str) -> None:
     assert time.monotonic() - started < 1.5
 
 
-def test_socket_mode_lets_another_user_send(tmp_path) -> None:
-    import stat
-
-    open_agent = make_agent(free_port(), str(tmp_path / "a.sock"))
-    strict = make_agent(free_port(), str(tmp_path / "b.sock"), socket_mode=0o660)
-    open_agent.start()
-    strict.start()
-    try:
-        assert stat.S_IMODE(os.stat(tmp_path / "a.sock").st_mode) == 0o666
-        assert stat.S_IMODE(os.stat(tmp_path / "b.sock").st_mode) == 0o660
-    finally:
-        open_agent.stop(drain_timeout=0.1)
-        strict.stop(drain_timeout=0.1)
-
-
 def test_receiver_works_with_descriptors_above_1023(sockdir: str) -> None:
     """The samplers keep hundreds of files open; the accept loop must not use select()."""
     import resource

@@ -10,7 +10,7 @@ from concurrent import futures
 
 import grpc
 
-from epwatch.agent.shipper import Shipper, backoff_delay
+from epwatch.agent.shipper import MAX_MESSAGE_METADATA, Shipper, backoff_delay
 from epwatch.agent.spool import Spool
 from epwatch.protos import epwatch_pb2 as pb
 from tests.helpers import wait_for
@@ -29,8 +29,9 @@ def test_backoff_grows_caps_and_jitters() -> None:
 class _FakeCollector:
     """A Stream endpoint that records what arrives and acks sequenced messages (or not)."""
 
-    def __init__(self, ack: bool = True) -> None:
+    def __init__(self, ack: bool = True, limit: int = 64 << 20) -> None:
         self.ack = ack
+        self.limit = limit
         self.received: list[pb.AgentMessage] = []
         self._lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -42,6 +43,8 @@ class _FakeCollector:
         self.server.start()
 
     def _stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        # As the real collector does: its message limit first (docs/contracts.md).
+        context.send_initial_metadata(((MAX_MESSAGE_METADATA, str(self.limit)),))
         for raw in requests:
             msg = pb.AgentMessage.FromString(raw)
             with self._lock:

@@ -48,7 +48,7 @@ def test_drops_oldest_unsent_beyond_bound_and_counts() -> None:
     inflight = s.take(8, 0.1)  # seq 1 is on the wire: it must not be dropped
     for _ in range(3):
         s.put(b"b", 10)  # seqs 2..4; 40 records > 25
-    assert s.counters.records_dropped == 20 and s.counters.messages_dropped == 2
+    assert s.counters.records_dropped == 20 and s.counters.messages_dropped["spool_full"] == 2
     assert inflight is not None and s.ack(inflight.seq, ok=True) is not None
     nxt = s.take(8, 0.1)
     assert nxt is not None and nxt.seq == 4  # oldest unsent survivors first

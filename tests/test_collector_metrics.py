@@ -160,3 +160,77 @@ def test_reserved_names_cover_every_series_the_collector_makes(
         exposed |= {family.name} | {s.name for s in family.samples}
     assert "epwatch_straggler" in exposed and "epwatch_ingest_records_total" in exposed
     assert exposed <= svc.reserved_names, sorted(exposed - svc.reserved_names)
+
+
+def test_a_hang_has_its_own_metric_and_drops_are_counted() -> None:
+    """A hang's value is seconds stalled (not a slowdown in the thousands); dropped
+    slots are a counter per rank; both pass promtool."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from epwatch.collector.estimators.report import GroupReport, StragglerReport
+    from epwatch.collector.groups import Group, NullEstimator
+    from epwatch.collector.metrics import GroupMetrics
+
+    group = Group("g", 4, NullEstimator("g", 4))
+    group.report = GroupReport(
+        "g", 4, steps=10, last_step=9, stalled_s=42.0, nodes=("a", "a", "b", "b"),
+        stragglers=(
+            StragglerReport(2, "b", "hang", 4200.0, 5, 9, True),
+            StragglerReport(1, "a", "routing", 1.8, 3, 9, True, evidence=("rank 1 dropped",)),
+        ),
+        dropped_tokens_total=(0, 330, 0, 0),
+    )  # fmt: skip
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GroupMetrics(lambda: [group], lambda g: 42.0))
+    text = generate_latest(registry).decode()
+    assert value(text, "epwatch_rank_stalled_seconds", rank="2", node="b") == 42.0
+    assert {dict(k)["cause"] for k in samples(text, "epwatch_straggler")} == {"routing"}
+    assert value(text, "epwatch_dropped_tokens_total", ep_group="g", rank="1") == 330
+    assert len(samples(text, "epwatch_dropped_tokens_total")) == 1  # ranks that dropped
+    promtool = shutil.which("promtool")
+    if promtool:
+        out = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def get_json(port: int, path: str) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_live_diagnosis_api_on_the_metrics_port(running: tuple[CollectorService, str]) -> None:
+    svc = running[0]
+    status, doc = get_json(svc.metrics_port, "/api/v1/diagnosis")
+    assert status == 200
+    (group,) = doc["groups"]
+    assert (group["ep_group"], group["ranks"]) == ("ep0", 16)
+    slow = [s for s in group["stragglers"] if (s["rank"], s["cause"]) == (5, "compute")]
+    assert slow and slow[0]["active"] and any("hw_slowdown" in e for e in slow[0]["evidence"])
+    assert get_json(svc.metrics_port, "/api/v1/diagnosis?ep_group=ep0") == (status, doc)
+    missing, err = get_json(svc.metrics_port, "/api/v1/diagnosis?ep_group=nope")
+    assert missing == 404 and "no EP group 'nope'" in err["error"]
+
+
+def test_status_prints_the_live_report(
+    running: tuple[CollectorService, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from epwatch.cli import main
+
+    url = f"http://127.0.0.1:{running[0].metrics_port}"
+    assert main(["status", "--collector-url", url]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("EP group ep0: 16 ranks")
+    assert "rank 5 on node-0: compute, since step" in out and "evidence: " in out
+    assert main(["status", "--collector-url", url, "--json", "--ep-group", "ep0"]) == 0
+    assert '"ep_group": "ep0"' in capsys.readouterr().out
+    assert main(["status", "--collector-url", url, "--ep-group", "nope"]) == 1
+    assert "no EP group 'nope'" in capsys.readouterr().err

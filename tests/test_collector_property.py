@@ -58,6 +58,7 @@ RANGES = {
     "send_bytes": ((0, 1 << 30), (-10, 1 << 50)),
     "recv_bytes": ((0, 1 << 30), (-10, 1 << 50)),
     "recv_tokens": ((0, 1 << 20), (-10, 1 << 50)),
+    "dropped_tokens": ((0, 1 << 20), (-10, 1 << 50)),
 }
 
 
@@ -87,6 +88,8 @@ def batches(draw: st.DrawFn) -> tuple[pb.RecordBatch, dict]:
         world_size=ws,
         count=n,
     )
+    if bad != "dropped_tokens" and draw(st.booleans()):
+        cols["dropped_tokens"] = []  # an older sender's batch: no such column
     for name, dtype in RECORD_DTYPES.items():
         setattr(batch, name, np.asarray(cols[name], dtype=dtype).tobytes())
     return batch, cols
@@ -99,6 +102,8 @@ def reference_valid(batch: pb.RecordBatch, cols: dict) -> bool:
         return False
     if batch.ep_group == FIXED_GROUP and ws != FIXED_WS:
         return False
+    if not cols["dropped_tokens"]:  # optional: absent means 0
+        cols = {**cols, "dropped_tokens": [0] * n}
     if any(len(cols[name]) != n for name in RECORD_DTYPES):
         return False
     for i in range(n):
@@ -111,7 +116,10 @@ def reference_valid(batch: pb.RecordBatch, cols: dict) -> bool:
             and 0 <= c["layer"] < 1 << 12
             and c["enter_ns"] >= 0
             and 0 <= dur <= 3600 * 10**9
-            and all(0 <= c[k] < 1 << 48 for k in ("send_bytes", "recv_bytes", "recv_tokens"))
+            and all(
+                0 <= c[k] < 1 << 48
+                for k in ("send_bytes", "recv_bytes", "recv_tokens", "dropped_tokens")
+            )
         ):
             return False
     return True

@@ -10,11 +10,8 @@ shuts both daemons down cleanly and the recorder's Parquet holds what was ingest
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +25,7 @@ from epwatch.frames import FrameSender, hook_frame
 from epwatch.simulator.engine import Simulation
 from epwatch.simulator.scenario import load_scenario
 from tests import helpers
-from tests.helpers import scrape, value
+from tests.helpers import Proc, scrape, value
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,33 +36,6 @@ SCENARIO = {
     "cluster": {"ranks": 16, "ranks_per_node": 8, "ep_group": "ep0"},
     "model": {"layers": 4},
 }
-
-
-class Proc:
-    """An ``epwatch`` subprocess with its output in a file (shown when a test fails)."""
-
-    def __init__(self, workdir: Path, name: str, *args: str) -> None:
-        self.name = name
-        self.log = workdir / f"{name}.log"
-        with open(self.log, "ab") as out:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "epwatch.cli", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            return self.popen.wait(5)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
 
 
 # Processes start and reconnect here: more patience than in-process tests need.

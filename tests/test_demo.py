@@ -1,5 +1,6 @@
 """``epwatch demo`` end to end: agents as subprocesses, ranks over Unix sockets, the
-collector's live /metrics, and the diagnosis JSON as the last line."""
+collector's live /metrics, the diagnosis JSON as the last line, and the run's
+recording with its HTML report."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +19,7 @@ from tests.helpers import samples, scrape
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
-def test_demo_finds_the_slow_gpu_and_the_hot_expert() -> None:
+def test_demo_finds_the_slow_gpu_and_the_hot_expert(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -31,6 +33,8 @@ def test_demo_finds_the_slow_gpu_and_the_hot_expert() -> None:
             "--duration=9",
             f"--metrics-listen=127.0.0.1:{port}",
             "--json",
+            f"--record={tmp_path}",
+            "--report",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -71,3 +75,9 @@ def test_demo_finds_the_slow_gpu_and_the_hot_expert() -> None:
     assert group["dispatch"]["bandwidth_Bps"] > 0
     slow = next(s for s in group["stragglers"] if s["rank"] == 13)
     assert any("thermal" in line for line in slow["evidence"])  # from the node samples
+    # --record --report: the run's recording (records and per-peer rows) and its report
+    assert f"report: {tmp_path / 'report.html'}" in lines
+    assert list(tmp_path.glob("records-*.parquet")) and list(tmp_path.glob("peers-*.parquet"))
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 5
+    assert '<td class="compute">13</td><td>node-1</td>' in page

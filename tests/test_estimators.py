@@ -3,9 +3,12 @@ agents in any order, late and partial steps, and a hang seen through heartbeats.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
+from epwatch.collector.analyzer import log_flag_change
 from epwatch.collector.estimators import EstimatorConfig, GroupEstimator
 from epwatch.schema import Entered, RecordColumns
 from epwatch.simulator.engine import Simulation
@@ -67,6 +70,18 @@ def test_arrival_order_does_not_change_the_diagnosis() -> None:
     assert shuffled.nodes[6] == "node-1"
 
 
+def test_flag_openings_are_handed_out_once_and_logged(caplog) -> None:
+    est = run_live(False)
+    changes = est.take_flag_changes()
+    assert [(event, s.rank, s.cause) for event, s in changes] == [("opened", 6, "compute")]
+    assert est.take_flag_changes() == []
+    with caplog.at_level(logging.INFO, logger="epwatch.collector.analyzer"):
+        log_flag_change("ep0", *changes[0])
+    (line,) = caplog.messages
+    assert line.startswith("EP group ep0: rank 6 on node-1 flagged as compute straggler, 1.2")
+    assert line.endswith(f"step {changes[0][1].opened_step}")
+
+
 def test_late_records_are_counted_not_applied() -> None:
     sim = Simulation(load_scenario({**SCENARIO, "steps": 40, "faults": []}))
     est = GroupEstimator("ep0", 16, clock=FakeClock())
@@ -124,6 +139,9 @@ def test_hang_is_reported_after_the_timeout_and_clears_on_progress() -> None:
     est.update()
     assert est.report().stragglers == ()
     assert [s.cause for s in est.report(include_closed=True).stragglers] == ["hang"]
+    assert [(e, s.rank, s.cause) for e, s in est.take_flag_changes()] == [
+        ("opened", 9, "hang"), ("cleared", 9, "hang")
+    ]
 
 
 def test_a_group_that_simply_went_idle_is_not_a_hang() -> None:
@@ -273,3 +291,53 @@ def test_a_restart_without_heartbeats_is_noticed_from_the_records() -> None:
         est.update()
     assert est.restarts == 1
     assert est.report().last_step >= 40
+
+
+@pytest.mark.parametrize(
+    ("workload", "network", "why"),
+    [
+        ({"batch_jitter": 0.0}, {}, "message sizes too uniform to separate L from BW"),
+        ({"batch_jitter": 0.3}, {"noise_cv": 0.9}, "fit too poor to trust: R^2 0."),
+    ],
+)
+def test_an_untrustworthy_fit_publishes_no_latency_or_bandwidth(workload, network, why) -> None:
+    """Equal message sizes (the issue's R^2 = 0.0005 case) or times that hardly follow
+    the sizes: no L, BW_eff, crossover or regime, in the report and on /metrics."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from epwatch.collector.estimators.text import format_report
+    from epwatch.collector.groups import Group
+    from epwatch.collector.metrics import GroupMetrics
+    from tests.helpers import samples
+
+    scenario = load_scenario({
+        "seed": 4, "steps": 60, "cluster": {"ranks": 16, "ranks_per_node": 8},
+        "model": {"layers": 4}, "workload": workload, "network": network,
+    })  # fmt: skip
+    sim = Simulation(scenario)
+    est = GroupEstimator("ep0", 16)
+    for chunk in sim.chunks():
+        est.ingest(sim.records(chunk), "n")
+    est.update(final=True)
+    report = est.report()
+    for phase in ("dispatch", "combine"):
+        fit = report.phases[phase]
+        assert fit.regime == "unknown" and fit.fit_problem.startswith(why), fit
+        assert np.isnan(fit.latency_s) and np.isnan(fit.bandwidth_Bps)
+        assert fit.n > 100 and np.isfinite(fit.transfer_s)
+    assert report.whatif == {}
+    assert f"unknown ({why}" in format_report(report)
+    group = Group("ep0", 16, est)
+    group.report = report
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GroupMetrics(lambda: [group], lambda g: 0.0))
+    text = generate_latest(registry).decode()
+    gated = (
+        "epwatch_collective_latency_seconds",
+        "epwatch_collective_bandwidth_bytes_per_second",
+        "epwatch_collective_crossover_bytes",
+        "epwatch_collective_latency_bound",
+    )
+    for name in gated:
+        assert not samples(text, name), name
+    assert samples(text, "epwatch_collective_transfer_seconds")  # the rest stays

@@ -73,6 +73,16 @@ def test_fit_cli_reads_a_csv(tmp_path: Path) -> None:
     assert set(r) >= {"latency_s", "bandwidth_Bps", "r2", "n", "crossover_bytes"}
     assert r["n"] == 400
     assert r["bandwidth_Bps"] == pytest.approx(BW_TRUE, rel=0.03)
+    assert r["fit_problem"] is None and "warning" not in out.stderr
+    narrow = tmp_path / "narrow.csv"  # sizes within 1%: fitted, but flagged
+    narrow.write_text("bytes,seconds\n" + "".join(
+        f"{1e6 + i},{L_TRUE + (1e6 + i) / BW_TRUE + 1e-7 * (i % 3)}\n" for i in range(0, 5000, 50)
+    ))  # fmt: skip
+    out = fit_cli(narrow)
+    assert out.returncode == 0 and json.loads(out.stdout)["fit_problem"].startswith(
+        "message sizes too uniform"
+    )
+    assert "warning: not trustworthy: message sizes too uniform" in out.stderr
 
 
 @pytest.mark.parametrize(
@@ -96,3 +106,23 @@ def test_fit_cli_errors_are_clear(tmp_path: Path, content, message: str) -> None
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_trust_needs_spread_in_sizes_and_an_r2_floor() -> None:
+    rng = np.random.default_rng(5)
+    v = rng.uniform(1e6, 8e6, 200)
+    good = hockney.fit(v, 50e-6 + v / 20e9 + rng.normal(0, 2e-6, 200))
+    assert hockney.untrustworthy(v, good) is None
+    # sizes within 2%: a line still fits, but L and BW trade off inside the noise
+    narrow = 4e6 * (1 + rng.uniform(-0.01, 0.01, 200))
+    loose = hockney.fit(narrow, 50e-6 + narrow / 20e9 + rng.normal(0, 0.5e-6, 200))
+    why = hockney.untrustworthy(narrow, loose)
+    assert why is not None and why.startswith("message sizes too uniform to separate L from BW")
+    # spread enough, but the times hardly follow the sizes
+    noisy_t = 300e-6 + v / 200e9 + rng.exponential(200e-6, 200)
+    try:
+        noisy = hockney.fit(v, noisy_t)
+    except hockney.FitError:
+        pytest.skip("no positive slope at all for this seed")
+    assert noisy.r2 < hockney.MIN_R2
+    assert "R^2" in (hockney.untrustworthy(v, noisy) or "")

@@ -64,9 +64,10 @@ def _poll(port: int, seen: Observed, stop: threading.Event) -> None:
             continue
         seen.scrapes += 1
         now = time.monotonic()
-        for labels, _ in samples(text, "epwatch_straggler").items():
+        hung = samples(text, "epwatch_rank_stalled_seconds")  # a hang's own metric
+        for labels in [*samples(text, "epwatch_straggler"), *hung]:
             d = dict(labels)
-            key = (d["ep_group"], int(d["rank"]), d["cause"])
+            key = (d["ep_group"], int(d["rank"]), d.get("cause", "hang"))
             seen.flags.setdefault(key, now)
             seen.node[(d["ep_group"], int(d["rank"]))] = d["node"]
         for labels, v in samples(text, "epwatch_group_last_step").items():

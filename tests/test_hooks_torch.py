@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
 
-from epwatch.cliargs import free_port
-from epwatch.hooks import COMBINE, DISPATCH, Probe, get_probe, shutdown
+from epwatch.hooks import COMBINE, DISPATCH, Probe, get_probe
 from epwatch.hooks.torch_a2a import A2ASpan, EPAllToAll, all_to_all_single
-from tests.hook_sink import FrameSink
-
-FAST = {"flush_interval_s": 0.02, "heartbeat_interval_s": 0.05, "reconnect_interval_s": 0.1}
-
-
-@pytest.fixture(scope="module")
-def gloo() -> Iterator[None]:
-    """A one-rank gloo group: real collectives, in this process."""
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
+from tests.hook_sink import FAST, FrameSink
 
 
 @pytest.fixture
-def sink(tmp_path: Path) -> Iterator[FrameSink]:
-    with FrameSink(str(tmp_path / "agent.sock")) as s:
-        yield s
-    shutdown()
+def sink(hook_sink: FrameSink) -> FrameSink:
+    return hook_sink
 
 
 def test_span_counts_bytes_tokens_and_peer_sends_from_split_sizes() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from epwatch.cli.simrecord import record_scenario
 from epwatch.collector.recorder import Recorder, RecorderConfig
 from epwatch.simulator.engine import Simulation
 from epwatch.simulator.scenario import load_scenario
@@ -67,7 +68,7 @@ def test_replay_finds_the_recorded_stragglers(tmp_path: Path) -> None:
     [
         (lambda d: d, "no .parquet recordings found"),
         (lambda d: d / "missing.parquet", "no such file or folder"),
-        (lambda d: (d / "x.parquet").write_text("not parquet") and d, "cannot read"),
+        (lambda d: (d / "x.parquet").write_text("not parquet") and d, "no readable recording"),
     ],
 )
 def test_replay_errors_are_clear(tmp_path: Path, make, message: str) -> None:
@@ -75,3 +76,32 @@ def test_replay_errors_are_clear(tmp_path: Path, make, message: str) -> None:
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_recorded_peer_rows_let_the_replay_find_a_slow_nic(tmp_path: Path) -> None:
+    """The per-peer rows recorded beside the records go back in with their batch: the
+    network attribution works offline as it did live. Without them (records only, as
+    recordings made before per-peer rows were recorded) the replay still runs."""
+    scenario = load_scenario(
+        {
+            "seed": 4,
+            "steps": 160,
+            "cluster": {"ranks": 16, "ranks_per_node": 8, "ep_group": "ep-net"},
+            "model": {"layers": 8},
+            "faults": [{"kind": "slow_nic", "rank": 11, "start_step": 40, "factor": 2.5}],
+        }
+    )
+    record_scenario(scenario, tmp_path)
+    assert list(tmp_path.glob("peers-*.parquet"))
+    out = replay_cli(str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr
+    (group,) = json.loads(out.stdout)["groups"]
+    assert {(s["rank"], s["cause"]) for s in group["stragglers"]} == {(11, "network")}
+    records_only = tmp_path / "records-only"
+    records_only.mkdir()
+    for f in tmp_path.glob("records-*.parquet"):
+        f.rename(records_only / f.name)
+    out = replay_cli(str(records_only), "--json")
+    assert out.returncode == 0, out.stderr
+    (group,) = json.loads(out.stdout)["groups"]
+    assert group["steps"] == 160 and not any(s["cause"] == "network" for s in group["stragglers"])

@@ -351,3 +351,30 @@ def test_catalogue_matches_the_contract():
     for name, (kind, _) in METRICS.items():
         assert table[name] == ("counter" if kind is Kind.COUNTER else "gauge"), name
         assert name.endswith("_total") == (kind is Kind.COUNTER), name
+
+
+def test_absent_hardware_is_info_once_and_a_failure_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from epwatch.agent.samplers.base import SamplerUnavailable, run_sampler
+
+    class Absent(Sampler):
+        name = "absent-hw-test"
+
+        def collect(self):  # type: ignore[no-untyped-def]
+            raise SamplerUnavailable("no /sys/class/infiniband")
+
+    class Broken(Sampler):
+        name = "broken-hw-test"
+
+        def collect(self):  # type: ignore[no-untyped-def]
+            raise RuntimeError("sensor on fire")
+
+    with caplog.at_level("DEBUG", logger="epwatch"):
+        for _ in range(3):
+            run_sampler(Absent())
+            run_sampler(Broken())
+    absent = [r for r in caplog.records if "absent-hw-test" in r.getMessage()]
+    assert [r.levelname for r in absent] == ["INFO", "DEBUG", "DEBUG"]
+    broken = [r for r in caplog.records if "broken-hw-test" in r.getMessage()]
+    assert [r.levelname for r in broken] == ["WARNING", "DEBUG", "DEBUG"]

@@ -48,12 +48,41 @@ def all_records(sim: Simulation) -> RecordColumns:
         ),
         ({"faults": [{"kind": "slow_gpu", "rank": 1, "speed": 2}]}, "unknown key 'speed'"),
         ({"steps": 10, "faults": [{"kind": "hang", "rank": 1, "start_step": 10}]}, "start_step"),
+        ({"workload": {"zipf_s": -1.0}}, "zipf_s must be >= 0"),
+        ({"compute": {"spike_prob": 1.5}}, "[compute] spike_prob must be in [0, 1)"),
+        ({"compute": {"spike_min": 3.0, "spike_max": 2.0}}, "spike_min <= spike_max"),
+        ({"attention": {"ns_per_token": -1.0}}, "[attention] ns_per_token must be >= 0"),
+        (
+            {"faults": [{"kind": "batch_imbalance", "rank": 1, "factor": 0.5}]},
+            "factor must be >= 1",
+        ),
     ],
 )
 def test_bad_scenarios_name_the_key(data: dict, message: str) -> None:
     with pytest.raises(ScenarioError) as err:
         load_scenario({"cluster": {"ranks": 16}, **data} if "cluster" not in data else data)
     assert message in str(err.value)
+
+
+def test_zipf_s_0_is_uniform_popularity() -> None:
+    s = load_scenario({**SMALL, "workload": {"routing": "zipf", "zipf_s": 0.0}})
+    rec = all_records(Simulation(s))
+    load = rec.recv_tokens[rec.phase == 0].reshape(-1, 8)
+    assert load.sum(0).max() / load.sum(0).mean() < 1.05
+
+
+def test_a_batch_imbalance_gives_one_rank_more_tokens_and_a_longer_attention() -> None:
+    fault = {"kind": "batch_imbalance", "rank": 2, "factor": 1.5, "start_step": 20}
+    s = load_scenario({**SMALL, "workload": {"rank_batch_jitter": 0.0}, "faults": [fault]})
+    sim = Simulation(s)
+    sent, gap = [], []
+    for chunk in sim.chunks():
+        sent.append(chunk.send_bytes[:, :, 0, :])  # [S, L, P] dispatch
+        gap.append(chunk.enter_s[:, 1:, 0, :] - chunk.exit_s[:, :-1, 1, :])
+    sent, gap = np.concatenate(sent), np.concatenate(gap)
+    assert np.allclose(sent[:20, :, 2], sent[:20, :, 0])
+    assert np.allclose(sent[20:, :, 2] / sent[20:, :, 0], 1.5, rtol=0.05)
+    assert np.median(gap[20:, :, 2]) > 1.2 * np.median(gap[20:, :, 0])
 
 
 def test_scenario_file_errors_name_the_file(tmp_path: Path) -> None:
@@ -91,10 +120,12 @@ def test_records_follow_the_schema_and_cover_every_collective() -> None:
     assert len(keys) == len(rec)
     dispatch = rec.phase == 0
     assert (rec.recv_tokens[~dispatch] == 0).all()
-    # Every dispatch routes T*k slots in total.
-    per_call = np.bincount((rec.step * 4 + rec.layer)[dispatch], weights=rec.recv_tokens[dispatch])
-    tokens_per_rank = per_call / (8 * 8)
-    assert np.allclose(tokens_per_rank, np.round(tokens_per_rank))
+    # Every dispatch routes the k slots of every token of every rank's own batch.
+    call = (rec.step * 4 + rec.layer)[dispatch]
+    routed = np.bincount(call, weights=rec.recv_tokens[dispatch])
+    sent_slots = np.bincount(call, weights=rec.send_bytes[dispatch]) / s.model.hidden
+    assert np.allclose(routed, sent_slots)
+    assert np.allclose(routed / 8, np.round(routed / 8))
 
 
 def test_each_rank_has_its_own_clock_yet_all_leave_together() -> None:
@@ -203,7 +234,7 @@ def test_stragglers_carry_node_evidence_consistent_with_the_fault(fault, expecte
 
     data = {
         **SMALL,
-        "steps": 80,
+        "steps": 160,  # per-peer waits (network) are sampled every 10th step
         "cluster": {"ranks": 16, "ranks_per_node": 8},
         "faults": [{**fault, "start_step": 20}],
     }

@@ -44,6 +44,33 @@ def test_peer_rows_and_entered_round_trip() -> None:
     np.testing.assert_array_equal(wire.decode_entered(batch).step, entered.step)
 
 
+def test_dropped_tokens_travel_when_set_and_older_senders_mean_zero() -> None:
+    plain = make_records(6, world_size=4)
+    batch = wire.encode_records("g", 4, plain)
+    assert not batch.dropped_tokens  # all zero: left out, as an older sender's batch
+    assert wire.decode_batch(batch).records.dropped_tokens.tolist() == [0] * 6
+    older = pb.RecordBatch.FromString(batch.SerializeToString())
+    older.ClearField("dropped_tokens")
+    assert wire.decode_records(older).dropped_tokens.dtype == np.dtype("<i8")
+
+    dropped = np.array([0, 5, 0, 0, 7, 0])
+    records = type(plain)(**{**plain.as_dict(), "dropped_tokens": dropped})
+    back = wire.decode_batch(pb.RecordBatch.FromString(
+        wire.encode_records("g", 4, records).SerializeToString()
+    ))  # fmt: skip
+    assert back.records.dropped_tokens.tolist() == dropped.tolist()
+
+    short = wire.encode_records("g", 4, records)
+    short.dropped_tokens = short.dropped_tokens[:8]
+    with pytest.raises(RecordError) as err:
+        wire.decode_batch(short)
+    assert err.value.reason == "length_mismatch"
+    negative = type(plain)(**{**plain.as_dict(), "dropped_tokens": -dropped})
+    with pytest.raises(RecordError) as err:
+        wire.decode_batch(wire.encode_records("g", 4, negative))
+    assert err.value.reason == "negative_count"
+
+
 def test_length_mismatch_is_a_record_error() -> None:
     batch = wire.encode_records("g", 8, make_records(10, 8))
     batch.count = 11

@@ -73,7 +73,8 @@ _logged_lock = threading.Lock()
 
 
 def log_once(sampler: str, message: str, exc: BaseException | None) -> None:
-    """Log a sampler failure the first time we see it; repeats go to debug."""
+    """Log a sampler failure the first time we see it; repeats go to debug. Hardware a
+    node does not have (no InfiniBand, no AMD GPU) is normal: INFO, not a warning."""
     key = (sampler, message)
     with _logged_lock:
         first = key not in _logged
@@ -82,7 +83,7 @@ def log_once(sampler: str, message: str, exc: BaseException | None) -> None:
     if not first:
         log.debug("sampler %s: %s", sampler, message)
     elif isinstance(exc, SamplerUnavailable) or exc is None:
-        log.warning("sampler %s unavailable: %s", sampler, message)
+        log.info("sampler %s unavailable: %s", sampler, message)
     else:
         log.warning("sampler %s failed: %s", sampler, message, exc_info=exc)
 

@@ -12,17 +12,24 @@ import numpy as np
 
 from epwatch.schema import RecordColumns
 
-_FIELDS = ("enter_ns", "exit_ns", "send_bytes", "recv_bytes", "recv_tokens")
+_FIELDS = ("enter_ns", "exit_ns", "send_bytes", "recv_bytes", "recv_tokens", "dropped_tokens")
 
 
 class StepBuffer:
-    def __init__(self, world_size: int, slots: int) -> None:
+    """``slots`` steps of up to ``max_layers`` layers; the layer capacity grows with the
+    layers seen, never past ``max_layers``, so ``max_bytes`` is a hard bound."""
+
+    def __init__(self, world_size: int, slots: int, max_layers: int = 128) -> None:
+        if max_layers < 1 or slots < 1:
+            raise ValueError(f"need at least one slot and one layer, got {slots}, {max_layers}")
         self.P = world_size
         self.slots = slots
+        self.max_layers = max_layers
+        self.max_bytes = slots * self.bytes_per_step_for(world_size, max_layers)
         self.layers = 0  # layers seen so far (max layer + 1)
         self._cap = 0
         self.slot_step = np.full(slots, -1, dtype=np.int64)
-        self._alloc(8)
+        self._alloc(min(8, max_layers))
 
     def _alloc(self, cap: int) -> None:
         old = getattr(self, "cols", None)
@@ -44,10 +51,13 @@ class StepBuffer:
 
     def add(self, rec: RecordColumns) -> None:
         """Scatter records into their steps' slots. Callers make room first: every
-        step in ``rec`` must have a free slot or already own one."""
+        step in ``rec`` must have a free slot or already own one, and every layer must
+        be below ``max_layers``."""
         top = int(rec.layer.max()) + 1
+        if top > self.max_layers:
+            raise ValueError(f"layer {top - 1} is beyond the buffer's {self.max_layers} layers")
         if top > self._cap:
-            self._alloc(max(top, 2 * self._cap))
+            self._alloc(min(self.max_layers, max(top, 2 * self._cap)))
         self.layers = max(self.layers, top)
         slot = rec.step % self.slots
         first = int(rec.step.min())

@@ -33,6 +33,7 @@ What each cause looks like (design §4):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ import numpy as np
 
 from epwatch.collector.estimators.config import EstimatorConfig
 from epwatch.collector.estimators.network import cell_slowdown
+from epwatch.collector.estimators.sequential import SequentialParams
 from epwatch.collector.estimators.stats import _quiet_nanmedian
 from epwatch.collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag, LinkTracker
 from epwatch.schema import IntervalColumns, RecordError
@@ -62,6 +64,7 @@ class CounterTick:
     hot_expert_ratio: np.ndarray  # [P] that expert's tokens over the mean expert's
     cells: np.ndarray  # [P, P] link time over what its receiver's row and sender's column predict
     reported: np.ndarray  # [P] bool: intervals arrived this tick
+    seconds: float = 0.0  # the time the tick covers, on the median reporting rank's clock
 
     def cause_evidence(self) -> dict[str, np.ndarray]:
         """Per-rank slowdown series for each cause (1 = nothing to see)."""
@@ -82,6 +85,25 @@ class CounterTick:
         }
 
 
+def tick_params(cfg: EstimatorConfig, cause: str) -> SequentialParams:
+    """The sequential test for counter-mode ticks. A tick pools every interval of one
+    estimator pass (each a few hundred milliseconds of steps): much less noisy than
+    one step and far fewer of them, so the counts are in ticks and small. A wait ratio
+    is not a compute slowdown (a 1.1x slower rank can make its peers wait 3x as
+    long), so compute and batch ask for at least 1.15x."""
+    params = cfg.sequential(cause)
+    floor = max(params.min_effect, 1.15) if cause in ("compute", "batch") else params.min_effect
+    return dataclasses.replace(
+        params,
+        min_effect=floor,
+        window=min(params.window, 64),
+        warmup=min(params.warmup, 4),
+        burst_steps=min(params.burst_steps, 4),
+        hold_steps=min(params.hold_steps, 3),
+        clear_steps=min(params.clear_steps, 5),
+    )
+
+
 class CounterMode:
     """One EP group's interval records, pooled per estimator pass, and the flags they
     raise (``compute``, ``batch``, ``network``, ``routing``, ``hang``) and suspect
@@ -94,19 +116,15 @@ class CounterMode:
         self.local_experts = -1
         self.intervals = 0
         self.ticks: deque[CounterTick] = deque(maxlen=cfg.window_steps)
-        floors = {
-            "compute": max(cfg.compute_threshold, 1.15),
-            "batch": max(cfg.compute_threshold, 1.15),
-            "network": cfg.network_threshold,
-            "routing": cfg.routing_threshold,
-        }
         self.trackers = {
-            cause: CauseTracker(cause, world_size, floor, cfg.evidence_steps, cfg.confirm_steps)
-            for cause, floor in floors.items()
+            cause: CauseTracker(cause, world_size, tick_params(cfg, cause))
+            for cause in ("compute", "batch", "network", "routing")
         }
-        self.links = LinkTracker(cfg.link_threshold, cfg.network_confirm_samples)
+        self.links = LinkTracker(world_size, tick_params(cfg, "link"))
         self.hangs: dict[int, Flag] = {}
         self._closed_hangs: deque[Flag] = deque(maxlen=CLOSED_FLAGS_KEPT)
+        self._hang_changes: list[tuple[str, Flag]] = []
+        self.run_time_s = 0.0  # the ranks' own time over the ticks (median rank)
         self._ticks_done = 0
         self._acc: dict[str, np.ndarray] | None = None
         self._fresh = False
@@ -203,6 +221,7 @@ class CounterMode:
             hot_expert_ratio=hot_ratio,
             cells=cells if cells is not None else np.full((self.P, self.P), np.nan),
             reported=reported,
+            seconds=float(np.median(seconds[reported])) if reported.any() else 0.0,
         )
         self.ticks.append(tick)
         return tick
@@ -214,9 +233,10 @@ class CounterMode:
             self._ticks_done += 1
             known = self.step[self.step >= 0]
             at = int(known.max()) if len(known) else self._ticks_done
+            self.run_time_s += tick.seconds
             for cause, values in tick.cause_evidence().items():
-                self.trackers[cause].push(at, values)
-            self.links.push(at, tick.cells)
+                self.trackers[cause].push(at, self.run_time_s, values)
+            self.links.push(at, self.run_time_s, tick.cells)
             self._check_hang(tick, now_s, at)
 
     def _check_hang(self, tick: CounterTick, now_s: float, at: int) -> None:
@@ -226,12 +246,35 @@ class CounterMode:
         for rank in suspects:
             if rank not in self.hangs:
                 stuck = int(self.step[rank]) if self.step[rank] >= 0 else at
-                self.hangs[rank] = Flag(rank, "hang", stuck, stuck)
+                self.hangs[rank] = Flag(rank, "hang", stuck, stuck, opened_step=at)
+                self._hang_changes.append(("opened", self.hangs[rank]))
             self.hangs[rank].last_step = at
         for rank in [r for r in self.hangs if r not in suspects]:
             flag = self.hangs.pop(rank)
             flag.active = False
             self._closed_hangs.append(flag)
+            self._hang_changes.append(("cleared", flag))
+
+    def take_hang_changes(self) -> list[tuple[str, Flag]]:
+        """Hang flags opened and cleared since the last call."""
+        out, self._hang_changes = self._hang_changes, []
+        return out
+
+    def stalled_s(self) -> float:
+        """How long the group's counters have not advanced (the median reporting
+        rank's own time), while a hang is pinned; else 0."""
+        if not self.hangs or not self.seen.any():
+            return 0.0
+        return float(np.median(self.frozen_s[self.seen]))
+
+    def owns(self, flag: Flag) -> bool:
+        """Whether the flag was raised by the counters (not the per-collective records)."""
+        if flag.cause == "hang":
+            return any(f is flag for f in [*self.hangs.values(), *self._closed_hangs])
+        tracker = self.trackers.get(flag.cause)
+        return tracker is not None and any(
+            f is flag for f in [*tracker.active.values(), *tracker.closed]
+        )
 
     def flags(self, include_closed: bool) -> list[Flag]:
         out = list(self.hangs.values())

@@ -8,6 +8,7 @@ step order, ``update(final=True)`` at the end).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -22,18 +23,32 @@ from epwatch.collector.estimators.config import EstimatorConfig
 from epwatch.collector.estimators.counters import CounterMode
 from epwatch.collector.estimators.network import link_slowdown
 from epwatch.collector.estimators.report import (
+    DropStats,
     GroupReport,
     PhaseReport,
     StragglerReport,
     SuspectLink,
 )
-from epwatch.collector.estimators.stats import StepStats, _quiet_nanmedian, durations, step_stats
+from epwatch.collector.estimators.stats import (
+    StepStats,
+    _quiet_nanmedian,
+    batch_evidence,
+    durations,
+    step_stats,
+)
 from epwatch.collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag, LinkTracker
 from epwatch.schema import PHASE_NAMES, Entered, IntervalColumns, PeerRows, Phase, RecordColumns
 
 EvidenceFn = Callable[[str, str, int], list[str]]
 _LAYER_BITS = 17  # heartbeat key: step << 17 | layer << 1 | phase
 _MAX_EVIDENCE = 4
+_CHANGES_KEPT = 256  # flag openings and closings not yet taken (for the log)
+_BATCH_LATE_STEPS = 8  # steps behind "this rank enters dispatch late" (batch cause)
+_PEER_MATRICES = 8  # per-peer (layer, phase) matrices one step's network check may build
+
+
+class BudgetError(ValueError):
+    """The group's world size does not fit its memory budget."""
 
 
 def _entered_key(step: np.ndarray, layer: np.ndarray, phase: np.ndarray) -> np.ndarray:
@@ -54,7 +69,13 @@ class GroupEstimator:
         self.P = world_size
         self.cfg = cfg = config or EstimatorConfig()
         self._clock = clock
-        self.buffer = StepBuffer(world_size, self._slots(world_size, cfg))
+        self.buffer = self._new_buffer(world_size, cfg)
+        # Per-peer rows kept for steps still being assembled, and the P x P matrices a
+        # step's network check builds, come out of the same budget.
+        matrices = _PEER_MATRICES * world_size**2 * 8
+        self._peer_budget = min(cfg.buffer_bytes // 4, matrices + (1 << 20))
+        self._peer_bytes = 0
+        self.memory_bytes = self.buffer.max_bytes + self._peer_budget
         self.nodes = np.array([""] * world_size, dtype=object)
         self.local_device = np.full(world_size, -1, dtype=np.int64)
         self._known = np.zeros(world_size, dtype=bool)
@@ -69,33 +90,19 @@ class GroupEstimator:
         self.steps_done = 0
         self.incomplete_steps = 0
         self.late_records = 0
+        self.dropped_total = np.zeros(world_size, dtype=np.int64)  # never reset: a counter
         self.window: deque[StepStats] = deque(maxlen=cfg.window_steps)
         self._peer: dict[int, list[PeerRows]] = {}
         self.trackers = {
-            "compute": CauseTracker(
-                "compute",
-                world_size,
-                cfg.compute_threshold,
-                cfg.evidence_steps,
-                cfg.confirm_steps,
-                noise_z=cfg.compute_noise_z,
-            ),
-            "routing": CauseTracker(
-                "routing",
-                world_size,
-                cfg.routing_threshold,
-                cfg.evidence_steps,
-                cfg.confirm_steps,
-            ),
-            "network": CauseTracker(
-                "network",
-                world_size,
-                cfg.network_threshold,
-                cfg.network_evidence_samples,
-                cfg.network_confirm_samples,
-            ),
+            cause: CauseTracker(cause, world_size, cfg.sequential(cause))
+            for cause in ("compute", "routing", "network", "batch")
         }
-        self.links = LinkTracker(cfg.link_threshold, cfg.network_confirm_samples)
+        self.links = LinkTracker(world_size, cfg.sequential("link"))
+        self.run_time_s = 0.0  # seconds of this run, from the ranks' own clocks
+        self._prev_step = -1
+        self._prev_start_ns: np.ndarray | None = None
+        self._prev_end_ns: np.ndarray | None = None
+        self._changes: deque[tuple[str, Flag]] = deque(maxlen=_CHANGES_KEPT)
         self._entered = np.full(world_size, -1, dtype=np.int64)
         self._last_progress = clock()
         self._stalled_s = 0.0
@@ -111,10 +118,21 @@ class GroupEstimator:
             self._set_node(np.array([rank]), node, None)
 
     @staticmethod
-    def _slots(world_size: int, cfg: EstimatorConfig) -> int:
-        """Steps assembled at once, sized for a 61-layer model within the budget."""
-        per_step = StepBuffer.bytes_per_step_for(world_size, layers=61)
-        return int(min(cfg.max_slots, max(4, cfg.buffer_bytes // per_step)))
+    def _new_buffer(world_size: int, cfg: EstimatorConfig) -> StepBuffer:
+        """Steps assembled at once, sized for a 61-layer model within three quarters of
+        the budget (the rest is for per-peer rows); at least two. The layer capacity is
+        then what the budget leaves, at most ``max_layers``: the bound is strict, and a
+        group that cannot fit two steps of one layer is refused."""
+        budget = cfg.buffer_bytes - cfg.buffer_bytes // 4
+        per_step = StepBuffer.bytes_per_step_for(world_size, layers=min(61, cfg.max_layers))
+        slots = int(min(cfg.max_slots, max(2, budget // per_step)))
+        layers = min(cfg.max_layers, budget // StepBuffer.bytes_per_step_for(world_size * slots, 1))
+        if layers < 1:
+            raise BudgetError(
+                f"world_size {world_size} needs {2 * StepBuffer.bytes_per_step_for(world_size, 1)}"
+                f" bytes for two steps of one layer; the group budget is {cfg.buffer_bytes}"
+            )
+        return StepBuffer(world_size, slots, int(layers))
 
     def ingest(self, records: RecordColumns, node: str | None = None) -> None:
         """Accept validated records (any ranks, any steps) of this group."""
@@ -128,7 +146,7 @@ class GroupEstimator:
             # restarted (without heartbeats to say so). Start a new run.
             self._new_run()
         late = records.step <= self.finalized_upto
-        ignored = records.layer >= self.cfg.max_layers
+        ignored = records.layer >= self.buffer.max_layers
         if late.any() or ignored.any():
             self.late_records += int(late.sum())
             self.ignored_records += int((ignored & ~late).sum())
@@ -183,9 +201,17 @@ class GroupEstimator:
     def ingest_peer_rows(self, rows: PeerRows) -> None:
         if not len(rows) or not rows.wait_s.size:
             return
+        # Only steps that can still be assembled, within the peer budget (counted
+        # ignored otherwise): rows for far-future steps would never be freed.
+        horizon = self._peer_horizon()
         for step in np.unique(rows.step):
             if step > self.finalized_upto:
                 sel = rows.step == step
+                size = int(sel.sum()) * self.P * 16
+                if step > horizon or self._peer_bytes + size > self._peer_budget:
+                    self.ignored_records += int(sel.sum())
+                    continue
+                self._peer_bytes += size
                 self._peer.setdefault(int(step), []).append(
                     PeerRows(
                         rank=rows.rank[sel],
@@ -210,6 +236,11 @@ class GroupEstimator:
         if node is not None:
             self._set_node(rows.rank, node, None)
         self.counter_mode.ingest(rows, self._clock() if now_s is None else now_s)
+
+    def _peer_horizon(self) -> float:
+        """The newest step whose per-peer rows are kept (any before records arrive)."""
+        newest = max(self.newest_step, self.finalized_upto)
+        return newest + self.buffer.slots if newest >= 0 else math.inf
 
     def ingest_entered(
         self, entered: Entered, node: str | None = None, now_s: float | None = None
@@ -237,13 +268,16 @@ class GroupEstimator:
         """Forget the assembly state of a run whose engine restarted (its step numbers
         begin again); flags of the old run close, the window starts afresh."""
         self.restarts += 1
-        self.buffer = StepBuffer(self.P, self.buffer.slots)
+        self.buffer = StepBuffer(self.P, self.buffer.slots, self.buffer.max_layers)
         self._peer.clear()
+        self._peer_bytes = 0
         self.window.clear()
         self.finalized_upto = self.newest_step = -1
         self._restarted[:] = False
         self._entered[:] = -1
         self._fitted_steps = -1
+        self._prev_step = -1
+        self._prev_start_ns = self._prev_end_ns = None
         for tracker in (*self.trackers.values(), self.links):
             tracker.reset()
         for rank in list(self.hangs):
@@ -254,48 +288,91 @@ class GroupEstimator:
     def _finalize(self, step: int) -> None:
         taken = self.buffer.take(step)
         peers = self._peer.pop(step, [])
-        for stale in [s for s in self._peer if s < step]:
+        horizon = self._peer_horizon()
+        for stale in [s for s in self._peer if s < step or s > horizon]:
             del self._peer[stale]
+        self._peer_bytes = sum(len(r) * self.P * 16 for rs in self._peer.values() for r in rs)
         self.finalized_upto = max(self.finalized_upto, step)
         if taken is None:
             self.incomplete_steps += 1
             return
         layers, arrays = taken
         d = durations(arrays)
-        stats = step_stats(step, arrays, d)
+        follows = self._prev_step == step - 1 and self._prev_end_ns is not None
+        stats = step_stats(step, arrays, d, self._prev_end_ns if follows else None)
+        self._advance_clock(stats)
         self.window.append(stats)
+        self.dropped_total += stats.dropped
         self.steps_done += 1
-        self.trackers["compute"].push(step, stats.compute_ratio)
-        self.trackers["routing"].push(step, stats.load_ratio)
+        now = self.run_time_s
+        self.trackers["compute"].push(step, now, stats.compute_ratio)
+        self.trackers["routing"].push(step, now, stats.load_ratio)
+        recent = list(itertools.islice(reversed(self.window), _BATCH_LATE_STEPS))[::-1]
+        self.trackers["batch"].push(step, now, batch_evidence(recent), stats.batch_ratio)
         if peers:
-            net = self._network(step, layers, d, peers)
+            net = self._network(step, layers, arrays, d, peers)
             if net is not None:
-                self.trackers["network"].push(step, net)
+                self.trackers["network"].push(step, now, net)
+
+    def _advance_clock(self, stats: StepStats) -> None:
+        """The run's time, from each rank's own clock: the median rank's time between
+        the starts of consecutive analysed steps (clocks are never compared across
+        ranks)."""
+        if self._prev_start_ns is not None:
+            elapsed = float(np.median(stats.start_ns - self._prev_start_ns)) * 1e-9
+            if elapsed > 0:
+                self.run_time_s += elapsed
+        self._prev_start_ns, self._prev_end_ns = stats.start_ns, stats.end_ns
+        self._prev_step = stats.step
 
     def _network(
-        self, step: int, layers: np.ndarray, d: np.ndarray, peers: list[PeerRows]
+        self,
+        step: int,
+        layers: np.ndarray,
+        arrays: dict[str, np.ndarray],
+        d: np.ndarray,
+        peers: list[PeerRows],
     ) -> np.ndarray | None:
-        """Each rank's link slowdown from every sampled layer of the step (median)."""
+        """Each rank's NIC slowdown from every sampled layer of the step (median)."""
         position = {int(layer): i for i, layer in enumerate(layers)}
         matrices: dict[int, dict[int, np.ndarray]] = {}
+        # Each (layer, phase) costs a P x P matrix: as many as the peer budget holds.
+        room = self._peer_budget // (self.P * self.P * 8)
         for rows in peers:
             pairs = np.unique(np.stack([rows.layer, rows.phase.astype(np.int64)]), axis=1)
             for layer, phase in pairs.T.tolist():
                 if layer not in position:
                     continue
+                if phase not in matrices.get(layer, {}):
+                    if room < 1:
+                        continue
+                    room -= 1
                 sel = (rows.layer == layer) & (rows.phase == phase)
                 m = matrices.setdefault(layer, {}).setdefault(
                     phase, np.full((self.P, self.P), np.nan)
                 )
                 m[rows.rank[sel]] = rows.wait_s[sel]
-        found = [
-            link_slowdown(m, {ph: d[position[layer], ph] for ph in m})
-            for layer, m in matrices.items()
-        ]
+        latency = {}
+        for phase in (Phase.DISPATCH, Phase.COMBINE):
+            fit = self._fits.get(PHASE_NAMES[phase])
+            latency[int(phase)] = fit.latency_s if fit is not None else math.nan
+        found = []
+        for layer, m in matrices.items():
+            i = position[layer]
+            found.append(
+                link_slowdown(
+                    m,
+                    {ph: d[i, ph] for ph in m},
+                    latency,
+                    {ph: arrays["send_bytes"][i, ph] for ph in m},
+                    {ph: arrays["recv_bytes"][i, ph] for ph in m},
+                )
+            )
         if not found:
             return None
         ranks = _quiet_nanmedian(np.stack([r for r, _ in found]), 0)
-        self.links.push(step, _quiet_nanmedian(np.stack([c for _, c in found]), 0))
+        cells = _quiet_nanmedian(np.stack([c for _, c in found]), 0)
+        self.links.push(step, self.run_time_s, cells)
         return ranks
 
     def update(self, now_s: float | None = None, final: bool = False) -> None:
@@ -332,9 +409,18 @@ class GroupEstimator:
             transfer = float(np.median(t))
             try:
                 f = hockney.fit(v, t)
-            except hockney.FitError:
+                problem = hockney.untrustworthy(
+                    v, f, self.cfg.fit_min_size_spread, self.cfg.fit_min_r2
+                )
+            except hockney.FitError as err:
+                f, problem = None, str(err)
+            if problem is not None:  # no L, BW_eff or regime from a fit we cannot trust
                 self._fits[PHASE_NAMES[phase]] = PhaseReport(
-                    per_peer_message_bytes=per_peer, transfer_s=transfer, n=len(v)
+                    r2=f.r2 if f is not None else math.nan,
+                    n=len(v),
+                    per_peer_message_bytes=per_peer,
+                    transfer_s=transfer,
+                    fit_problem=problem,
                 )
                 continue
             self._fits[PHASE_NAMES[phase]] = PhaseReport(
@@ -362,12 +448,9 @@ class GroupEstimator:
         for rank in laggards:
             flag = self.hangs.get(rank)
             if flag is None:
-                flag = self.hangs[rank] = Flag(
-                    rank,
-                    "hang",
-                    int(entered[rank] >> _LAYER_BITS),
-                    int(entered[rank] >> _LAYER_BITS),
-                )
+                step = int(entered[rank] >> _LAYER_BITS)
+                flag = self.hangs[rank] = Flag(rank, "hang", step, step, opened_step=step)
+                self._changes.append(("opened", flag))
             flag.values.clear()
             if not final and step_s > 0:
                 flag.values.append(self._stalled_s / step_s)
@@ -378,6 +461,7 @@ class GroupEstimator:
         flag = self.hangs.pop(rank)
         flag.active = False
         self._closed_hangs.append(flag)
+        self._changes.append(("cleared", flag))
 
     def _what_if(self, compute_s: float) -> dict[str, Any]:
         """The article's what-if at the measured point: does compute still cover the
@@ -412,6 +496,66 @@ class GroupEstimator:
         }  # fmt: skip
 
     # -- report --------------------------------------------------------------------------
+    def _straggler(
+        self, f: Flag, evidence: EvidenceFn | None = None, drops: DropStats | None = None
+    ) -> StragglerReport:
+        node, dev = str(self.nodes[f.rank]), int(self.local_device[f.rank])
+        lines = self._own_evidence(f)
+        if self.counter_mode is not None and self.counter_mode.owns(f):
+            lines = self._counter_evidence(f)
+        if f.cause == "routing":
+            drops = drops or self._drops()
+            if drops.fraction[f.rank] > 0:
+                lines.insert(0, drops.line(f.rank))
+        if evidence:
+            lines += evidence(f.cause, node, dev)
+        slowdown, low, high = f.interval()
+        if f.cause == "hang":  # how long it has been stuck, in steps: no interval
+            low = high = math.nan
+        return StragglerReport(
+            rank=f.rank,
+            node=node,
+            cause=f.cause,
+            slowdown=slowdown,
+            first_step=f.first_step,
+            last_step=f.last_step,
+            active=f.active,
+            local_device=dev,
+            evidence=tuple(lines[:_MAX_EVIDENCE]),
+            slowdown_low=low,
+            slowdown_high=high,
+            opened_step=f.opened_step,
+        )
+
+    def _own_evidence(self, f: Flag) -> list[str]:
+        """What the hook records themselves add: for a slow GPU, whether the rank's
+        work before dispatch is slow per token too; for a large batch, how much later
+        it enters dispatch."""
+        if f.cause not in ("compute", "batch") or not self.window:
+            return []
+        recent = list(self.window)[-16:]
+        pre_cost = float(_quiet_nanmedian(np.array([s.pre_dispatch_cost[f.rank] for s in recent])))
+        pre = float(_quiet_nanmedian(np.array([s.pre_dispatch_ratio[f.rank] for s in recent])))
+        if f.cause == "compute" and math.isfinite(pre_cost):
+            return [f"per-token time before dispatch {pre_cost:.2f}x the group median"]
+        if f.cause == "batch" and math.isfinite(pre):
+            return [f"enters dispatch after {pre:.2f}x the median time before dispatch"]
+        return []
+
+    def take_flag_changes(self) -> list[tuple[str, StragglerReport]]:
+        """Flags ("opened" or "cleared") since the last call, oldest first."""
+        trackers = list(self.trackers.values())
+        if self.counter_mode is not None:
+            trackers += self.counter_mode.trackers.values()
+            self._changes.extend(self.counter_mode.take_hang_changes())
+        for tracker in trackers:
+            opened, cleared = tracker.take_changes()
+            self._changes.extend(("opened", f) for f in opened)
+            self._changes.extend(("cleared", f) for f in cleared)
+        out = [(event, self._straggler(f)) for event, f in self._changes]
+        self._changes.clear()
+        return out
+
     def report(
         self, evidence: EvidenceFn | None = None, include_closed: bool = False
     ) -> GroupReport:
@@ -425,26 +569,11 @@ class GroupEstimator:
         counted = self.counter_mode.flags(include_closed) if self.counter_mode else []
         seen = {(f.rank, f.cause, f.active) for f in flags}
         flags += [f for f in counted if (f.rank, f.cause, f.active) not in seen]
-        from_counters = {id(f) for f in counted}
-        stragglers = []
-        for f in sorted(flags, key=lambda f: (f.first_step, f.rank, f.cause)):
-            node, dev = str(self.nodes[f.rank]), int(self.local_device[f.rank])
-            ev = evidence(f.cause, node, dev)[:_MAX_EVIDENCE] if evidence else []
-            if id(f) in from_counters:
-                ev = [*self._counter_evidence(f), *ev][:_MAX_EVIDENCE]
-            stragglers.append(
-                StragglerReport(
-                    rank=f.rank,
-                    node=node,
-                    cause=f.cause,
-                    slowdown=f.slowdown,
-                    first_step=f.first_step,
-                    last_step=f.last_step,
-                    active=f.active,
-                    local_device=dev,
-                    evidence=tuple(ev),
-                )
-            )
+        drops = self._drops()
+        stragglers = [
+            self._straggler(f, evidence, drops)
+            for f in sorted(flags, key=lambda f: (f.first_step, f.rank, f.cause))
+        ]
         kw: dict = {}
         if self.window:
             w = list(self.window)
@@ -460,6 +589,9 @@ class GroupEstimator:
                 time_lost_per_step_s=float(np.median([s.lost_s for s in w])),
                 compute_slowdown=tuple(self.trackers["compute"].evidence.tolist()),
                 load_ratio=tuple(self.trackers["routing"].evidence.tolist()),
+                batch_ratio=tuple(
+                    _quiet_nanmedian(np.stack([s.batch_ratio for s in w[-8:]]), 0).tolist()
+                ),
                 arrival_lag_s=tuple(
                     _quiet_nanmedian(np.stack([s.arrival_lag_s for s in w]), 0).tolist()
                 ),
@@ -472,26 +604,35 @@ class GroupEstimator:
             last_step=self.finalized_upto,
             phases=dict(self._fits),
             stragglers=tuple(stragglers),
-            stalled_s=self._stalled_s,
+            stalled_s=max(
+                self._stalled_s, self.counter_mode.stalled_s() if self.counter_mode else 0.0
+            ),
             nodes=tuple(str(n) for n in self.nodes),
             incomplete_steps=self.incomplete_steps,
             late_records=self.late_records,
             ignored_records=self.ignored_records,
             suspect_links=tuple(
-                SuspectLink(
-                    f.src,
-                    f.dst,
-                    f.slowdown,
-                    f.first_step,
-                    f.last_step,
-                    f.streak >= self.links.confirm,
-                )
+                SuspectLink(f.src, f.dst, f.slowdown, f.first_step, f.last_step, f.active)
                 for f in self.links.flags(include_closed)
             ),
             restarts=self.restarts,
+            dropped_tokens_total=tuple(self.dropped_total.tolist()),
+            dropped_fraction=tuple(drops.fraction.tolist()),
+            drop_capacity=tuple(drops.capacity.tolist()),
             mode=self._mode(),
             **kw,
         )
+
+    def _drops(self) -> DropStats:
+        """Share of each rank's routed slots that capacity dropped over the window."""
+        if not self.window:
+            return DropStats(np.zeros(self.P), np.full(self.P, np.nan))
+        w = list(self.window)
+        dropped = np.sum([s.dropped for s in w], axis=0)
+        routed = np.sum([s.routed for s in w], axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fraction = np.where(routed > 0, dropped / routed, 0.0)
+        return DropStats(fraction, _quiet_nanmedian(np.stack([s.capacity for s in w]), 0))
 
     def _mode(self) -> str:
         """Which records feed the diagnosis: per-collective, counters, or both."""

@@ -6,16 +6,22 @@ lags tell us: ``enter_j - enter_i = lag_j - lag_i``. What remains is the link's
 transfer time ``T[i, j] = wait[i, j] - (lag_j - lag_i)``; cells with no wait (the data
 was there first) say nothing and are left out.
 
-Senders are compared on dispatch, where every rank sends the same volume, and
-receivers on combine, where every rank gets its own slots back, so a hot expert (a big
+Senders are compared on dispatch and receivers on combine, so a hot expert (a big
 receiver on dispatch, a big sender on combine) does not pass for a slow link.
+
+A rank's links are compared on their bandwidth term: the link time less the fitted
+latency L, per byte of the busier end of the link (the sender's total send, or the
+receiver's total receive, whichever is larger). With small per-peer messages L is
+most of a link's time, and a NIC at a third of its bandwidth would otherwise read as
+a few percent slower; per byte, a rank whose own batch is larger does not pass for a
+slow NIC. The ratio is that NIC's own slowdown.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from epwatch.collector.estimators.stats import C, D, _quiet_nanmedian
+from epwatch.collector.estimators.stats import C, D, _quiet_nanmedian, peer_ratio
 
 
 def link_times(wait_s: np.ndarray, lag_s: np.ndarray) -> np.ndarray:
@@ -40,8 +46,7 @@ def _covered_median(t: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _relative(medians: np.ndarray) -> np.ndarray:
-    ref = _quiet_nanmedian(medians)
-    return medians / ref if ref and np.isfinite(ref) else np.full_like(medians, np.nan)
+    return peer_ratio(medians)
 
 
 def cell_slowdown(t: np.ndarray) -> np.ndarray:
@@ -57,28 +62,61 @@ def cell_slowdown(t: np.ndarray) -> np.ndarray:
         return t / (np.outer(row, col) / overall)
 
 
-def link_slowdown(
-    matrices: dict[int, np.ndarray], durations: dict[int, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each rank's links over the group's, ``[P]``, and each link's over what its two
-    ends predict, ``[P, P]`` (receiver i, sender j); NaN where not measurable.
+def less_latency(t: np.ndarray, latency_s: float) -> np.ndarray:
+    """``T - L``, NaN where nothing is left. ``L`` is capped below the matrix's
+    typical time, so that a poor fit cannot leave nothing to compare."""
+    typical = float(_quiet_nanmedian(t))
+    if not (np.isfinite(latency_s) and latency_s > 0 and np.isfinite(typical)):
+        return t
+    out = t - min(latency_s, 0.8 * typical)
+    out[~(out > 0)] = np.nan
+    return out
 
-    ``matrices[phase]`` is the ``[P, P]`` wait matrix of one sampled layer and
-    ``durations[phase]`` the ``[P]`` collective durations d of that layer.
+
+def bandwidth_term(
+    t: np.ndarray, latency_s: float, send_bytes: np.ndarray, recv_bytes: np.ndarray
+) -> np.ndarray:
+    """``[P, P]`` seconds per byte of each link beyond the latency, ``(T - L) / V``,
+    with ``V[i, j] = max(send_j, recv_i)``, the busier end of the link."""
+    volume = np.maximum(send_bytes[None, :], recv_bytes[:, None]).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return less_latency(t, latency_s) / np.where(volume > 0, volume, np.nan)
+
+
+def link_slowdown(
+    matrices: dict[int, np.ndarray],
+    durations: dict[int, np.ndarray],
+    latency_s: dict[int, float] | None = None,
+    send_bytes: dict[int, np.ndarray] | None = None,
+    recv_bytes: dict[int, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each rank's NIC slowdown, ``[P]``, and each link's time over what its two ends
+    predict, ``[P, P]`` (receiver i, sender j); NaN where not measurable.
+
+    ``matrices[phase]`` is the ``[P, P]`` wait matrix of one sampled layer,
+    ``durations[phase]`` the ``[P]`` collective durations d of that layer, and, when
+    known, ``latency_s[phase]`` the fitted L and ``send_bytes`` / ``recv_bytes`` the
+    ``[P]`` bytes each rank sent and received in it (without them the whole link time
+    is compared).
     """
     ranks: np.ndarray | None = None
     cells: np.ndarray | None = None
     for phase, wait in matrices.items():
+        if phase not in (D, C):
+            continue
         d = durations[phase]
         t = link_times(wait, d.max() - d)
-        if phase == D:  # column j: everyone waiting for j's sends
-            ratio = _relative(_covered_median(t, axis=0))
-        elif phase == C:  # row i: i waiting for everyone's sends
-            ratio = _relative(_covered_median(t, axis=1))
+        latency = (latency_s or {}).get(phase, 0.0)
+        if send_bytes is not None and recv_bytes is not None:
+            per_byte = bandwidth_term(t, latency, send_bytes[phase], recv_bytes[phase])
         else:
-            continue
+            per_byte = less_latency(t, latency)
+        if phase == D:  # column j: everyone waiting for j's sends
+            ratio = _relative(_covered_median(per_byte, axis=0))
+        else:  # row i: i waiting for everyone's sends
+            ratio = _relative(_covered_median(per_byte, axis=1))
         ranks = ratio if ranks is None else np.fmax(ranks, ratio)
-        cell = cell_slowdown(t)
+        cell = cell_slowdown(less_latency(t, latency))
         cells = cell if cells is None else np.fmax(cells, cell)
     if ranks is None or cells is None:
         raise ValueError("no dispatch or combine matrix given")

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import math
 
-from epwatch.collector.estimators.report import GroupReport, StragglerReport
+from epwatch.collector.estimators.report import DropStats, GroupReport, StragglerReport
 
 _CAUSE_TEXT = {
-    "compute": "per-token expert compute {slowdown:.3f}x the group median (slow GPU)",
-    "routing": "receives {slowdown:.2f}x the mean routed load (hot expert)",
-    "network": "its links are {slowdown:.2f}x slower than the group's (slow NIC or link)",
+    "compute": "per-token expert compute {slowdown:.3f}x the group median{ci} (slow GPU)",
+    "routing": "receives {slowdown:.2f}x the mean routed load{ci} (hot expert)",
+    "network": "its NIC moves a byte {slowdown:.2f}x slower than the group's{ci} "
+    "(slow NIC or link)",
+    "batch": "its data-parallel batch is {slowdown:.2f}x the group median{ci}, so it enters "
+    "dispatch late (balance the DP batches or the scheduler)",
     "hang": "never entered the collective the others are waiting in (hang)",
 }
+
+
+_MAX_DROP_LINES = 5  # the ranks that drop most; the JSON has every rank
 
 
 def _f(v: float, fmt: str, scale: float = 1.0, unit: str = "") -> str:
@@ -21,7 +27,10 @@ def _f(v: float, fmt: str, scale: float = 1.0, unit: str = "") -> str:
 def explain(s: StragglerReport) -> str:
     """One line saying which rank, since when, how much and why."""
     slowdown = s.slowdown if math.isfinite(s.slowdown) else 0.0
-    why = _CAUSE_TEXT.get(s.cause, s.cause).format(slowdown=slowdown)
+    ci = ""
+    if math.isfinite(s.slowdown_low) and math.isfinite(s.slowdown_high):
+        ci = f" [{s.slowdown_low:.3g}-{s.slowdown_high:.3g}]"
+    why = _CAUSE_TEXT.get(s.cause, s.cause).format(slowdown=slowdown, ci=ci)
     state = "" if s.active else f" (cleared after step {s.last_step})"
     line = f"rank {s.rank} on {s.node or '?'}: {s.cause}, since step {s.first_step}: {why}{state}"
     return line + "".join(f"\n      evidence: {e}" for e in s.evidence)
@@ -39,11 +48,12 @@ def format_report(r: GroupReport) -> str:
         "per forward pass",
     ]
     for name, p in r.phases.items():
+        why = f" ({p.fit_problem})" if p.fit_problem else ""
         lines.append(
             f"  {name:<8} L {_f(p.latency_s, '.1f', 1e6, ' us')}  BW_eff "
             f"{_f(p.bandwidth_Bps, '.2f', 1e-9, ' GB/s')}  R^2 {_f(p.r2, '.3f')} (n={p.n})  "
             f"per-peer {_f(p.per_peer_message_bytes, '.1f', 1e-3, ' KB')} vs crossover "
-            f"{_f(p.crossover_bytes, '.1f', 1e-3, ' KB')}: {p.regime}"
+            f"{_f(p.crossover_bytes, '.1f', 1e-3, ' KB')}: {p.regime}{why}"
         )
     w = r.whatif
     if w:
@@ -69,6 +79,14 @@ def format_report(r: GroupReport) -> str:
             f"  suspect link: rank {link.src} -> rank {link.dst} is {link.slowdown:.2f}x "
             f"slower than both ends predict, since step {link.first_step}{state}"
         )
+    drops = DropStats(r.dropped_fraction, r.drop_capacity)
+    dropping = sorted(
+        (rank for rank, share in enumerate(r.dropped_fraction) if share and share > 0),
+        key=lambda rank: -r.dropped_fraction[rank],
+    )
+    lines += [f"  dropped at capacity: {drops.line(rank)}" for rank in dropping[:_MAX_DROP_LINES]]
+    if len(dropping) > _MAX_DROP_LINES:
+        lines.append(f"  ... and {len(dropping) - _MAX_DROP_LINES} more ranks dropped fewer")
     if r.stragglers:
         lines.append("  stragglers:")
         lines += [f"    {explain(s)}" for s in r.stragglers]
