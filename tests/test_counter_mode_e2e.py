@@ -25,7 +25,7 @@ import torch
 from epwatch.cliargs import free_port
 from epwatch.hooks import get_probe, shutdown
 from epwatch.hooks.deepep import CounterProbe
-from tests.helpers import samples, scrape, wait_for
+from tests.helpers import get_json, samples, scrape, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -120,6 +120,12 @@ def test_a_slow_nic_seen_only_through_kernel_counters(stack: tuple[int, str]) ->
         assert mode == {(("ep_group", "graphs"), ("mode", "counters")): 1.0}
         intervals = samples(text, "epwatch_ingest_intervals_total")
         assert intervals[(("ep_group", "graphs"),)] >= P * 10
+        status, doc = get_json(metrics_port, "/api/v1/diagnosis?ep_group=graphs")
+        assert status == 200
+        (group,) = doc["groups"]
+        assert group["mode"] == "counters"
+        assert [(s["rank"], s["cause"]) for s in group["stragglers"]] == [(SLOW, "network")]
+        assert group["gamma"]["median"] is None  # no per-collective times under graphs
     finally:
         kernels.stop.set()
         kernels.join()

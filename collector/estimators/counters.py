@@ -15,12 +15,16 @@ What each cause looks like (design §4):
 - a **slow receiver** (its NIC's receive side): it waits longer for everyone, in both
   phases (its row);
 - a **slow link**: one cell far above what its row and column predict;
-- **late arrival**: a rank that enters a collective late finds its peers' data already
-  there (its row drops towards zero) while its peers wait for it (its column rises).
-  Late into combine only: its experts are slow (``compute``, per token: a hot expert's
-  extra load is divided out); late into dispatch as well: its attention is slow too
-  (``compute``, a slow GPU); late into dispatch only: its own DP batch is larger
-  (``batch``);
+- **late arrival**: a rank that enters a collective late makes every peer wait longer
+  for its data (its column rises) and finds theirs already there (its row falls), by
+  the same seconds. The ratios are diluted by the transfer time every wait includes,
+  so lateness is measured in seconds: the smaller of the column's excess and the
+  row's deficit, per second of the interval and per waiter, is the share of the
+  group's time lost waiting for the rank. Late into combine: its experts are slow
+  (``compute``; late into dispatch too: its attention as well, a slow GPU), unless its
+  experts get more tokens than the floor of ``routing`` allows (then that is the
+  cause); late into dispatch only: its own DP batch is larger (``batch``). The flag's
+  slowdown is then 1 + that share (1.05: the group loses 5% of its time to the rank);
 - **routing**: a rank's experts receive more tokens per second than the group's mean;
   the hottest local expert is named by its global id (``rank * local_experts + e``);
 - a **hang**: every rank's counters stop advancing for ``hang_after_s`` (measured on
@@ -47,10 +51,13 @@ from epwatch.collector.estimators.stats import _quiet_nanmedian
 from epwatch.collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag, LinkTracker
 from epwatch.schema import IntervalColumns, RecordError
 
-# A late arriver finds its peers' data there already: its waits fall below this share
-# of the group's median row.
-LATE_ROW = 0.6
 _BYTES_PER_VALUE = 8
+_BEHIND = (
+    "its step counter stayed at {step} while its peers started the next step; every "
+    "rank's kernel counters stopped"
+)
+_SILENT = "its counter probe went silent (its GPU stuck?) while its peers' counters stopped"
+LATE_MIN_EFFECT = 1.005  # compute flags: the group loses at least 0.5% of its time
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +66,8 @@ class CounterTick:
 
     send: np.ndarray  # [2, P] peers' waits for the rank's data over the group's (D, C)
     recv: np.ndarray  # [2, P] the rank's waits for everyone over the group's (D, C)
+    late: np.ndarray  # [2, P] share of the group's time lost waiting for the rank (D, C)
+    base: np.ndarray  # [2] the group's median wait for a peer, per second and waiter (D, C)
     load: np.ndarray  # [P] tokens per second over the group's mean
     hot_expert: np.ndarray  # [P] global id of the rank's busiest expert (-1 unknown)
     hot_expert_ratio: np.ndarray  # [P] that expert's tokens over the mean expert's
@@ -66,20 +75,28 @@ class CounterTick:
     reported: np.ndarray  # [P] bool: intervals arrived this tick
     seconds: float = 0.0  # the time the tick covers, on the median reporting rank's clock
 
-    def cause_evidence(self) -> dict[str, np.ndarray]:
+    def cause_evidence(self, routing_floor: float) -> dict[str, np.ndarray]:
         """Per-rank slowdown series for each cause (1 = nothing to see)."""
         send_d, send_c = self.send
         recv_d, recv_c = self.recv
+        late_d, late_c = self.late
         load = np.where(np.isfinite(self.load), self.load, 1.0)
-        late_d, late_c = recv_d < LATE_ROW, recv_c < LATE_ROW
+        # A rank whose lateness explains its column's rise is late, not a slow sender.
+        excess_d, excess_c = np.fmax(send_d - 1.0, 0.0), np.fmax(send_c - 1.0, 0.0)
+        late = (late_d > 0.5 * excess_d * self.base[0]) | (late_c > 0.5 * excess_c * self.base[1])
+        sender = np.where(late, np.nan, np.fmin(send_d, send_c))
         receiver = np.fmin(recv_d, recv_c)
-        sender = np.where(late_d | late_c, np.nan, np.fmin(send_d, send_c))
-        compute_c = np.where(late_c, send_c / np.maximum(load, 1.0), np.nan)
-        compute_d = np.where(late_d & late_c, send_d, np.nan)
-        batch = np.where(late_d & ~late_c & (send_c < 1.1), send_d, np.nan)
+        # Late into combine: slow experts (a hot expert's extra load is routing's); its
+        # lateness into dispatch counts as well, as far as it matches (a slow GPU is
+        # slow in attention too; a larger batch only there is the batch cause).
+        compute = np.where(load < routing_floor, 1.0 + late_c + np.fmin(late_d, late_c), 1.0)
+        # A larger DP batch: peers wait longer for its dispatch data and it waits longer
+        # for its tokens' results in combine, while the other two directions stay
+        # normal (a slow NIC slows all four; a hot expert the other two).
+        batch = np.fmin(send_d, recv_c) / np.fmax(np.fmax(send_c, recv_d), 1.0)
         return {
             "network": np.fmax(receiver, sender),
-            "compute": np.fmax(compute_c, compute_d),
+            "compute": compute,
             "batch": batch,
             "routing": load,
         }
@@ -88,11 +105,12 @@ class CounterTick:
 def tick_params(cfg: EstimatorConfig, cause: str) -> SequentialParams:
     """The sequential test for counter-mode ticks. A tick pools every interval of one
     estimator pass (each a few hundred milliseconds of steps): much less noisy than
-    one step and far fewer of them, so the counts are in ticks and small. A wait ratio
-    is not a compute slowdown (a 1.1x slower rank can make its peers wait 3x as
-    long), so compute and batch ask for at least 1.15x."""
+    one step and far fewer of them, so the counts are in ticks and small. Compute is
+    measured as the share of the group's time lost to a late rank, so its floor is a
+    share too."""
     params = cfg.sequential(cause)
-    floor = max(params.min_effect, 1.15) if cause in ("compute", "batch") else params.min_effect
+    # Late arrival is a share of the group's time, not a ratio of costs: 0.5% is worth it.
+    floor = LATE_MIN_EFFECT if cause == "compute" else params.min_effect
     return dataclasses.replace(
         params,
         min_effect=floor,
@@ -124,6 +142,7 @@ class CounterMode:
         self.hangs: dict[int, Flag] = {}
         self._closed_hangs: deque[Flag] = deque(maxlen=CLOSED_FLAGS_KEPT)
         self._hang_changes: list[tuple[str, Flag]] = []
+        self.hang_why: dict[int, str] = {}  # rank -> what pinned the hang on it
         self.run_time_s = 0.0  # the ranks' own time over the ticks (median rank)
         self._ticks_done = 0
         self._acc: dict[str, np.ndarray] | None = None
@@ -196,12 +215,18 @@ class CounterMode:
         reported = seconds > 0
         with np.errstate(invalid="ignore", divide="ignore"):
             per_s = np.where(reported, 1.0 / seconds, np.nan)
-            send, recv, cells = [], [], None
+            send, recv, late, base, cells = [], [], [], [], None
             for phase in ("dispatch", "combine"):
-                rate = acc[phase] * per_s[:, None]
+                # Seconds waited per second, per waiter (one per local expert).
+                rate = acc[phase] * per_s[:, None] / max(self.local_experts, 1)
                 np.fill_diagonal(rate, np.nan)
-                send.append(_relative(_quiet_nanmedian(rate, axis=0)))
-                recv.append(_relative(_quiet_nanmedian(rate, axis=1)))
+                col, row = _quiet_nanmedian(rate, axis=0), _quiet_nanmedian(rate, axis=1)
+                send.append(_relative(col))
+                recv.append(_relative(row))
+                excess = col - _quiet_nanmedian(col)
+                deficit = _quiet_nanmedian(row) - row
+                late.append(np.fmax(np.fmin(excess, deficit), 0.0))
+                base.append(_quiet_nanmedian(col))
                 cell = cell_slowdown(np.where(rate > 0, rate, np.nan))
                 cells = cell if cells is None else np.fmax(cells, cell)
             tokens = acc["tokens"] * per_s[:, None]
@@ -216,6 +241,8 @@ class CounterMode:
         tick = CounterTick(
             send=np.stack(send),
             recv=np.stack(recv),
+            late=np.stack(late),
+            base=np.asarray(base, dtype=float),
             load=load,
             hot_expert=hot_id,
             hot_expert_ratio=hot_ratio,
@@ -234,7 +261,7 @@ class CounterMode:
             known = self.step[self.step >= 0]
             at = int(known.max()) if len(known) else self._ticks_done
             self.run_time_s += tick.seconds
-            for cause, values in tick.cause_evidence().items():
+            for cause, values in tick.cause_evidence(self.cfg.routing_min_effect).items():
                 self.trackers[cause].push(at, self.run_time_s, values)
             self.links.push(at, self.run_time_s, tick.cells)
             self._check_hang(tick, now_s, at)
@@ -254,6 +281,11 @@ class CounterMode:
             flag.active = False
             self._closed_hangs.append(flag)
             self._hang_changes.append(("cleared", flag))
+
+    @property
+    def newest_step(self) -> int:
+        """The newest engine step counter any rank reported (-1: none)."""
+        return int(self.step.max())
 
     def take_hang_changes(self) -> list[tuple[str, Flag]]:
         """Hang flags opened and cleared since the last call."""
@@ -300,10 +332,14 @@ class CounterMode:
         went silent while the others report."""
         known = self.step >= 0
         if known.sum() >= 2 and self.step[known].min() < self.step[known].max():
-            return [int(r) for r in np.flatnonzero(known & (self.step < self.step.max()))]
+            behind = [int(r) for r in np.flatnonzero(known & (self.step < self.step.max()))]
+            self.hang_why.update(dict.fromkeys(behind, _BEHIND))
+            return behind
         quiet = self.seen & (now_s - self.reported_s > silent_after_s)
         if quiet.any() and not quiet.all():
-            return [int(r) for r in np.flatnonzero(quiet)]
+            silent = [int(r) for r in np.flatnonzero(quiet)]
+            self.hang_why.update(dict.fromkeys(silent, _SILENT))
+            return silent
         return []
 
 

@@ -42,6 +42,7 @@ from epwatch.schema import PHASE_NAMES, Entered, IntervalColumns, PeerRows, Phas
 EvidenceFn = Callable[[str, str, int], list[str]]
 _LAYER_BITS = 17  # heartbeat key: step << 17 | layer << 1 | phase
 _MAX_EVIDENCE = 4
+_SUSPECT_LINKS = 5  # reported per group (the worst)
 _CHANGES_KEPT = 256  # flag openings and closings not yet taken (for the log)
 _BATCH_LATE_STEPS = 8  # steps behind "this rank enters dispatch late" (batch cause)
 _PEER_MATRICES = 8  # per-peer (layer, phase) matrices one step's network check may build
@@ -381,8 +382,12 @@ class GroupEstimator:
         self._finalize_ready(final)
         self._fit()
         self._check_hang(now, final)
+        self.update_counters(now)
+
+    def update_counters(self, now_s: float) -> None:
+        """Counter mode's pass alone (an offline run whose records clock stands still)."""
         if self.counter_mode is not None:
-            self.counter_mode.update(now)
+            self.counter_mode.update(now_s)
 
     def _finalize_ready(self, final: bool = False) -> None:
         for step in self.buffer.pending_steps():
@@ -501,7 +506,8 @@ class GroupEstimator:
     ) -> StragglerReport:
         node, dev = str(self.nodes[f.rank]), int(self.local_device[f.rank])
         lines = self._own_evidence(f)
-        if self.counter_mode is not None and self.counter_mode.owns(f):
+        counted = self.counter_mode is not None and self.counter_mode.owns(f)
+        if counted:
             lines = self._counter_evidence(f)
         if f.cause == "routing":
             drops = drops or self._drops()
@@ -525,6 +531,7 @@ class GroupEstimator:
             slowdown_low=low,
             slowdown_high=high,
             opened_step=f.opened_step,
+            source="counters" if counted else "records",
         )
 
     def _own_evidence(self, f: Flag) -> list[str]:
@@ -601,7 +608,9 @@ class GroupEstimator:
             ep_group=self.ep_group,
             ranks=self.P,
             steps=self.steps_done,
-            last_step=self.finalized_upto,
+            last_step=max(
+                self.finalized_upto, self.counter_mode.newest_step if self.counter_mode else -1
+            ),
             phases=dict(self._fits),
             stragglers=tuple(stragglers),
             stalled_s=max(
@@ -611,15 +620,13 @@ class GroupEstimator:
             incomplete_steps=self.incomplete_steps,
             late_records=self.late_records,
             ignored_records=self.ignored_records,
-            suspect_links=tuple(
-                SuspectLink(f.src, f.dst, f.slowdown, f.first_step, f.last_step, f.active)
-                for f in self.links.flags(include_closed)
-            ),
+            suspect_links=self._suspect_links(include_closed),
             restarts=self.restarts,
             dropped_tokens_total=tuple(self.dropped_total.tolist()),
             dropped_fraction=tuple(drops.fraction.tolist()),
             drop_capacity=tuple(drops.capacity.tolist()),
             mode=self._mode(),
+            intervals=self.counter_mode.intervals if self.counter_mode else 0,
             **kw,
         )
 
@@ -633,6 +640,17 @@ class GroupEstimator:
         with np.errstate(invalid="ignore", divide="ignore"):
             fraction = np.where(routed > 0, dropped / routed, 0.0)
         return DropStats(fraction, _quiet_nanmedian(np.stack([s.capacity for s in w]), 0))
+
+    def _suspect_links(self, include_closed: bool) -> tuple[SuspectLink, ...]:
+        """The worst suspect links, from the per-peer rows and the kernel counters."""
+        flags = self.links.flags(include_closed)
+        if self.counter_mode is not None:
+            flags += self.counter_mode.links.flags(include_closed)
+        flags = sorted(flags, key=lambda f: (not f.active, -f.slowdown))[:_SUSPECT_LINKS]
+        return tuple(
+            SuspectLink(f.src, f.dst, f.slowdown, f.first_step, f.last_step, f.active)
+            for f in flags
+        )
 
     def _mode(self) -> str:
         """Which records feed the diagnosis: per-collective, counters, or both."""
@@ -648,5 +666,6 @@ class GroupEstimator:
             if expert >= 0:
                 return [f"hot expert {expert}: {ratio:.1f}x the mean expert's tokens per second"]
         if flag.cause == "hang":
-            return ["its step counter stayed behind while every rank's kernel counters stopped"]
+            why = self.counter_mode.hang_why.get(flag.rank)
+            return [why.format(step=flag.first_step)] if why else []
         return []
