@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(PY) bench/agent_footprint.py
 	$(PY) bench/report.py
 	$(PY) bench/diagnosis_suite.py
+	$(PY) bench/diagnosis_suite.py --probe counters
+	$(PY) bench/counter_probe.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -15,11 +15,13 @@ import numpy as np
 from epwatch import wire
 from epwatch.agent.spool import Spool
 from epwatch.protos import epwatch_pb2 as pb
-from epwatch.schema import RECORD_DTYPES, Entered, PeerRows, RecordColumns
+from epwatch.schema import RECORD_DTYPES, Entered, IntervalColumns, PeerRows, RecordColumns
 
 # A message must stay well below the collector's size limit whatever the peer rows add.
 MAX_PENDING_BYTES = 8 << 20
 RECORD_BYTES = sum(np.dtype(d).itemsize for d in RECORD_DTYPES.values())
+# Counter-mode interval records per message (a few per rank per second arrive).
+MAX_PENDING_INTERVALS = 1024
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Batcher:
         self._batch_records = max(1, min(batch_records, max_bytes // RECORD_BYTES))
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, int], _Pending] = {}
+        # (ep_group, world_size, local experts) -> counter-mode interval records
+        self._intervals: dict[tuple[str, int, int], list[IntervalColumns]] = {}
         self._has_pending = threading.Event()  # set by add(), cleared by flush()
 
     def add(
@@ -105,6 +109,19 @@ class Batcher:
             if not p.empty():
                 self._has_pending.set()
 
+    def add_intervals(self, ep_group: str, world_size: int, rows: IntervalColumns) -> None:
+        """Counter-mode interval records of one rank (validated by the receiver)."""
+        if not len(rows):
+            return
+        with self._lock:
+            key = (ep_group, world_size, rows.local_experts)
+            parts = self._intervals.setdefault(key, [])
+            parts.append(rows)
+            if sum(len(r) for r in parts) >= MAX_PENDING_INTERVALS:
+                self._emit_intervals(key, self._intervals.pop(key))
+            else:
+                self._has_pending.set()
+
     def flush(self) -> None:
         """Ship everything pending (a flush interval after data came, and at shutdown)."""
         with self._lock:
@@ -112,6 +129,17 @@ class Batcher:
             for (group, ws), p in self._pending.items():
                 if not p.empty():
                     self._emit(group, ws, p, keep_remainder=False)
+            intervals, self._intervals = self._intervals, {}
+            for key, parts in intervals.items():
+                self._emit_intervals(key, parts)
+
+    def _emit_intervals(self, key: tuple[str, int, int], parts: list[IntervalColumns]) -> None:
+        group, ws, _ = key
+        rows = IntervalColumns.concat(parts)
+        msg = pb.AgentMessage(
+            intervals=wire.encode_intervals(group, ws, rows), schema=wire.INTERVALS_SCHEMA
+        )
+        self._spool.put(msg.SerializeToString(), len(rows))
 
     def wait_pending(self, timeout: float | None = None) -> bool:
         """Block until something is pending (or :meth:`wake`); the flush loop sleeps
@@ -124,7 +152,9 @@ class Batcher:
 
     def pending_records(self) -> int:
         with self._lock:
-            return sum(p.n_records for p in self._pending.values())
+            return sum(p.n_records for p in self._pending.values()) + sum(
+                len(r) for parts in self._intervals.values() for r in parts
+            )
 
     def _emit(self, group: str, ws: int, p: _Pending, keep_remainder: bool) -> None:
         records = RecordColumns.concat(p.records)

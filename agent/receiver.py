@@ -365,11 +365,18 @@ class Receiver:
                 self.counters.rejected("bad_name")
                 return False
             self.counters.hook_dropped(msg.agent_id, msg.stats.hook_records_dropped)
-        if msg.WhichOneof("payload") != "batch":
+        kind = msg.WhichOneof("payload")
+        if kind not in ("batch", "intervals"):
             return True  # stats-only frames are fine; hooks do not send samples
         try:
-            if msg.batch.ep_group:
-                check_name("ep_group", msg.batch.ep_group)
+            payload = msg.intervals if kind == "intervals" else msg.batch
+            if payload.ep_group:
+                check_name("ep_group", payload.ep_group)
+            if kind == "intervals":
+                rows = wire.decode_intervals(msg.intervals)
+                self.counters.received(len(rows))
+                self._batcher.add_intervals(payload.ep_group, payload.world_size, rows)
+                return True
             d = wire.decode_batch(msg.batch)
         except RecordError as exc:
             self.counters.rejected(exc.reason)

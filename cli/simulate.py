@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +14,8 @@ import numpy as np
 from epwatch.collector.estimators import EstimatorConfig, GroupReport
 from epwatch.collector.estimators.text import format_report
 from epwatch.collector.offline import OfflineRun, diagnosis_json, post_mortem_config
+from epwatch.schema import IntervalColumns
+from epwatch.simulator.counters import CounterStream
 from epwatch.simulator.engine import Simulation
 from epwatch.simulator.node_samples import NodeSampleModel
 from epwatch.simulator.scenario import Scenario, ScenarioError, load_scenario
@@ -35,7 +37,9 @@ scenario file (TOML), every key optional but the fault's kind:
              rank-step), spike_min = 2, spike_max = 5
   [attention] fixed_us = 20, ns_per_token = 100, noise_cv = 0.05 (before each dispatch,
              per token of the rank's own batch; a slow GPU slows it too)
-  [probe]    peer_sample_every = 10
+  [probe]    peer_sample_every = 10, mode = "records" | "counters" (decode under CUDA
+             graphs: only the kernels' cumulative counters, no per-collective records),
+             counter_interval_steps = 5 (steps between counter reads)
   [[faults]] kind = "slow_gpu" | "slow_nic" | "hot_expert" | "batch_imbalance" | "hang"
              | "slow_link", rank, start_step, factor (slow_gpu, slow_nic, slow_link,
              batch_imbalance: the rank's batch), expert and share (hot_expert), layer
@@ -71,15 +75,38 @@ def run_scenario(
     )
     truth = Truth(latency_s=sim.latency_s, bandwidth_Bps=sim.bandwidth_Bps)
     nodes = NodeSampleModel(scenario)
+    counters = CounterStream(sim) if scenario.probe.mode == "counters" else None
     for chunk in sim.chunks():
-        run.ingest(sim.records(chunk), peer_rows=chunk.peer_rows, entered=chunk.entered)
+        if counters is None:
+            run.ingest(sim.records(chunk), peer_rows=chunk.peer_rows, entered=chunk.entered)
+        else:
+            _ingest_counters(run, scenario, counters.intervals(chunk))
         end = float(chunk.exit_s[chunk.valid].max())
         for node, points in nodes.advance(int(chunk.steps[-1]), end - run.source_time_s).items():
             run.node_sample(node, points, end)
         truth.gamma.append(sim.true_gamma(chunk)[chunk.valid.all(axis=(2, 3))])
         if progress:
             progress(int(chunk.steps[-1]) + 1, sim.last_step + 1)
+    if counters is not None and sim.hang is not None:
+        # The probes outlive the hang: counters that no longer move, for long enough
+        # that the estimators can call it one.
+        stall = 3 * run.estimator.cfg.hang_after_s
+        _ingest_counters(run, scenario, counters.frozen(stall))
     return run.finish(), truth
+
+
+def _ingest_counters(
+    run: OfflineRun, scenario: Scenario, reads: Iterable[tuple[float, IntervalColumns]]
+) -> None:
+    """Interval records as the nodes' agents would ship them (one batch per node, at
+    the time they were read), each read followed by one counter-mode pass."""
+    per_node = scenario.cluster.ranks_per_node
+    for time_s, rows in reads:
+        node_of = rows.rank // per_node
+        for node in np.unique(node_of).tolist():
+            mine = rows.take(np.flatnonzero(node_of == node))
+            run.ingest_intervals(mine, scenario.node_of(node * per_node), time_s)
+        run.update_counters()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,6 +135,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"epwatch simulate: {err}", file=sys.stderr)
         return 2
     show = not args.quiet and sys.stderr.isatty()
+    if args.record is not None and scenario.probe.mode == "counters":
+        print(
+            "epwatch simulate: --record writes per-collective records, and a counter-mode "
+            "scenario has none (the collector does not record interval records either)",
+            file=sys.stderr,
+        )
+        return 2
     if args.record is not None:
         from epwatch.cli.simrecord import record_scenario
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from epwatch.collector.estimators.report import GroupReport
-from epwatch.schema import Entered, PeerRows, RecordColumns, RecordError
+from epwatch.schema import Entered, IntervalColumns, PeerRows, RecordColumns, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class Estimator(Protocol):
     def ingest(self, records: RecordColumns, node: str) -> None: ...
     def ingest_peer_rows(self, rows: PeerRows) -> None: ...
     def ingest_entered(self, entered: Entered, node: str, now_s: float) -> None: ...
+    def ingest_intervals(self, rows: IntervalColumns, node: str, now_s: float) -> None: ...
     def update(self, now_s: float, final: bool = False) -> None: ...
     def report(
         self, evidence: EvidenceFn | None = None, include_closed: bool = False
@@ -51,6 +52,9 @@ class NullEstimator:
         pass
 
     def ingest_entered(self, entered: Entered, node: str, now_s: float) -> None:
+        pass
+
+    def ingest_intervals(self, rows: IntervalColumns, node: str, now_s: float) -> None:
         pass
 
     def update(self, now_s: float, final: bool = False) -> None:

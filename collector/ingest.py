@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from google.protobuf import unknown_fields
+
 from epwatch import wire
 from epwatch.collector.agents import AgentTable
 from epwatch.collector.decode import check_header, check_size, parse_message
@@ -113,9 +115,21 @@ class Ingestor:
                 )
             if oversized is not None:
                 raise oversized
+            if msg.schema > wire.SCHEMA:
+                raise RecordError(
+                    "unsupported_schema",
+                    f"message needs wire schema {msg.schema}; this collector speaks up to "
+                    f"{wire.SCHEMA} (upgrade the collector)",
+                )
             stats = msg.stats if msg.HasField("stats") else None
             kind = msg.WhichOneof("payload")
             if kind is None:
+                if len(unknown_fields.UnknownFieldSet(msg)):
+                    raise RecordError(
+                        "unsupported_payload",
+                        "message carries a payload this collector does not know "
+                        "(upgrade the collector)",
+                    )
                 self._observe(agent_id, node, stats)
                 return Outcome(seq, agent_id=agent_id, node=node)
             if not node:
@@ -133,6 +147,8 @@ class Ingestor:
             claimed = True
             if kind == "batch":
                 self._batch(msg.batch, node)
+            elif kind == "intervals":
+                self._intervals(msg.intervals, node)
             else:
                 self._sample(msg.sample, node)
             self.metrics.batches.inc()
@@ -153,8 +169,9 @@ class Ingestor:
         if agent_id:
             self.agents.observe(agent_id, node, stats)
 
-    def _batch(self, batch: pb.RecordBatch, node: str) -> None:
-        if batch.ep_group:  # an empty one is decode_batch's "missing_group"
+    def _check_group(self, batch: pb.RecordBatch | pb.IntervalBatch) -> None:
+        """The group's name and size within bounds, before anything is decoded."""
+        if batch.ep_group:  # an empty one is the decoder's "missing_group"
             check_name("ep_group", batch.ep_group)
         if batch.world_size > self.max_world_size:
             raise RecordError(
@@ -162,6 +179,9 @@ class Ingestor:
                 f"world_size {batch.world_size} is above this collector's --max-world-size "
                 f"{self.max_world_size}",
             )
+
+    def _batch(self, batch: pb.RecordBatch, node: str) -> None:
+        self._check_group(batch)
         d = wire.decode_batch(batch)
         group = self.groups.get(d.ep_group, d.world_size)
         now = time.monotonic()
@@ -177,6 +197,16 @@ class Ingestor:
             self.metrics.records.labels(d.ep_group).inc(len(d.records))
         if self.recorder is not None:
             self.recorder.put(d.ep_group, node, d.world_size, d.records, d.peer_rows)
+
+    def _intervals(self, batch: pb.IntervalBatch, node: str) -> None:
+        self._check_group(batch)
+        rows = wire.decode_intervals(batch)
+        group = self.groups.get(batch.ep_group, batch.world_size)
+        now = time.monotonic()
+        with group.lock:
+            group.estimator.ingest_intervals(rows, node, now)
+            group.last_ingest_s = now
+        self.metrics.intervals.labels(batch.ep_group).inc(len(rows))
 
     def _sample(self, sample: pb.NodeSample, node: str) -> None:
         self.samples.validate(sample, node)

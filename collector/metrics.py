@@ -55,9 +55,12 @@ REJECT_REASONS = (
     "oversized",
     "rank_out_of_range",
     "step_out_of_range",
+    "too_large",
     "too_many_groups",
     "too_many_streams",
     "unauthenticated",
+    "unsupported_payload",
+    "unsupported_schema",
     "world_size_changed",
 )
 
@@ -68,6 +71,12 @@ class IngestMetrics:
         self.records = Counter(
             "epwatch_ingest_records",
             "Hook records accepted",
+            ["ep_group"],
+            registry=registry,
+        )
+        self.intervals = Counter(
+            "epwatch_ingest_intervals",
+            "Counter-mode interval records accepted (decode under CUDA graphs)",
             ["ep_group"],
             registry=registry,
         )
@@ -94,6 +103,7 @@ class IngestMetrics:
         )
         self.members = (
             self.records,
+            self.intervals,
             self.batches,
             self.duplicates,
             self.rejected,
@@ -103,8 +113,9 @@ class IngestMetrics:
 
     def forget_group(self, ep_group: str) -> None:
         """An expired group's counter goes with it (bounded label values over time)."""
-        with contextlib.suppress(KeyError):
-            self.records.remove(ep_group)
+        for counter in (self.records, self.intervals):
+            with contextlib.suppress(KeyError):
+                counter.remove(ep_group)
 
 
 def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
@@ -257,6 +268,12 @@ class GroupMetrics(Collector):
             ),
             "last_step": _gauge("epwatch_group_last_step", "Newest finalised step", g),
             "world_size": _gauge("epwatch_group_world_size", "P", g),
+            "mode": _gauge(
+                "epwatch_group_mode",
+                "1 for what feeds the group's diagnosis: records (per collective), counters "
+                "(kernel counters under CUDA graphs) or mixed",
+                [*g, "mode"],
+            ),
             "stalled": _gauge(
                 "epwatch_group_stalled_seconds",
                 "Seconds since the group last completed a collective (0 when moving)",
@@ -352,6 +369,7 @@ def _add_group(fams: dict[str, Any], group: Group, rep: GroupReport, stalled: fl
     if rep.last_step >= 0:
         _add(fams["last_step"], [name], rep.last_step)
     fams["world_size"].add_metric([name], float(group.world_size))
+    fams["mode"].add_metric([name, rep.mode], 1.0)
     fams["stalled"].add_metric([name], stalled)
     for key in ("late_records", "incomplete_steps", "ignored_records", "restarts"):
         _add(fams[key], [name], getattr(rep, key))

@@ -15,7 +15,7 @@ from typing import Any
 from epwatch.collector.estimators import EstimatorConfig, GroupEstimator, GroupReport
 from epwatch.collector.estimators.evidence import NodeEvidence
 from epwatch.collector.estimators.stats import StepStats
-from epwatch.schema import Entered, PeerRows, RecordColumns
+from epwatch.schema import Entered, IntervalColumns, PeerRows, RecordColumns
 
 # Window statistics over (up to) the whole run, as a post-mortem wants them.
 POST_MORTEM = EstimatorConfig(window_steps=10_000, max_fit_points=1 << 20)
@@ -72,6 +72,16 @@ class OfflineRun:
         if entered is not None:
             est.ingest_entered(entered, node, now_s=0.0)
         est.update(now_s=0.0)
+
+    def ingest_intervals(self, rows: IntervalColumns, node: str | None, time_s: float) -> None:
+        """Counter-mode interval records received at ``time_s`` (the source's clock: a
+        counter-mode hang is timed by the probes' own clocks and by who went silent)."""
+        self.source_time_s = max(self.source_time_s, time_s)
+        self.estimator.ingest_intervals(rows, node, now_s=time_s)
+
+    def update_counters(self) -> None:
+        """One counter-mode estimator pass (the collector makes one about every second)."""
+        self.estimator.update_counters(self.source_time_s)
 
     def node_sample(self, node: str, points: Iterable[Any], time_s: float) -> None:
         """A node's GPU/NIC sample points taken at ``time_s`` (the source's clock)."""

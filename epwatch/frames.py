@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from epwatch import wire
 from epwatch.protos import epwatch_pb2 as pb
-from epwatch.schema import Entered, PeerRows, RecordColumns
+from epwatch.schema import Entered, IntervalColumns, PeerRows, RecordColumns
 
 MAX_FRAME_BYTES = 64 << 20  # the protocol's bound; the agent's own is lower (16 MiB)
 HEADER = struct.Struct("<I")
@@ -69,6 +69,23 @@ def hook_frame(
         seq=0,
         batch=wire.encode_records(ep_group, world_size, records, peer_rows, entered),
         stats=pb.AgentStats(hook_records_dropped=hook_records_dropped),
+    )
+    return encode_frame(msg.SerializeToString())
+
+
+def interval_frame(
+    ep_group: str,
+    world_size: int,
+    rows: IntervalColumns,
+    *,
+    pid: int | None = None,
+) -> bytes:
+    """One framed counter-mode message: interval records of one rank (wire schema 2)."""
+    msg = pb.AgentMessage(
+        agent_id=f"hook:{os.getpid() if pid is None else pid}",
+        seq=0,
+        intervals=wire.encode_intervals(ep_group, world_size, rows),
+        schema=wire.INTERVALS_SCHEMA,
     )
     return encode_frame(msg.SerializeToString())
 

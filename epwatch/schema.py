@@ -49,6 +49,19 @@ PEER_SEND_DTYPE = "<i8"  # bytes sent to each destination rank
 # Heartbeat: the last collective each rank entered.
 ENTERED_DTYPES: dict[str, str] = PEER_KEY_DTYPES
 
+# Counter mode (decode under CUDA graphs): one interval record per rank per snapshot
+# of the kernels' cumulative counters. Keys, then [n, P] wait rows and [n, E_local]
+# token deltas.
+INTERVAL_KEY_DTYPES: dict[str, str] = {
+    "rank": "<i4",
+    "start_ns": "<i8",  # the rank's host monotonic clock at the previous snapshot
+    "end_ns": "<i8",  # ... and at this one
+    "step": "<i8",  # the engine's forward-step counter at the snapshot; -1 unknown
+}
+INTERVAL_WAIT_DTYPE = "<f8"  # seconds waited for each source rank (cycles / SM clock)
+INTERVAL_TOKENS_DTYPE = "<i8"  # tokens received per local expert in the interval
+MAX_LOCAL_EXPERTS = 1 << 12
+
 
 # Plausibility bounds: values past these are garbage, and would overflow the
 # estimators' int64 keys (step << 17 | layer << 1 | phase) and sums.
@@ -89,6 +102,20 @@ def _check_world_size(world_size: int) -> None:
         raise RecordError(
             "bad_world_size", f"world_size must be in [1, {MAX_WORLD_SIZE}], got {world_size}"
         )
+
+
+def _check_times(what: str, start: np.ndarray, end: np.ndarray) -> None:
+    """Clock readings that are non-negative and spans within (0, an hour], computed
+    without int64 wrap-around."""
+    if not len(start):
+        return
+    if start.min() < 0 or end.min() < 0:
+        raise RecordError("negative_time", f"{what} times must be non-negative clock readings")
+    span = end.astype(np.float64) - start.astype(np.float64)
+    if span.min() <= 0:
+        raise RecordError("negative_duration", f"{what} ends before it starts")
+    if span.max() > MAX_DURATION_NS:
+        raise RecordError("duration_out_of_range", f"{what} lasts more than an hour")
 
 
 def _as_columns(
@@ -278,3 +305,100 @@ class Entered:
         _check_world_size(world_size)
         _check_ranks("heartbeat", self.rank, world_size)
         _check_keys("heartbeat", self.step, self.layer, self.phase)
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalColumns:
+    """Counter-mode records: what a rank's kernel counters say about one interval.
+
+    ``dispatch_wait_s[i, j]`` / ``combine_wait_s[i, j]`` are the seconds rank ``rank[i]``
+    spent waiting for source rank j in that interval's dispatches / combines (DeepEP's
+    ``*_wait_recv_cost_stats`` cycle deltas over the SM clock; summed over the rank's
+    local-expert waiters, so comparable across ranks, not wall time);
+    ``expert_tokens[i, e]`` are the tokens its local expert e received; ``step`` is the
+    engine's forward-step counter at the end (the same count on every rank of a group,
+    so a rank whose count stays behind is where a hang is). Intervals of different
+    ranks are not aligned in time: only rates and ratios are compared across ranks.
+    """
+
+    rank: np.ndarray
+    start_ns: np.ndarray
+    end_ns: np.ndarray
+    step: np.ndarray
+    dispatch_wait_s: np.ndarray
+    combine_wait_s: np.ndarray
+    expert_tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+    @classmethod
+    def from_arrays(
+        cls, world_size: int, local_experts: int, **values: np.ndarray
+    ) -> IntervalColumns:
+        keys = _as_columns(values, INTERVAL_KEY_DTYPES)
+        n = len(keys["rank"])
+        out = {}
+        for name, dtype, width in (
+            ("dispatch_wait_s", INTERVAL_WAIT_DTYPE, world_size),
+            ("combine_wait_s", INTERVAL_WAIT_DTYPE, world_size),
+            ("expert_tokens", INTERVAL_TOKENS_DTYPE, local_experts),
+        ):
+            if name not in values:
+                raise RecordError("missing_column", f"column {name!r} is missing")
+            out[name] = np.ascontiguousarray(values[name], dtype=dtype).reshape(n, width)
+        return cls(**keys, **out)
+
+    @property
+    def local_experts(self) -> int:
+        return int(self.expert_tokens.shape[1]) if self.expert_tokens.ndim == 2 else 0
+
+    def take(self, index: np.ndarray | slice) -> IntervalColumns:
+        return IntervalColumns(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @staticmethod
+    def concat(parts: list[IntervalColumns]) -> IntervalColumns:
+        """Rows of several batches of one group (same world size and expert count)."""
+        names = [f.name for f in fields(IntervalColumns)]
+        return IntervalColumns(**{n: np.concatenate([getattr(p, n) for p in parts]) for n in names})
+
+    def validate(self, world_size: int) -> None:
+        """Raise :class:`RecordError` naming the first thing wrong with these records."""
+        n = len(self.rank)
+        for name in INTERVAL_KEY_DTYPES:
+            arr = getattr(self, name)
+            if arr.ndim != 1 or len(arr) != n:
+                raise RecordError("length_mismatch", f"interval column {name!r} length != {n}")
+        _check_world_size(world_size)
+        for name, width in (
+            ("dispatch_wait_s", world_size),
+            ("combine_wait_s", world_size),
+            ("expert_tokens", self.local_experts),
+        ):
+            m = getattr(self, name)
+            if m.ndim != 2 or m.shape != (n, width):
+                raise RecordError(
+                    "length_mismatch",
+                    f"interval matrix {name!r} has shape {m.shape}, expected ({n}, {width})",
+                )
+        if self.local_experts > MAX_LOCAL_EXPERTS:
+            raise RecordError(
+                "count_out_of_range", f"more than {MAX_LOCAL_EXPERTS} local experts per rank"
+            )
+        if n == 0:
+            return
+        _check_ranks("interval", self.rank, world_size)
+        _check_times("interval", self.start_ns, self.end_ns)
+        if self.step.min() < -1 or self.step.max() >= MAX_STEP:
+            raise RecordError("step_out_of_range", f"interval step outside [-1, {MAX_STEP})")
+        for name in ("dispatch_wait_s", "combine_wait_s"):
+            m = getattr(self, name)
+            if not np.isfinite(m).all():
+                raise RecordError("non_finite", f"interval {name} must be finite (no NaN)")
+            if m.min(initial=0.0) < 0:
+                raise RecordError("negative_duration", f"interval {name} has a negative wait")
+            if m.max(initial=0.0) > MAX_DURATION_NS / 1e9 * MAX_LOCAL_EXPERTS:
+                raise RecordError("duration_out_of_range", f"interval {name} is implausible")
+        tokens = self.expert_tokens
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_COUNT):
+            raise RecordError("count_out_of_range", "interval expert_tokens out of range")

@@ -14,16 +14,27 @@ import numpy as np
 from epwatch.protos import epwatch_pb2 as pb
 from epwatch.schema import (
     ENTERED_DTYPES,
+    INTERVAL_KEY_DTYPES,
+    INTERVAL_TOKENS_DTYPE,
+    INTERVAL_WAIT_DTYPE,
+    MAX_LOCAL_EXPERTS,
+    MAX_WORLD_SIZE,
     OPTIONAL_RECORD_COLUMNS,
     PEER_KEY_DTYPES,
     PEER_SEND_DTYPE,
     PEER_WAIT_DTYPE,
     RECORD_DTYPES,
     Entered,
+    IntervalColumns,
     PeerRows,
     RecordColumns,
     RecordError,
 )
+
+# The wire schema this code speaks (AgentMessage.schema): 1 records and samples,
+# 2 adds interval records (counter mode).
+SCHEMA = 2
+INTERVALS_SCHEMA = 2
 
 
 def _column(raw: bytes, dtype: str, count: int, name: str) -> np.ndarray:
@@ -141,3 +152,50 @@ def decode_batch(batch: pb.RecordBatch) -> DecodedBatch:
         peer_rows if peer_rows is not None and len(peer_rows) else None,
         entered if entered is not None and len(entered) else None,
     )
+
+
+def encode_intervals(ep_group: str, world_size: int, rows: IntervalColumns) -> pb.IntervalBatch:
+    """Pack counter-mode interval records into an :class:`IntervalBatch`."""
+    batch = pb.IntervalBatch(
+        ep_group=ep_group,
+        world_size=world_size,
+        count=len(rows),
+        local_experts=rows.local_experts,
+    )
+    for name, dtype in INTERVAL_KEY_DTYPES.items():
+        setattr(batch, name, np.ascontiguousarray(getattr(rows, name), dtype).tobytes())
+    batch.dispatch_wait_s = np.ascontiguousarray(
+        rows.dispatch_wait_s, INTERVAL_WAIT_DTYPE
+    ).tobytes()
+    batch.combine_wait_s = np.ascontiguousarray(rows.combine_wait_s, INTERVAL_WAIT_DTYPE).tobytes()
+    batch.expert_tokens = np.ascontiguousarray(rows.expert_tokens, INTERVAL_TOKENS_DTYPE).tobytes()
+    return batch
+
+
+def decode_intervals(batch: pb.IntervalBatch) -> IntervalColumns:
+    """Interval records of a batch, validated (the agent and the collector both run
+    this). Raises :class:`RecordError` naming the first problem."""
+    if not batch.ep_group:
+        raise RecordError("missing_group", "interval batch has no ep_group")
+    n, p, e = batch.count, batch.world_size, batch.local_experts
+    if not 0 < p <= MAX_WORLD_SIZE:
+        raise RecordError("bad_world_size", f"world_size must be in [1, {MAX_WORLD_SIZE}]")
+    if e > MAX_LOCAL_EXPERTS:
+        raise RecordError("count_out_of_range", f"more than {MAX_LOCAL_EXPERTS} local experts")
+    keys = {
+        name: _column(getattr(batch, name), d, n, name) for name, d in INTERVAL_KEY_DTYPES.items()
+    }
+    rows = IntervalColumns(
+        **keys,
+        dispatch_wait_s=_column(
+            batch.dispatch_wait_s, INTERVAL_WAIT_DTYPE, n * p, "dispatch_wait_s"
+        ).reshape(n, p),
+        combine_wait_s=_column(
+            batch.combine_wait_s, INTERVAL_WAIT_DTYPE, n * p, "combine_wait_s"
+        ).reshape(n, p),
+        expert_tokens=_column(
+            batch.expert_tokens, INTERVAL_TOKENS_DTYPE, n * e, "expert_tokens"
+        ).reshape(n, e),
+    )
+    rows.validate(p)
+    return rows

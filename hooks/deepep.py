@@ -17,6 +17,10 @@ come from what DeepEP already returns, never from an extra kernel or a host sync
   cycles per source rank) are snapshotted before and after the call on sampled steps
   and their difference divided by the SM clock gives seconds waited per source rank.
 
+With ``counters=True`` the wrapper also runs a :class:`CounterProbe` (decode under
+CUDA graphs): it hands the probe's cumulative-statistics tensors to every low-latency
+call the engine makes without its own, so the counters advance even inside replays.
+
 Step and layer come from a :class:`LayerCursor` unless the caller passes
 ``epwatch_step=`` / ``epwatch_layer=`` (removed before DeepEP sees the call). With
 ``return_recv_hook=True`` the record ends when the engine calls the returned hook.
@@ -33,6 +37,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from epwatch.hooks.counter_probe import (
+    COMBINE_WAIT,
+    DISPATCH_WAIT,
+    EXPERT_TOKENS,
+    CounterProbe,
+    CounterTensors,
+)
 from epwatch.hooks.deferred import Derived
 from epwatch.hooks.layers import LayerCursor
 from epwatch.hooks.probe import COMBINE, DISPATCH, NullProbe, Probe, Token
@@ -46,10 +57,12 @@ from epwatch.hooks.tensors import (
     rows,
 )
 
+__all__ = ["CounterProbe", "CounterTensors", "InstrumentedBuffer"]
+
 # Positions in deep_ep.Buffer's signatures (stable across releases for these).
 _D_X, _D_HANDLE, _D_PER_RANK, _D_TOPK_IDX, _D_TOPK_W = 0, 1, 2, 6, 7
 _C_X, _C_HANDLE, _C_TOPK_W = 0, 1, 2
-_LLD_X, _LLD_TOPK_IDX, _LLD_STATS, _LLD_ASYNC, _LLD_HOOK = 0, 1, 5, 9, 10
+_LLD_X, _LLD_TOPK_IDX, _LLD_TOKENS, _LLD_STATS, _LLD_ASYNC, _LLD_HOOK = 0, 1, 4, 5, 9, 10
 _LLC_X, _LLC_TOPK_IDX, _LLC_HANDLE, _LLC_LOGFMT = 0, 1, 3, 4
 _LLC_ASYNC, _LLC_HOOK, _LLC_STATS = 6, 7, 9
 
@@ -127,6 +140,9 @@ class InstrumentedBuffer:
         *,
         layers_per_step: int | None = None,
         sm_clock_hz: float | None = None,
+        counters: bool | CounterProbe = False,
+        num_local_experts: int | None = None,
+        counter_interval_ms: float = 250.0,
     ) -> None:
         self._buffer = buffer
         if probe is None:
@@ -138,6 +154,17 @@ class InstrumentedBuffer:
         )
         self._layouts = _Layouts()
         self._comm_stream: Any = None
+        self.counters: CounterProbe | None = None
+        if isinstance(counters, CounterProbe):
+            self.counters = counters
+        elif counters:
+            self.counters = CounterProbe(
+                buffer,
+                interval_ms=counter_interval_ms,
+                probe=probe,
+                num_local_experts=num_local_experts,
+                sm_clock_hz=sm_clock_hz,
+            )
 
     _shared: ClassVar[dict[int, tuple[Any, InstrumentedBuffer]]] = {}
 
@@ -182,6 +209,9 @@ class InstrumentedBuffer:
         return result
 
     def low_latency_dispatch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.counters is not None:
+            self._give_counters(args, kwargs, _LLD_TOKENS, EXPERT_TOKENS)
+            self._give_counters(args, kwargs, _LLD_STATS, DISPATCH_WAIT)
         token = self._begin(DISPATCH, kwargs)
         before = self._snapshot(
             token, _arg(args, kwargs, _LLD_STATS, "dispatch_wait_recv_cost_stats")
@@ -196,6 +226,8 @@ class InstrumentedBuffer:
             return result
 
     def low_latency_combine(self, *args: Any, **kwargs: Any) -> Any:
+        if self.counters is not None:
+            self._give_counters(args, kwargs, _LLC_STATS, COMBINE_WAIT)
         token = self._begin(COMBINE, kwargs)
         before = self._snapshot(
             token, _arg(args, kwargs, _LLC_STATS, "combine_wait_recv_cost_stats")
@@ -211,6 +243,15 @@ class InstrumentedBuffer:
 
     # ---- shared steps -----------------------------------------------------------------
 
+    def _give_counters(self, args: tuple, kwargs: dict, index: int, name: str) -> None:
+        """The counter probe's tensor for ``name`` unless the engine passes its own."""
+        if len(args) > index or kwargs.get(name) is not None:
+            return
+        assert self.counters is not None
+        tensor = (self.counters.dispatch_kwargs() | self.counters.combine_kwargs()).get(name)
+        if tensor is not None:
+            kwargs[name] = tensor
+
     def _begin(self, phase: int, kwargs: dict) -> Token | None:
         step = kwargs.pop("epwatch_step", None)
         layer = kwargs.pop("epwatch_layer", None)
@@ -221,7 +262,10 @@ class InstrumentedBuffer:
             if probe.clock.capturing():
                 return None
             pos = self.cursor.dispatch(layer) if phase == DISPATCH else self.cursor.combine(layer)
-            return probe.begin(pos[0] if step is None else step, pos[1], phase)
+            step = pos[0] if step is None else step
+            if self.counters is not None:
+                self.counters.observe_step(step)
+            return probe.begin(step, pos[1], phase)
         except Exception:
             probe.count_error()
             return None

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from epwatch.hooks.outbox import Outbox
 from epwatch.hooks.probe import Probe
@@ -21,6 +22,16 @@ from epwatch.hooks.records import RecordResolver
 from epwatch.hooks.transport import Transport
 
 log = logging.getLogger("epwatch.hooks")
+
+
+class FrameSource(Protocol):
+    """Something else the flusher ships each tick: a counter probe's interval records.
+    ``poll`` does the source's own periodic work (never blocking); ``frames`` hands
+    over what is ready, ``put_back`` takes back what could not be sent."""
+
+    def poll(self) -> None: ...
+    def frames(self) -> list[tuple[bytes, Any]]: ...
+    def put_back(self, carried: Any) -> None: ...
 
 
 @dataclass
@@ -45,6 +56,7 @@ class Flusher:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.transport = Transport(socket_path, reconnect_interval_s, send_timeout_s)
         self._entries: list[_Entry] = []
+        self._sources: list[FrameSource] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -56,6 +68,15 @@ class Flusher:
             self._entries.append(
                 _Entry(probe, RecordResolver(probe, max_records), Outbox(probe, max_records))
             )
+
+    def add_source(self, source: FrameSource) -> None:
+        with self._lock:
+            if all(s is not source for s in self._sources):
+                self._sources.append(source)
+
+    def remove_source(self, source: FrameSource) -> None:
+        with self._lock:
+            self._sources = [s for s in self._sources if s is not source]
 
     @property
     def probes(self) -> list[Probe]:
@@ -90,6 +111,7 @@ class Flusher:
         self._stop = threading.Event()
         self._thread = None
         self.transport.forget()
+        self._sources = []  # the parent's counter tensors are not this process's
         for e in self._entries:
             e.probe.clear()
             e.outbox.take()
@@ -107,15 +129,39 @@ class Flusher:
             self.ticks += 1
             with self._lock:
                 entries = list(self._entries)
+                sources = list(self._sources)
             now = time.monotonic()
             for entry in entries:
                 self._collect(entry)
             for entry in entries:
                 self._ship(entry, now)
+            for source in sources:
+                self._ship_source(source)
         except Exception:
             self.errors += 1
             if self.errors == 1:
                 log.warning("epwatch flusher tick failed (counted, retrying)", exc_info=True)
+
+    def _ship_source(self, source: FrameSource) -> None:
+        try:
+            source.poll()
+        except Exception:
+            self.errors += 1
+            if self.errors == 1:
+                log.warning("epwatch counter source failed (counted, retrying)", exc_info=True)
+            return
+        frames = source.frames()
+        if not frames:
+            return
+        if not self.transport.ensure():
+            for _, carried in reversed(frames):
+                source.put_back(carried)
+            return
+        for i, (frame, _) in enumerate(frames):
+            if not self.transport.send(frame):
+                for _, carried in reversed(frames[i:]):
+                    source.put_back(carried)
+                return
 
     def _collect(self, entry: _Entry) -> None:
         probe = entry.probe

@@ -82,6 +82,32 @@ class Entered(_message.Message):
     phase: bytes
     def __init__(self, count: _Optional[int] = ..., rank: _Optional[bytes] = ..., step: _Optional[bytes] = ..., layer: _Optional[bytes] = ..., phase: _Optional[bytes] = ...) -> None: ...
 
+class IntervalBatch(_message.Message):
+    __slots__ = ("ep_group", "world_size", "count", "local_experts", "rank", "start_ns", "end_ns", "step", "dispatch_wait_s", "combine_wait_s", "expert_tokens")
+    EP_GROUP_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    START_NS_FIELD_NUMBER: _ClassVar[int]
+    END_NS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ep_group: str
+    world_size: int
+    count: int
+    local_experts: int
+    rank: bytes
+    start_ns: bytes
+    end_ns: bytes
+    step: bytes
+    dispatch_wait_s: bytes
+    combine_wait_s: bytes
+    expert_tokens: bytes
+    def __init__(self, ep_group: _Optional[str] = ..., world_size: _Optional[int] = ..., count: _Optional[int] = ..., local_experts: _Optional[int] = ..., rank: _Optional[bytes] = ..., start_ns: _Optional[bytes] = ..., end_ns: _Optional[bytes] = ..., step: _Optional[bytes] = ..., dispatch_wait_s: _Optional[bytes] = ..., combine_wait_s: _Optional[bytes] = ..., expert_tokens: _Optional[bytes] = ...) -> None: ...
+
 class NodeSample(_message.Message):
     __slots__ = ("time_unix_ns", "points", "samplers")
     TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
@@ -144,20 +170,24 @@ class AgentStats(_message.Message):
     def __init__(self, records_received: _Optional[int] = ..., records_dropped: _Optional[int] = ..., spool_records: _Optional[int] = ..., hook_records_dropped: _Optional[int] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("agent_id", "node", "seq", "batch", "sample", "stats")
+    __slots__ = ("agent_id", "node", "seq", "batch", "sample", "intervals", "stats", "schema")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    INTERVALS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     node: str
     seq: int
     batch: RecordBatch
     sample: NodeSample
+    intervals: IntervalBatch
     stats: AgentStats
-    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., seq: _Optional[int] = ..., batch: _Optional[_Union[RecordBatch, _Mapping]] = ..., sample: _Optional[_Union[NodeSample, _Mapping]] = ..., stats: _Optional[_Union[AgentStats, _Mapping]] = ...) -> None: ...
+    schema: int
+    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., seq: _Optional[int] = ..., batch: _Optional[_Union[RecordBatch, _Mapping]] = ..., sample: _Optional[_Union[NodeSample, _Mapping]] = ..., intervals: _Optional[_Union[IntervalBatch, _Mapping]] = ..., stats: _Optional[_Union[AgentStats, _Mapping]] = ..., schema: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq", "code", "message", "duplicate", "reason")

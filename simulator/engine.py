@@ -63,6 +63,9 @@ class StepChunk:
     peer_true_link_s: np.ndarray  # [rows, P], the per-link transfer times behind wait_s
     entered: Entered  # each rank's last entered collective at the end of the chunk
     hung: bool = False
+    # Counter mode only ([probe] mode = "counters"), per step, summed over layers:
+    counter_waits_s: np.ndarray | None = None  # [S, 2, P, P] rank i's wait for j's data
+    expert_tokens: np.ndarray | None = None  # [S, P, E / P] tokens per local expert
 
 
 class Simulation:
@@ -179,7 +182,8 @@ class Simulation:
         batch = w.batch_tokens * (1 + w.batch_jitter * rng.uniform(-1, 1, S))
         local = batch[:, None] / P * _lognormal(extra, w.rank_batch_jitter, (S, P))
         tokens = np.maximum(np.round(local * self._rank_factor("batch_imbalance", steps)), 1)
-        q = self._expert_probs(rng, steps).reshape(S, L, P, self.E // P).sum(-1)
+        p_expert = self._expert_probs(rng, steps)  # [S, L, E]
+        q = p_expert.reshape(S, L, P, self.E // P).sum(-1)
         slots = (tokens.sum(axis=1) * k).astype(np.int64)  # [S]
         n = rng.multinomial(np.broadcast_to(slots[:, None], (S, L)), q)
         n = n.astype(np.float64)  # [S, L, P]
@@ -243,6 +247,12 @@ class Simulation:
             valid[-1, self.hang.layer :] = False
             hung = True
         rows, true_link = self._peer_rows(rng, steps, enter, exit_, send, recv, q, bw, eta, valid)
+        counters: dict[str, np.ndarray] = {}
+        if s.probe.mode == "counters":
+            counters["counter_waits_s"] = self._counter_waits(
+                steps, enter, exit_, send, recv, bw, eta, valid
+            )
+            counters["expert_tokens"] = self._expert_tokens(n, p_expert)
         chunk = StepChunk(
             steps=steps,
             enter_s=enter,
@@ -256,6 +266,7 @@ class Simulation:
             peer_true_link_s=true_link,
             entered=self._entered(int(steps[-1]), hung),
             hung=hung,
+            **counters,
         )
         return chunk, float(step_start[-1] + step_len[-1])
 
@@ -347,6 +358,56 @@ class Simulation:
             send_bytes=np.round(np.concatenate(sends)).astype("<i8"),
         )
         return rows, np.concatenate(links)
+
+    # -- counter mode ----------------------------------------------------------------
+    def _counter_waits(
+        self,
+        steps: np.ndarray,
+        enter: np.ndarray,
+        exit_: np.ndarray,
+        send: np.ndarray,
+        recv: np.ndarray,
+        bw: np.ndarray,
+        eta: np.ndarray,
+        valid: np.ndarray,
+    ) -> np.ndarray:
+        """``[S, 2, P, P]``: per step and phase, summed over layers, how long rank i
+        waited for rank j's data after entering (DeepEP's low-latency
+        ``*_wait_recv_cost_stats``, one waiter per local expert, so times E / P).
+        Collectives that never completed (a hang) add nothing: the kernel adds a wait
+        only once the data has arrived. Per-link noise is drawn per chunk, layer and
+        phase from a stream of its own, so the records mode is unchanged."""
+        S, L, P = len(steps), self.L, self.P
+        rng = np.random.default_rng([self.s.seed, int(steps[0]) // CHUNK_STEPS, 0xC0])
+        waiters = self.E // P
+        out = np.zeros((S, 2, P, P))
+        slow = self._slow_links(steps)
+        for layer in range(L):
+            for phase in (0, 1):
+                ok = valid[:, layer, phase].all(axis=1)  # [S]
+                if not ok.any():
+                    continue
+                e = enter[:, layer, phase]  # [S, P]
+                tx = send[:, layer, phase] / bw
+                rx = recv[:, layer, phase] / bw
+                link = self.latency_s + np.maximum(tx[:, None, :], rx[:, :, None])  # [S, i, j]
+                for on, a, b, factor in slow:
+                    link[on, b, a] *= factor
+                    link[on, a, b] *= factor
+                link *= eta[:, layer, phase][:, None, None]
+                link *= _lognormal(rng, self.s.network.link_noise_cv, (P, P))
+                arrive = np.minimum(e[:, None, :] + link, exit_[:, layer, phase, :1, None])
+                wait = np.maximum(arrive - e[:, :, None], 0.0)
+                out[ok, phase] += wait[ok] * waiters
+        return out
+
+    def _expert_tokens(self, n: np.ndarray, p_expert: np.ndarray) -> np.ndarray:
+        """``[S, P, E / P]`` tokens each local expert received per step: each rank's
+        routed slots (over layers) split over its experts by their routing shares."""
+        S, P = n.shape[0], self.P
+        share = p_expert.sum(axis=1).reshape(S, P, self.E // P)  # [S, P, E/P]
+        share /= np.maximum(share.sum(axis=-1, keepdims=True), 1e-300)
+        return np.round(n.sum(axis=1)[:, :, None] * share)
 
     # -- records -------------------------------------------------------------------
     def records(self, chunk: StepChunk, ranks: np.ndarray | None = None) -> RecordColumns:

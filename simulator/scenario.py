@@ -87,9 +87,16 @@ class Attention:
     noise_cv: float = 0.05
 
 
+PROBE_MODES = ("records", "counters")
+
+
 @dataclass(frozen=True)
 class Probe:
     peer_sample_every: int = 10
+    # "records": per-collective hook records (eager); "counters": only the kernels'
+    # cumulative counters, read every counter_interval_steps (decode under CUDA graphs).
+    mode: str = "records"
+    counter_interval_steps: int = 5
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,11 @@ def _validate(s: Scenario) -> None:
     _check(
         p.peer_sample_every >= 1,
         f"[probe] peer_sample_every must be >= 1, got {p.peer_sample_every}",
+    )
+    _check(p.mode in PROBE_MODES, f"[probe] mode must be one of {PROBE_MODES}, got {p.mode!r}")
+    _check(
+        p.counter_interval_steps >= 1,
+        f"[probe] counter_interval_steps must be >= 1, got {p.counter_interval_steps}",
     )
     for i, f in enumerate(s.faults):
         where = f"[[faults]] #{i + 1} ({f.kind})"

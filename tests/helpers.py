@@ -3,11 +3,13 @@ stub, /metrics scraping and synthetic records. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +86,15 @@ def raw_stream(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
 def scrape(port: int, timeout: float = 5.0) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
         return r.read().decode()
+
+
+def get_json(port: int, path: str) -> tuple[int, dict]:
+    """GET a JSON document from 127.0.0.1 (status and body, errors included)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:

@@ -18,7 +18,7 @@ from epwatch.collector.service import CollectorService
 from epwatch.protos import epwatch_pb2 as pb
 from epwatch.simulator.engine import Simulation
 from epwatch.simulator.scenario import load_scenario
-from tests.helpers import samples, scrape, start_collector, stub, value
+from tests.helpers import get_json, samples, scrape, start_collector, stub, value
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -193,18 +193,6 @@ def test_a_hang_has_its_own_metric_and_drops_are_counted() -> None:
             [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
         )
         assert out.returncode == 0, out.stdout + out.stderr
-
-
-def get_json(port: int, path: str) -> tuple[int, dict]:
-    import json
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 def test_live_diagnosis_api_on_the_metrics_port(running: tuple[CollectorService, str]) -> None:

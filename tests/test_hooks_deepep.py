@@ -140,6 +140,10 @@ class StandInBuffer:
 
         def receive() -> None:  # the kernel's receive half counts and waits per source
             recv_count.copy_(torch.tensor(LL_RECV_COUNT))
+            if cumulative_local_expert_recv_stats is not None:
+                cumulative_local_expert_recv_stats.add_(
+                    torch.tensor(LL_RECV_COUNT, dtype=torch.int32)
+                )
             if dispatch_wait_recv_cost_stats is not None:
                 dispatch_wait_recv_cost_stats.add_(
                     WAIT_CYCLES.to(dispatch_wait_recv_cost_stats.device)

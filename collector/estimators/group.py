@@ -20,6 +20,7 @@ import numpy as np
 from epwatch import costmodel, hockney
 from epwatch.collector.estimators.buffer import StepBuffer
 from epwatch.collector.estimators.config import EstimatorConfig
+from epwatch.collector.estimators.counters import CounterMode
 from epwatch.collector.estimators.network import link_slowdown
 from epwatch.collector.estimators.report import (
     DropStats,
@@ -36,11 +37,12 @@ from epwatch.collector.estimators.stats import (
     step_stats,
 )
 from epwatch.collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag, LinkTracker
-from epwatch.schema import PHASE_NAMES, Entered, PeerRows, Phase, RecordColumns
+from epwatch.schema import PHASE_NAMES, Entered, IntervalColumns, PeerRows, Phase, RecordColumns
 
 EvidenceFn = Callable[[str, str, int], list[str]]
 _LAYER_BITS = 17  # heartbeat key: step << 17 | layer << 1 | phase
 _MAX_EVIDENCE = 4
+_SUSPECT_LINKS = 5  # reported per group (the worst)
 _CHANGES_KEPT = 256  # flag openings and closings not yet taken (for the log)
 _BATCH_LATE_STEPS = 8  # steps behind "this rank enters dispatch late" (batch cause)
 _PEER_MATRICES = 8  # per-peer (layer, phase) matrices one step's network check may build
@@ -108,6 +110,7 @@ class GroupEstimator:
         self.hangs: dict[int, Flag] = {}
         self._closed_hangs: deque[Flag] = deque(maxlen=CLOSED_FLAGS_KEPT)
         self._fits: dict[str, PhaseReport] = {}
+        self.counter_mode: CounterMode | None = None  # created by the first interval record
 
     # -- ingest ----------------------------------------------------------------------
     def set_nodes(self, nodes: Mapping[int, str]) -> None:
@@ -222,6 +225,18 @@ class GroupEstimator:
                         else rows.send_bytes,
                     )
                 )
+
+    def ingest_intervals(
+        self, rows: IntervalColumns, node: str | None = None, now_s: float | None = None
+    ) -> None:
+        """Counter-mode interval records (decode under CUDA graphs) of this group."""
+        if not len(rows):
+            return
+        if self.counter_mode is None:
+            self.counter_mode = CounterMode(self.P, self.cfg)
+        if node is not None:
+            self._set_node(rows.rank, node, None)
+        self.counter_mode.ingest(rows, self._clock() if now_s is None else now_s)
 
     def _peer_horizon(self) -> float:
         """The newest step whose per-peer rows are kept (any before records arrive)."""
@@ -367,6 +382,12 @@ class GroupEstimator:
         self._finalize_ready(final)
         self._fit()
         self._check_hang(now, final)
+        self.update_counters(now)
+
+    def update_counters(self, now_s: float) -> None:
+        """Counter mode's pass alone (an offline run whose records clock stands still)."""
+        if self.counter_mode is not None:
+            self.counter_mode.update(now_s)
 
     def _finalize_ready(self, final: bool = False) -> None:
         for step in self.buffer.pending_steps():
@@ -485,6 +506,9 @@ class GroupEstimator:
     ) -> StragglerReport:
         node, dev = str(self.nodes[f.rank]), int(self.local_device[f.rank])
         lines = self._own_evidence(f)
+        counted = self.counter_mode is not None and self.counter_mode.owns(f)
+        if counted:
+            lines = self._counter_evidence(f)
         if f.cause == "routing":
             drops = drops or self._drops()
             if drops.fraction[f.rank] > 0:
@@ -507,6 +531,7 @@ class GroupEstimator:
             slowdown_low=low,
             slowdown_high=high,
             opened_step=f.opened_step,
+            source="counters" if counted else "records",
         )
 
     def _own_evidence(self, f: Flag) -> list[str]:
@@ -526,7 +551,11 @@ class GroupEstimator:
 
     def take_flag_changes(self) -> list[tuple[str, StragglerReport]]:
         """Flags ("opened" or "cleared") since the last call, oldest first."""
-        for tracker in self.trackers.values():
+        trackers = list(self.trackers.values())
+        if self.counter_mode is not None:
+            trackers += self.counter_mode.trackers.values()
+            self._changes.extend(self.counter_mode.take_hang_changes())
+        for tracker in trackers:
             opened, cleared = tracker.take_changes()
             self._changes.extend(("opened", f) for f in opened)
             self._changes.extend(("cleared", f) for f in cleared)
@@ -544,6 +573,9 @@ class GroupEstimator:
             flags += self._closed_hangs
         for tracker in self.trackers.values():
             flags += tracker.flags(include_closed)
+        counted = self.counter_mode.flags(include_closed) if self.counter_mode else []
+        seen = {(f.rank, f.cause, f.active) for f in flags}
+        flags += [f for f in counted if (f.rank, f.cause, f.active) not in seen]
         drops = self._drops()
         stragglers = [
             self._straggler(f, evidence, drops)
@@ -576,22 +608,25 @@ class GroupEstimator:
             ep_group=self.ep_group,
             ranks=self.P,
             steps=self.steps_done,
-            last_step=self.finalized_upto,
+            last_step=max(
+                self.finalized_upto, self.counter_mode.newest_step if self.counter_mode else -1
+            ),
             phases=dict(self._fits),
             stragglers=tuple(stragglers),
-            stalled_s=self._stalled_s,
+            stalled_s=max(
+                self._stalled_s, self.counter_mode.stalled_s() if self.counter_mode else 0.0
+            ),
             nodes=tuple(str(n) for n in self.nodes),
             incomplete_steps=self.incomplete_steps,
             late_records=self.late_records,
             ignored_records=self.ignored_records,
-            suspect_links=tuple(
-                SuspectLink(f.src, f.dst, f.slowdown, f.first_step, f.last_step, f.active)
-                for f in self.links.flags(include_closed)
-            ),
+            suspect_links=self._suspect_links(include_closed),
             restarts=self.restarts,
             dropped_tokens_total=tuple(self.dropped_total.tolist()),
             dropped_fraction=tuple(drops.fraction.tolist()),
             drop_capacity=tuple(drops.capacity.tolist()),
+            mode=self._mode(),
+            intervals=self.counter_mode.intervals if self.counter_mode else 0,
             **kw,
         )
 
@@ -605,3 +640,32 @@ class GroupEstimator:
         with np.errstate(invalid="ignore", divide="ignore"):
             fraction = np.where(routed > 0, dropped / routed, 0.0)
         return DropStats(fraction, _quiet_nanmedian(np.stack([s.capacity for s in w]), 0))
+
+    def _suspect_links(self, include_closed: bool) -> tuple[SuspectLink, ...]:
+        """The worst suspect links, from the per-peer rows and the kernel counters."""
+        flags = self.links.flags(include_closed)
+        if self.counter_mode is not None:
+            flags += self.counter_mode.links.flags(include_closed)
+        flags = sorted(flags, key=lambda f: (not f.active, -f.slowdown))[:_SUSPECT_LINKS]
+        return tuple(
+            SuspectLink(f.src, f.dst, f.slowdown, f.first_step, f.last_step, f.active)
+            for f in flags
+        )
+
+    def _mode(self) -> str:
+        """Which records feed the diagnosis: per-collective, counters, or both."""
+        counters = self.counter_mode is not None and self.counter_mode.intervals > 0
+        records = self.steps_done > 0 or bool(self.buffer.pending_steps())
+        return "mixed" if counters and records else "counters" if counters else "records"
+
+    def _counter_evidence(self, flag: Flag) -> list[str]:
+        """What the kernel counters show for a counter-mode flag."""
+        assert self.counter_mode is not None
+        if flag.cause == "routing":
+            expert, ratio = self.counter_mode.hot_expert(flag.rank)
+            if expert >= 0:
+                return [f"hot expert {expert}: {ratio:.1f}x the mean expert's tokens per second"]
+        if flag.cause == "hang":
+            why = self.counter_mode.hang_why.get(flag.rank)
+            return [why.format(step=flag.first_step)] if why else []
+        return []

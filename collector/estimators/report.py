@@ -90,6 +90,7 @@ class StragglerReport:
     slowdown_low: float = math.nan  # approximate 95% interval of the slowdown
     slowdown_high: float = math.nan
     opened_step: int = -1  # the step at which the evidence was enough to flag
+    source: str = "records"  # what raised it: "records" (hooks) or "counters" (CUDA graphs)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +104,7 @@ class StragglerReport:
             "opened_step": self.opened_step,
             "last_step": self.last_step,
             "active": self.active,
+            "source": self.source,
             "evidence": list(self.evidence),
         }
 
@@ -117,6 +119,10 @@ class StragglerReport:
             last_step=int(d["last_step"]),
             active=bool(d["active"]),
             evidence=tuple(str(e) for e in d.get("evidence") or ()),
+            slowdown_low=_float(d.get("slowdown_low")),
+            slowdown_high=_float(d.get("slowdown_high")),
+            opened_step=int(d.get("opened_step", -1)),
+            source=str(d.get("source") or "records"),
         )
 
 
@@ -190,6 +196,8 @@ class GroupReport:
     dropped_tokens_total: tuple[int, ...] = ()  # per rank, since the collector started
     dropped_fraction: tuple[float, ...] = ()  # per rank, over the window
     drop_capacity: tuple[float, ...] = ()  # per rank: slots kept where some were dropped
+    mode: str = "records"  # "records", "counters" (CUDA graphs) or "mixed"
+    intervals: int = 0  # counter-mode interval records received
 
     @property
     def balancedness(self) -> float:
@@ -199,6 +207,8 @@ class GroupReport:
         out: dict[str, Any] = {
             "ep_group": self.ep_group,
             "ranks": self.ranks,
+            "mode": self.mode,
+            "intervals": self.intervals,
             "steps": self.steps,
             "last_step": self.last_step,
             "gamma": {"median": _num(self.gamma_median), "p99": _num(self.gamma_p99)},
@@ -265,6 +275,8 @@ class GroupReport:
             suspect_links=tuple(SuspectLink.from_json(x) for x in d.get("suspect_links") or ()),
             restarts=int(d.get("restarts") or 0),
             whatif=_unclean(d.get("whatif") or {}),
+            mode=str(d.get("mode") or "records"),
+            intervals=int(d.get("intervals") or 0),
             dropped_tokens_total=tuple(int(v) for v in per_rank.get("dropped_tokens_total") or ()),
             dropped_fraction=floats("dropped_fraction"),
             drop_capacity=floats("drop_capacity"),

@@ -15,8 +15,26 @@ _CAUSE_TEXT = {
     "dispatch late (balance the DP batches or the scheduler)",
     "hang": "never entered the collective the others are waiting in (hang)",
 }
+# Under CUDA graphs the kernel counters measure waits, not per-collective costs.
+_COUNTER_CAUSE_TEXT = {
+    **_CAUSE_TEXT,
+    "compute": "arrives late into combine: the group loses {share:.1f}% of its time waiting "
+    "for its experts{ci} (slow GPU; per-token cost is not measured under CUDA graphs)",
+    "routing": "its experts receive {slowdown:.2f}x the mean tokens per second{ci} (hot expert)",
+    "network": "peers wait {slowdown:.2f}x the group's time for its data, or it for theirs"
+    "{ci} (slow NIC)",
+    "batch": "moves {slowdown:.2f}x its peers' data out in dispatch and back in combine{ci} "
+    "(larger data-parallel batch: balance the DP batches or the scheduler)",
+}
 
 
+_MODE_LINES = {
+    "counters": (
+        "  counter mode (CUDA graphs): diagnosed from DeepEP's kernel counters; gamma, skew "
+        "and the Hockney fit need per-collective records and are not measured",
+    ),
+    "mixed": ("  mixed mode: per-collective records and kernel counters (CUDA graphs) together",),
+}
 _MAX_DROP_LINES = 5  # the ranks that drop most; the JSON has every rank
 
 
@@ -30,16 +48,22 @@ def explain(s: StragglerReport) -> str:
     ci = ""
     if math.isfinite(s.slowdown_low) and math.isfinite(s.slowdown_high):
         ci = f" [{s.slowdown_low:.3g}-{s.slowdown_high:.3g}]"
-    why = _CAUSE_TEXT.get(s.cause, s.cause).format(slowdown=slowdown, ci=ci)
+    texts = _COUNTER_CAUSE_TEXT if s.source == "counters" else _CAUSE_TEXT
+    why = texts.get(s.cause, s.cause).format(
+        slowdown=slowdown, share=(slowdown - 1.0) * 100.0, ci=ci
+    )
     state = "" if s.active else f" (cleared after step {s.last_step})"
     line = f"rank {s.rank} on {s.node or '?'}: {s.cause}, since step {s.first_step}: {why}{state}"
     return line + "".join(f"\n      evidence: {e}" for e in s.evidence)
 
 
 def format_report(r: GroupReport) -> str:
+    analysed = f"{r.steps} steps analysed (last step {r.last_step})"
+    if r.mode == "counters":
+        analysed = f"{r.intervals} counter intervals (up to step {r.last_step})"
     lines = [
-        f"EP group {r.ep_group}: {r.ranks} ranks, {r.steps} steps analysed "
-        f"(last step {r.last_step})",
+        f"EP group {r.ep_group}: {r.ranks} ranks, {analysed}",
+        *_MODE_LINES.get(r.mode, ()),
         f"  straggler factor gamma  median {_f(r.gamma_median, '.3f')}  "
         f"p99 {_f(r.gamma_p99, '.3f')}",
         f"  routing skew            median {_f(r.skew_median, '.3f')}  max {_f(r.skew_max, '.3f')}"
