@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from epwatch.cli.simulate import feed_counter_reads
 from epwatch.collector.estimators import EstimatorConfig
 from epwatch.collector.offline import OfflineRun
 from epwatch.simulator.counters import CounterStream
@@ -190,23 +191,16 @@ def _diagnose_counters(
     estimator pass per read (every ``counter_interval_steps``)."""
     sc = sim.s
     stream = CounterStream(sim)
-    per_node = sc.cluster.ranks_per_node
 
-    def feed(reads: Any) -> None:
-        for t, rows in reads:
-            node_of = rows.rank // per_node
-            for node in np.unique(node_of).tolist():
-                mine = rows.take(np.flatnonzero(node_of == node))
-                run.ingest_intervals(mine, sc.node_of(node * per_node), t)
-            run.update_counters()
-            step = int(rows.step.max())
-            out.step_time_s.setdefault(step, t)
-            observe(run.estimator.report(), step)
+    def after_read(t: float, rows: Any) -> None:
+        step = int(rows.step.max())
+        out.step_time_s.setdefault(step, t)
+        observe(run.estimator.report(), step)
 
     for chunk in sim.chunks():
-        feed(stream.intervals(chunk))
+        feed_counter_reads(run, sc, stream.intervals(chunk), after_read)
     if sim.hang is not None:
-        feed(stream.frozen(3 * run.estimator.cfg.hang_after_s))
+        feed_counter_reads(run, sc, stream.frozen(3 * run.estimator.cfg.hang_after_s), after_read)
     observe(run.finish(), int(sim.last_step))
     out.regime = "counters"
     out.wall_s = time.perf_counter() - start

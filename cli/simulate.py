@@ -80,7 +80,7 @@ def run_scenario(
         if counters is None:
             run.ingest(sim.records(chunk), peer_rows=chunk.peer_rows, entered=chunk.entered)
         else:
-            _ingest_counters(run, scenario, counters.intervals(chunk))
+            feed_counter_reads(run, scenario, counters.intervals(chunk))
         end = float(chunk.exit_s[chunk.valid].max())
         for node, points in nodes.advance(int(chunk.steps[-1]), end - run.source_time_s).items():
             run.node_sample(node, points, end)
@@ -91,15 +91,19 @@ def run_scenario(
         # The probes outlive the hang: counters that no longer move, for long enough
         # that the estimators can call it one.
         stall = 3 * run.estimator.cfg.hang_after_s
-        _ingest_counters(run, scenario, counters.frozen(stall))
+        feed_counter_reads(run, scenario, counters.frozen(stall))
     return run.finish(), truth
 
 
-def _ingest_counters(
-    run: OfflineRun, scenario: Scenario, reads: Iterable[tuple[float, IntervalColumns]]
+def feed_counter_reads(
+    run: OfflineRun,
+    scenario: Scenario,
+    reads: Iterable[tuple[float, IntervalColumns]],
+    after_read: Callable[[float, IntervalColumns], None] | None = None,
 ) -> None:
     """Interval records as the nodes' agents would ship them (one batch per node, at
-    the time they were read), each read followed by one counter-mode pass."""
+    the time they were read), each read followed by one counter-mode pass (and
+    ``after_read``, for a caller that watches the flags as they open)."""
     per_node = scenario.cluster.ranks_per_node
     for time_s, rows in reads:
         node_of = rows.rank // per_node
@@ -107,6 +111,8 @@ def _ingest_counters(
             mine = rows.take(np.flatnonzero(node_of == node))
             run.ingest_intervals(mine, scenario.node_of(node * per_node), time_s)
         run.update_counters()
+        if after_read is not None:
+            after_read(time_s, rows)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,12 +14,10 @@ logit. Needs fairscale (``pip install --no-deps fairscale``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 import types
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -27,7 +25,7 @@ import torch.distributed as dist
 
 from epwatch.hooks import COMBINE, DISPATCH, get_probe
 from epwatch.hooks.torch_a2a import A2ASpan
-from tests.moe_worker import Scenario
+from tests.moe_worker import Scenario, join_gloo
 
 D_MODEL = 64
 TOKENS = 256  # per rank
@@ -99,18 +97,7 @@ def build(rank: int, world: int, layers: int, sc: Scenario) -> tuple[list[Any], 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rank", type=int, required=True)
-    ap.add_argument("--world-size", type=int, required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--socket", required=True)
-    ap.add_argument("--plan", required=True, help="JSON list of scenarios")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
-        world_size=args.world_size, timeout=timedelta(seconds=120),
-    )  # fmt: skip
+    args = join_gloo()
     import fairscale.nn.moe.moe_layer as moe_layer
 
     for sc in (Scenario(**s) for s in json.loads(args.plan)):

@@ -189,7 +189,9 @@ def run_steps(model: MoE, sc: Scenario, a2a: Any, first_step: int = 0) -> None:
             x = model.layer(x, layer, step, sc, a2a)
 
 
-def main() -> int:
+def join_gloo() -> argparse.Namespace:
+    """A recording worker's arguments, with its gloo process group joined (one CPU
+    thread each, as the ranks share the host)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--world-size", type=int, required=True)
@@ -205,6 +207,11 @@ def main() -> int:
         world_size=args.world_size,
         timeout=timedelta(seconds=120),
     )
+    return args
+
+
+def main() -> int:
+    args = join_gloo()
     plan = [Scenario(**s) for s in json.loads(args.plan)]
     model = MoE(args.rank, args.world_size, max(s.layers for s in plan))
     for sc in plan:
