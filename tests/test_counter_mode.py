@@ -124,7 +124,8 @@ def test_a_slow_sender_and_receiver_is_network() -> None:
 
 def test_late_into_combine_only_is_compute_and_a_hot_expert_is_routing() -> None:
     def make(rng: np.random.Generator, k: int) -> IntervalColumns:
-        wd, wc = healthy(rng), healthy(rng)
+        # Decode spends much of its time waiting: 50 ms per source and interval.
+        wd, wc = healthy(rng, 0.05), healthy(rng, 0.05)
         wc[:, 5] *= 2.0  # peers wait for rank 5's expert output ...
         wc[5, :] *= 0.1  # ... because it arrives late into combine
         tokens = np.full((P, E), 100)

@@ -47,7 +47,7 @@ import numpy as np
 from epwatch.collector.estimators.config import EstimatorConfig
 from epwatch.collector.estimators.network import cell_slowdown
 from epwatch.collector.estimators.sequential import SequentialParams
-from epwatch.collector.estimators.stats import _quiet_nanmedian
+from epwatch.collector.estimators.stats import _quiet_nanmedian, peer_median, peer_ratio
 from epwatch.collector.estimators.tracker import CLOSED_FLAGS_KEPT, CauseTracker, Flag, LinkTracker
 from epwatch.schema import IntervalColumns, RecordError
 
@@ -221,10 +221,12 @@ class CounterMode:
                 rate = acc[phase] * per_s[:, None] / max(self.local_experts, 1)
                 np.fill_diagonal(rate, np.nan)
                 col, row = _quiet_nanmedian(rate, axis=0), _quiet_nanmedian(rate, axis=1)
-                send.append(_relative(col))
-                recv.append(_relative(row))
-                excess = col - _quiet_nanmedian(col)
-                deficit = _quiet_nanmedian(row) - row
+                # Each rank against its peers (with four ranks a straggler's own value
+                # would pull a plain median towards it).
+                send.append(peer_ratio(col))
+                recv.append(peer_ratio(row))
+                excess = col - peer_median(col)
+                deficit = peer_median(row) - row
                 late.append(np.fmax(np.fmin(excess, deficit), 0.0))
                 base.append(_quiet_nanmedian(col))
                 cell = cell_slowdown(np.where(rate > 0, rate, np.nan))
@@ -341,10 +343,3 @@ class CounterMode:
             self.hang_why.update(dict.fromkeys(silent, _SILENT))
             return silent
         return []
-
-
-def _relative(medians: np.ndarray) -> np.ndarray:
-    ref = _quiet_nanmedian(medians)
-    if not ref or not np.isfinite(ref):
-        return np.full_like(medians, np.nan)
-    return medians / ref
