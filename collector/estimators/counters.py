@@ -133,7 +133,9 @@ class CounterMode:
         self.max_bytes = cfg.buffer_bytes
         self.local_experts = -1
         self.intervals = 0
-        self.ticks: deque[CounterTick] = deque(maxlen=cfg.window_steps)
+        # Per tick, each rank's busiest expert and its ratio, [P] each (not the
+        # whole tick, whose link matrix is P x P).
+        self._hot: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=cfg.window_steps)
         self.trackers = {
             cause: CauseTracker(cause, world_size, tick_params(cfg, cause))
             for cause in ("compute", "batch", "network", "routing")
@@ -154,7 +156,10 @@ class CounterMode:
 
     @staticmethod
     def bytes_needed(world_size: int, local_experts: int) -> int:
-        return (2 * world_size * world_size + world_size * (local_experts + 1)) * _BYTES_PER_VALUE
+        """The accumulators (two P x P wait matrices, tokens) and one pass's working
+        matrices (about six P x P)."""
+        matrices = 8 * world_size * world_size
+        return (matrices + world_size * (local_experts + 1)) * _BYTES_PER_VALUE
 
     def _accumulators(self, local_experts: int) -> dict[str, np.ndarray]:
         if self._acc is not None:
@@ -252,7 +257,7 @@ class CounterMode:
             reported=reported,
             seconds=float(np.median(seconds[reported])) if reported.any() else 0.0,
         )
-        self.ticks.append(tick)
+        self._hot.append((tick.hot_expert, tick.hot_expert_ratio))
         return tick
 
     def update(self, now_s: float) -> None:
@@ -321,11 +326,11 @@ class CounterMode:
     def hot_expert(self, rank: int) -> tuple[int, float]:
         """The rank's busiest expert (global id) over the window, and its load over the
         mean expert's."""
-        ids = [int(t.hot_expert[rank]) for t in self.ticks if t.hot_expert[rank] >= 0]
+        ids = [int(hot[rank]) for hot, _ in self._hot if hot[rank] >= 0]
         if not ids:
             return -1, math.nan
         expert = max(set(ids), key=ids.count)
-        ratios = [t.hot_expert_ratio[rank] for t in self.ticks if t.hot_expert[rank] == expert]
+        ratios = [ratio[rank] for hot, ratio in self._hot if hot[rank] == expert]
         return expert, float(_quiet_nanmedian(np.asarray(ratios, dtype=float)))
 
     def hang_suspects(self, now_s: float, silent_after_s: float) -> list[int]:
