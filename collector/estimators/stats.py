@@ -164,10 +164,13 @@ def step_stats(
         cost = x / expected_compute(x, n)
         compute_ratio = peer_ratio(_quiet_nanmedian(cost, axis=0))
         load_ratio = np.median(routed / routed_mean[:, None], axis=0)
-        capacity = np.nanmax(np.where(dropped > 0, kept, np.nan), axis=0)
         x_max = np.nanmax(x, axis=1)
         lost = float(np.nansum(x_max - x_mean))
         compute_max = float(np.nanmedian(x_max))
+    # The most slots kept in a layer that dropped some (no all-NaN reduction: the
+    # warnings filter is process-wide, and other threads run beside the estimators).
+    most_kept = np.where(dropped > 0, kept, -1).max(axis=0)
+    capacity = np.where(most_kept >= 0, most_kept, np.nan).astype(np.float64)
     lag = d.max(axis=2, keepdims=True) - d
     pre_ratio, pre_cost, batch = pre_dispatch(a, prev_end_ns)
     span = (exit_[-1, C, :] - enter[0, D, :]) * 1e-9
