@@ -34,7 +34,9 @@ FFN = 64
 TOKENS = 256
 
 
-def init(rank: int, world_size: int, port: int) -> None:
+def init_deepspeed(rank: int, world_size: int, port: int) -> None:
+    """deepspeed.comm over gloo (over torch.distributed's process group when one is
+    already initialised), without its shared-memory op."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -46,7 +48,15 @@ def init(rank: int, world_size: int, port: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def autoep_layer(layer: int, rank: int, world_size: int, hot: int | None, bias: float) -> Any:
+def autoep_layer(
+    layer: int,
+    rank: int,
+    world_size: int,
+    hot: int | None,
+    bias: float,
+    d_model: int = D_MODEL,
+    ffn: int = FFN,
+) -> Any:
     from deepspeed.module_inject.auto_ep_config import AutoEPConfig, MoELayerSpec
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
@@ -55,13 +65,13 @@ def autoep_layer(layer: int, rank: int, world_size: int, hot: int | None, bias: 
     class Experts(torch.nn.Module):  # Hugging Face Mixtral's fused 3-D layout
         def __init__(self) -> None:
             super().__init__()
-            self.gate_up_proj = torch.nn.Parameter(torch.randn(experts, 2 * FFN, D_MODEL) / 6)
-            self.down_proj = torch.nn.Parameter(torch.randn(experts, D_MODEL, FFN) / 8)
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(experts, 2 * ffn, d_model) / 6)
+            self.down_proj = torch.nn.Parameter(torch.randn(experts, d_model, ffn) / 8)
 
     class Block(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.gate = torch.nn.Linear(D_MODEL, experts, bias=True)
+            self.gate = torch.nn.Linear(d_model, experts, bias=True)
             self.experts = Experts()
 
     torch.manual_seed(1000 + layer)  # the same block on every rank; each keeps its slice
@@ -74,7 +84,7 @@ def autoep_layer(layer: int, rank: int, world_size: int, hot: int | None, bias: 
         moe_module_name=f"model.layers.{layer}.mlp", model_family="mixtral", router_name="gate",
         experts_name="experts", expert_storage="fused_3d", expert_w1_name="gate_up_proj",
         expert_w2_name="down_proj", expert_w3_name=None, num_experts=experts, top_k=2,
-        hidden_size=D_MODEL, ffn_hidden_size=FFN, score_func="softmax", score_apply="post",
+        hidden_size=d_model, ffn_hidden_size=ffn, score_func="softmax", score_apply="post",
         route_norm=True, gate_bias=True, return_router_logits=False,
         router_logits_capture_target="none", router_logits_capture_index=None,
         router_logits_capture_layer_name=None, has_shared_experts=False, shared_experts_name="",
@@ -88,7 +98,7 @@ def autoep_layer(layer: int, rank: int, world_size: int, hot: int | None, bias: 
 def main() -> int:
     args = worker_arguments(steps=30, hot_bias=1.5)
     torch.set_num_threads(1)
-    init(args.rank, args.world_size, args.port)
+    init_deepspeed(args.rank, args.world_size, args.port)
     import deepspeed.comm  # loads deepspeed.comm.torch
 
     # The one line (deepspeed.comm is where AutoEP calls it; torch.distributed underneath

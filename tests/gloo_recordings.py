@@ -1,7 +1,8 @@
 """Record the regression data in ``tests/data/recordings``: real gloo runs of the
 mini-MoE (``tests/moe_worker.py``: 4 ranks, dropless, count exchange and variable
-splits) and of fairscale's ``MOELayer`` (``tests/fairscale_worker.py``, when fairscale
-is installed) through a real agent and ``epwatch collector --record``.
+splits), of fairscale's ``MOELayer`` (``tests/fairscale_worker.py``) and of DeepSpeed's
+``AutoEPMoELayer`` (``tests/deepspeed_worker.py``, instrumented by
+``patch_all_to_all``) through a real agent and ``epwatch collector --record``.
 
 Each scenario runs on its own collector and leaves ``<name>.parquet`` (the collector's
 recording) and ``<name>.json``: what was injected (rank, onset step and time) and what
@@ -52,11 +53,21 @@ SCENARIOS = {
                         slow_factor=1.3, slow_mode="spin"),
     "fs-hot": Scenario(group="fs-hot", steps=STEPS, fault_step=ONSET, hot_rank=1,
                        hot_bias=1.0),
+    # DeepSpeed's AutoEPMoELayer (dropless, count exchange), through patch_all_to_all.
+    "ds-healthy": Scenario(group="ds-healthy", steps=STEPS),
+    "ds-slow": Scenario(group="ds-slow", steps=STEPS, fault_step=ONSET, slow_rank=1,
+                        slow_factor=1.25, slow_mode="spin"),
+    "ds-slow-sleep": Scenario(group="ds-slow-sleep", steps=STEPS, fault_step=ONSET,
+                              slow_rank=1, slow_factor=1.25, slow_mode="sleep"),
+    "ds-hot": Scenario(group="ds-hot", steps=STEPS, fault_step=ONSET, hot_rank=2,
+                       hot_bias=1.0),
 }  # fmt: skip
+
+WORKERS = {"fs-": "tests.fairscale_worker", "ds-": "tests.deepspeed_worker"}
 
 
 def worker_of(name: str) -> str:
-    return "tests.fairscale_worker" if name.startswith("fs-") else "tests.moe_worker"
+    return WORKERS.get(name[:3], "tests.moe_worker")
 WATCH_AFTER_HANG_S = 20.0
 
 

@@ -1,8 +1,9 @@
 """``epwatch replay`` on real recordings: four gloo ranks of the dropless mini-MoE
-(count exchange, variable splits; ``moe-*``) and of fairscale's ``MOELayer`` +
-``Top2Gate`` (real CPU compute, nothing slept; ``fs-*``) recorded by ``epwatch
-collector --record`` with ``tests/gloo_recordings.py`` (each file's ``.json`` says
-what was injected and what the live collector showed). Real runs on two shared cores
+(count exchange, variable splits; ``moe-*``), of fairscale's ``MOELayer`` +
+``Top2Gate`` (real CPU compute, nothing slept; ``fs-*``) and of DeepSpeed's dropless
+``AutoEPMoELayer`` instrumented by ``patch_all_to_all`` (``ds-*``), recorded by
+``epwatch collector --record`` with ``tests/gloo_recordings.py`` (each file's ``.json``
+says what was injected and what the live collector showed). Real runs on two shared cores
 are noisy: OS preemption, gloo's own jitter, a busy-spinning rank competing for a
 core, and with fairscale a rank that the host slows by 20-30% for a second or two.
 
@@ -11,6 +12,10 @@ core, and with fairscale a rank that the host slows by 20-30% for a second or tw
   episode that lasts to the end, cause ``compute``, slowdown with an interval;
 - a hot expert: ``routing`` on its rank, never ``compute``;
 - one rank with a 1.3x larger batch: ``batch``, never ``compute``;
+- DeepSpeed's layers are the noisiest (a rank's per-step cost swings by 25%): a rank
+  1.25x slower is one compute episode to the end, found later (about 20 s after onset
+  when it sleeps; when it busy-spins, the host's other ranks lose the core it spins
+  on, and its measured cost rises only some 300 steps after onset);
 - a hang: the recording holds records only (no heartbeats), so a replay cannot pin
   it; it must not invent a straggler before it (the live hang is
   ``test_hooks_e2e``'s).
@@ -57,11 +62,12 @@ def replayed(name: str) -> tuple[GroupReport, dict[str, Any], dict[int, float]]:
 
 def test_every_recording_is_small() -> None:
     files = sorted(DATA.glob("*.parquet"))
-    assert {f.stem for f in files} >= {"moe-healthy", "moe-slow", "moe-hot", "moe-hang"}
+    assert {f.stem for f in files} >= {"moe-healthy", "moe-slow", "moe-hot", "moe-hang",
+                                       "ds-healthy", "ds-slow", "ds-hot"}  # fmt: skip
     assert all(f.stat().st_size < 2_000_000 for f in files)
 
 
-@pytest.mark.parametrize("name", ["moe-healthy", "fs-healthy"])
+@pytest.mark.parametrize("name", ["moe-healthy", "fs-healthy", "ds-healthy"])
 def test_a_healthy_run_flags_nothing(name: str) -> None:
     report, meta, _ = replayed(name)
     assert report.steps >= 0.95 * meta["truth"]["scenario"]["steps"]
@@ -86,7 +92,20 @@ def test_a_slow_rank_is_one_compute_episode_found_within_10s(name: str, factor: 
     assert live["episodes_in_scrapes"] == 1 and live["first_seen_s_after_onset"] <= 10.0
 
 
-@pytest.mark.parametrize("name", ["moe-hot", "fs-hot"])
+@pytest.mark.parametrize("name", ["ds-slow-sleep", "ds-slow"])
+def test_a_slow_deepspeed_rank_is_one_compute_episode_to_the_end(name: str) -> None:
+    report, meta, _ = replayed(name)
+    sc, onset = meta["truth"]["scenario"], meta["truth"]["onset_step"]
+    assert [(s.rank, s.cause) for s in report.stragglers] == [(sc["slow_rank"], "compute")]
+    (s,) = report.stragglers
+    assert s.active and s.last_step == report.last_step
+    assert s.first_step >= onset - 5
+    assert 1.15 < s.slowdown_low <= s.slowdown <= s.slowdown_high < 1.6
+    live = meta["live"][f"{sc['slow_rank']} compute"]
+    assert live["episodes_in_scrapes"] == 1
+
+
+@pytest.mark.parametrize("name", ["moe-hot", "fs-hot", "ds-hot"])
 def test_a_hot_expert_is_routing_never_compute(name: str) -> None:
     report, meta, _ = replayed(name)
     hot = meta["truth"]["scenario"]["hot_rank"]

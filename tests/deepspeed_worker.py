@@ -1,0 +1,106 @@
+"""One rank of a stack of DeepSpeed ``AutoEPMoELayer`` layers (dropless: a count
+exchange, then the payload with split sizes, then the combine) on gloo, instrumented
+with the one line docs/hooks.md gives for a library that calls the collective itself:
+``patch_all_to_all(dist, aliases=[deepspeed.comm], layers_per_step=L)``.
+
+Same command line and plan as ``tests/moe_worker.py`` (``group``, ``steps``,
+``layers``, ``fault_step``, ``slow_rank``/``slow_factor``/``slow_mode``,
+``hot_rank``/``hot_bias``), for ``tests/gloo_recordings.py``. Expert compute is real
+CPU work: a slow rank busy-spins (``slow_mode = "spin"``) or sleeps ``slow_factor - 1``
+times its grouped experts' own time more; a hot expert gets ``hot_bias`` added to its
+router logit at onset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch
+import torch.distributed as dist
+
+from epwatch.hooks import get_probe
+from epwatch.hooks.patch import patch_all_to_all
+from tests.deepspeed_patch_worker import TOKENS, autoep_layer, init_deepspeed
+from tests.moe_worker import Scenario, join_gloo
+
+# Wider than the patch test's layers: expert compute of a few milliseconds, so that a
+# slow rank's extra time stands out of four processes' scheduling on two cores.
+D_MODEL, FFN = 128, 512
+
+
+class Slow:
+    """Makes a module's forward take ``1 + extra`` times as long: busy-spinning (a
+    rank whose host is busy) or sleeping (a slow GPU: the host only waits)."""
+
+    def __init__(self, module: torch.nn.Module, mode: str) -> None:
+        self.extra = 0.0
+        self.spin = mode == "spin"
+        self._forward = module.forward
+        module.forward = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = self._forward(*args, **kwargs)
+        if self.extra > 0:
+            more = (time.perf_counter() - t0) * self.extra
+            if not self.spin:
+                time.sleep(more)
+                return out
+            end = time.perf_counter() + more
+            while time.perf_counter() < end:
+                pass
+        return out
+
+
+def main() -> int:
+    args = join_gloo()
+    init_deepspeed(args.rank, args.world_size, args.port)
+    import deepspeed.comm
+
+    for sc in (Scenario(**s) for s in json.loads(args.plan)):
+        probe = get_probe(sc.group, args.rank, args.world_size, args.rank, socket_path=args.socket)
+        patch = patch_all_to_all(
+            dist, aliases=[deepspeed.comm], layers_per_step=sc.layers, probe=probe
+        )
+        hot = sc.hot_rank  # one expert per rank: the hot expert is that rank's
+        layers = [
+            autoep_layer(i, args.rank, args.world_size, hot, 0.0, D_MODEL, FFN)
+            for i in range(sc.layers)
+        ]
+        slowed = [Slow(moe.experts, sc.slow_mode) for moe in layers]
+        dist.barrier()
+        print(f"START {sc.group} {time.monotonic():.3f}", flush=True)
+        with torch.no_grad():
+            for step in range(sc.steps):
+                if step == sc.fault_step and sc.fault_step > 0 and args.rank == 0:
+                    print(f"ONSET {sc.group} {step} {time.monotonic():.3f}", flush=True)
+                if step == sc.fault_step:
+                    for slow in slowed:
+                        slow.extra = sc.slow_factor - 1 if sc.slow_rank == args.rank else 0.0
+                    if hot is not None:
+                        for moe in layers:
+                            moe.router.gate.bias[hot] = sc.hot_bias
+                g = torch.Generator().manual_seed(step * 1000 + args.rank)
+                x = torch.randn(TOKENS // 8, 8, D_MODEL, generator=g)
+                for moe in layers:
+                    out = moe(x)
+                    x = torch.layer_norm(x + (out[0] if isinstance(out, tuple) else out),
+                                         (D_MODEL,))  # fmt: skip
+        patch.unpatch()
+        print(f"DONE {sc.group} {time.monotonic():.3f} dropped={probe.records_dropped}",
+              flush=True)  # fmt: skip
+    dist.barrier()
+    print("FINISHED", flush=True)
+    sys.stdout.flush()
+    time.sleep(3600)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
