@@ -30,6 +30,7 @@ class Estimator(Protocol):
     def ingest_peer_rows(self, rows: PeerRows) -> None: ...
     def ingest_entered(self, entered: Entered, node: str, now_s: float) -> None: ...
     def ingest_intervals(self, rows: IntervalColumns, node: str, now_s: float) -> None: ...
+    def counter_bytes_needed(self, local_experts: int) -> int: ...
     def update(self, now_s: float, final: bool = False) -> None: ...
     def report(
         self, evidence: EvidenceFn | None = None, include_closed: bool = False
@@ -56,6 +57,9 @@ class NullEstimator:
 
     def ingest_intervals(self, rows: IntervalColumns, node: str, now_s: float) -> None:
         pass
+
+    def counter_bytes_needed(self, local_experts: int) -> int:
+        return 0
 
     def update(self, now_s: float, final: bool = False) -> None:
         pass
@@ -89,8 +93,10 @@ class Group:
 
     @property
     def established(self) -> bool:
-        """It has completed a step: real ranks are behind it, not a stray name."""
-        return self.report is not None and self.report.steps > 0
+        """It has completed a step, or its kernel counters have reported (counter
+        mode completes no step): real ranks are behind it, not a stray name."""
+        r = self.report
+        return r is not None and (r.steps > 0 or r.intervals > 0)
 
     @property
     def memory_bytes(self) -> int:
@@ -195,6 +201,20 @@ class GroupTable:
         if replacing is None:
             log.info("new EP group %s with world_size %d", ep_group, world_size)
         return g
+
+    def make_room(self, group: Group, extra: int) -> None:
+        """Check that ``group`` may grow by ``extra`` bytes (counter mode starting)
+        within the collector-wide budget; RecordError ``over_budget`` if not."""
+        if self._memory_budget is None or extra <= 0:
+            return
+        with self._lock:
+            used = sum(g.memory_bytes for g in self._groups.values())
+        if used + extra > self._memory_budget:
+            raise RecordError(
+                "over_budget",
+                f"EP group {group.ep_group!r}: counter mode needs {extra >> 20} MiB more; "
+                f"{used >> 20} of the collector's {self._memory_budget >> 20} MiB are in use",
+            )
 
     def groups(self) -> list[Group]:
         with self._lock:

@@ -204,6 +204,7 @@ class Ingestor:
         group = self.groups.get(batch.ep_group, batch.world_size)
         now = time.monotonic()
         with group.lock:
+            self.groups.make_room(group, group.estimator.counter_bytes_needed(rows.local_experts))
             group.estimator.ingest_intervals(rows, node, now)
             group.last_ingest_s = now
         self.metrics.intervals.labels(batch.ep_group).inc(len(rows))

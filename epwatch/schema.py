@@ -381,9 +381,10 @@ class IntervalColumns:
                     "length_mismatch",
                     f"interval matrix {name!r} has shape {m.shape}, expected ({n}, {width})",
                 )
-        if self.local_experts > MAX_LOCAL_EXPERTS:
+        if not 1 <= self.local_experts <= MAX_LOCAL_EXPERTS:
             raise RecordError(
-                "count_out_of_range", f"more than {MAX_LOCAL_EXPERTS} local experts per rank"
+                "count_out_of_range",
+                f"local experts per rank must be 1..{MAX_LOCAL_EXPERTS}, got {self.local_experts}"
             )
         if n == 0:
             return

@@ -180,8 +180,10 @@ def decode_intervals(batch: pb.IntervalBatch) -> IntervalColumns:
     n, p, e = batch.count, batch.world_size, batch.local_experts
     if not 0 < p <= MAX_WORLD_SIZE:
         raise RecordError("bad_world_size", f"world_size must be in [1, {MAX_WORLD_SIZE}]")
-    if e > MAX_LOCAL_EXPERTS:
-        raise RecordError("count_out_of_range", f"more than {MAX_LOCAL_EXPERTS} local experts")
+    if not 1 <= e <= MAX_LOCAL_EXPERTS:
+        raise RecordError(
+            "count_out_of_range", f"local experts must be 1..{MAX_LOCAL_EXPERTS}, got {e}"
+        )
     keys = {
         name: _column(getattr(batch, name), d, n, name) for name, d in INTERVAL_KEY_DTYPES.items()
     }

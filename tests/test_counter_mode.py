@@ -164,3 +164,83 @@ def test_memory_is_checked_before_counter_mode_allocates() -> None:
     )  # fmt: skip
     with pytest.raises(RecordError, match="budget"):
         mode.ingest(rows, 0.0)
+
+
+def test_a_network_flag_clears_once_the_nic_recovers_on_the_ranks_own_clocks() -> None:
+    """Clearing needs clear_seconds of the run's time, measured by the intervals' own
+    clocks: a flag that opened must close again when the rank is healthy."""
+    rng = np.random.default_rng(3)
+    est = GroupEstimator("cg", P, EstimatorConfig(), clock=lambda: 0.0)
+    for k in range(160):
+        w = healthy(rng, 0.05)
+        if 10 <= k < 60:
+            w[:, 3] *= 1.6
+            w[3, :] *= 1.6
+        np.fill_diagonal(w, 0.0)
+        est.ingest_intervals(interval_rows(w, step=5 * k, t0_ns=10**9 + k * 250_000_000), "n0")
+        est.update(now_s=0.0)
+    (flag,) = est.report(include_closed=True).stragglers
+    assert (flag.rank, flag.cause, flag.active) == (3, "network", False)
+    assert 45 <= flag.first_step <= 60 and flag.last_step >= 5 * 60
+    assert est.counter_mode is not None and est.counter_mode.run_time_s == pytest.approx(
+        160 * 0.25, rel=0.05
+    )
+
+
+def test_no_local_experts_is_refused_before_anything_is_kept() -> None:
+    rows = interval_rows(healthy(np.random.default_rng(2)))
+    msg = wire.encode_intervals("cg", P, rows)
+    msg.local_experts = 0
+    msg.expert_tokens = b""
+    with pytest.raises(RecordError, match="local experts"):
+        wire.decode_intervals(msg)
+
+
+def test_an_engine_restart_starts_the_step_counters_again() -> None:
+    est = GroupEstimator("cg", P, EstimatorConfig(), clock=lambda: 0.0)
+    rng = np.random.default_rng(4)
+    for k, step in enumerate([100, 105, 110, 3, 8]):  # the engine restarted after 110
+        est.ingest_intervals(interval_rows(healthy(rng), step=step, t0_ns=10**9 + k * 10**9))
+    assert est.counter_mode is not None
+    assert est.counter_mode.newest_step == 7  # steps started 8: the newest is step 7
+    assert est.report().last_step == 7
+
+
+def test_counter_mode_memory_counts_against_the_group_and_the_collector() -> None:
+    """A group's counter mode (2 P x P accumulators and a pass's matrices) is part of
+    what the group holds, and the collector-wide budget refuses what does not fit."""
+    from epwatch.collector.groups import GroupTable
+
+    cfg = EstimatorConfig()
+    assembly = GroupEstimator("x", 1024, cfg).memory_bytes
+    need = CounterMode.bytes_needed(1024, 8)
+    assert need >= 8 * 1024 * 1024 * 8
+    # Room for two groups' assembly and one group's counter mode, not two.
+    budget = 2 * assembly + need + need // 2
+    table = GroupTable(lambda g, ws: GroupEstimator(g, ws, cfg), memory_budget=budget)
+    group = table.get("cg", 1024)
+    before = group.memory_bytes
+    assert group.estimator.counter_bytes_needed(8) == need
+    table.make_room(group, need)
+    rows = IntervalColumns.from_arrays(
+        1024, 8, rank=[0], start_ns=[1], end_ns=[2], step=[1],
+        dispatch_wait_s=np.zeros((1, 1024)), combine_wait_s=np.zeros((1, 1024)),
+        expert_tokens=np.zeros((1, 8)),
+    )  # fmt: skip
+    group.estimator.ingest_intervals(rows, "n0", 0.0)
+    assert group.memory_bytes == before + need
+    assert group.estimator.counter_bytes_needed(8) == 0  # started: nothing more
+    other = table.get("cg2", 1024)
+    with pytest.raises(RecordError, match="counter mode needs"):
+        table.make_room(other, other.estimator.counter_bytes_needed(8))
+
+
+def test_a_counter_mode_group_is_established_without_completing_a_step() -> None:
+    from epwatch.collector.groups import Group
+
+    est = GroupEstimator("cg", P, EstimatorConfig(), clock=lambda: 0.0)
+    est.ingest_intervals(interval_rows(healthy(np.random.default_rng(5))), "n0")
+    est.update(now_s=0.0)
+    group = Group("cg", P, est, report=est.report())
+    assert group.report is not None and group.report.steps == 0
+    assert group.established

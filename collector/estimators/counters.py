@@ -130,7 +130,8 @@ class CounterMode:
     def __init__(self, world_size: int, cfg: EstimatorConfig) -> None:
         self.P = world_size
         self.cfg = cfg
-        self.max_bytes = cfg.buffer_bytes
+        self.max_bytes = cfg.buffer_bytes  # the group's own bound (--group-buffer-bytes)
+        self.bytes = 0  # what the accumulators and a pass's matrices take, once started
         self.local_experts = -1
         self.intervals = 0
         # Per tick, each rank's busiest expert and its ratio, [P] each (not the
@@ -149,7 +150,9 @@ class CounterMode:
         self._ticks_done = 0
         self._acc: dict[str, np.ndarray] | None = None
         self._fresh = False
-        self.step = np.full(world_size, -1, dtype=np.int64)  # newest step counter
+        # Each rank's step counter (steps started) at its newest reading; -1 unknown.
+        self.step = np.full(world_size, -1, dtype=np.int64)
+        self._last_end_ns = np.full(world_size, -1, dtype=np.int64)
         self.reported_s = np.full(world_size, math.nan)  # when each rank last reported
         self.frozen_s = np.zeros(world_size)  # own-clock time without progress, so far
         self.seen = np.zeros(world_size, dtype=bool)
@@ -157,7 +160,7 @@ class CounterMode:
     @staticmethod
     def bytes_needed(world_size: int, local_experts: int) -> int:
         """The accumulators (two P x P wait matrices, tokens) and one pass's working
-        matrices (about six P x P)."""
+        matrices (about six P x P): what a group in counter mode adds."""
         matrices = 8 * world_size * world_size
         return (matrices + world_size * (local_experts + 1)) * _BYTES_PER_VALUE
 
@@ -179,6 +182,7 @@ class CounterMode:
             )
         P = self.P
         self.local_experts = local_experts
+        self.bytes = need
         self._acc = {
             "dispatch": np.zeros((P, P)),
             "combine": np.zeros((P, P)),
@@ -204,7 +208,13 @@ class CounterMode:
             rows.rank.tolist(), progressed.tolist(), seconds.tolist(), strict=True
         ):
             self.frozen_s[rank] = 0.0 if moved else self.frozen_s[rank] + span
-        np.maximum.at(self.step, rows.rank, rows.step)
+        # Each rank's newest reading (by its own clock) says where its engine is: an
+        # engine that restarted counts from 0 again, and that must show.
+        for i in np.argsort(rows.end_ns, kind="stable").tolist():
+            rank = int(rows.rank[i])
+            if rows.end_ns[i] >= self._last_end_ns[rank]:
+                self._last_end_ns[rank] = int(rows.end_ns[i])
+                self.step[rank] = int(rows.step[i])
         self.reported_s[rows.rank] = now_s
         self.seen[rows.rank] = True
         self.intervals += len(rows)
@@ -243,6 +253,7 @@ class CounterMode:
             hottest = np.argmax(np.nan_to_num(tokens, nan=-1.0), axis=1)
             hot_ratio = tokens[np.arange(self.P), hottest] / mean_expert
         hot_id = np.where(reported, np.arange(self.P) * self.local_experts + hottest, -1)
+        tick_s = float(np.median(seconds[reported])) if reported.any() else 0.0
         for a in acc.values():
             a[:] = 0.0
         tick = CounterTick(
@@ -255,7 +266,7 @@ class CounterMode:
             hot_expert_ratio=hot_ratio,
             cells=cells if cells is not None else np.full((self.P, self.P), np.nan),
             reported=reported,
-            seconds=float(np.median(seconds[reported])) if reported.any() else 0.0,
+            seconds=tick_s,
         )
         self._hot.append((tick.hot_expert, tick.hot_expert_ratio))
         return tick
@@ -265,8 +276,7 @@ class CounterMode:
         tick = self.tick()
         if tick is not None:
             self._ticks_done += 1
-            known = self.step[self.step >= 0]
-            at = int(known.max()) if len(known) else self._ticks_done
+            at = self.newest_step if self.newest_step >= 0 else self._ticks_done
             self.run_time_s += tick.seconds
             for cause, values in tick.cause_evidence(self.cfg.routing_min_effect).items():
                 self.trackers[cause].push(at, self.run_time_s, values)
@@ -279,7 +289,10 @@ class CounterMode:
         suspects = self.hang_suspects(now_s, 2 * self.cfg.hang_after_s) if stalled else []
         for rank in suspects:
             if rank not in self.hangs:
-                stuck = int(self.step[rank]) if self.step[rank] >= 0 else at
+                # Behind: the step it never started; silent: the one it was in.
+                started = int(self.step[rank])
+                silent = self.hang_why.get(rank) == _SILENT
+                stuck = at if started < 0 else started - 1 if silent else started
                 self.hangs[rank] = Flag(rank, "hang", stuck, stuck, opened_step=at)
                 self._hang_changes.append(("opened", self.hangs[rank]))
             self.hangs[rank].last_step = at
@@ -291,8 +304,26 @@ class CounterMode:
 
     @property
     def newest_step(self) -> int:
-        """The newest engine step counter any rank reported (-1: none)."""
-        return int(self.step.max())
+        """The index of the newest step any rank started (counters count steps
+        started; records number them from 0), -1 when none reported one."""
+        return int(self.step.max()) - 1 if (self.step > 0).any() else -1
+
+    def reset(self) -> None:
+        """A new run (the engine restarted): flags close, counts start again."""
+        for tracker in (*self.trackers.values(), self.links):
+            tracker.reset()
+        for rank in list(self.hangs):
+            flag = self.hangs.pop(rank)
+            flag.active = False
+            self._closed_hangs.append(flag)
+            self._hang_changes.append(("cleared", flag))
+        self.step[:] = -1
+        self._last_end_ns[:] = -1
+        self.frozen_s[:] = 0.0
+        self._fresh = False
+        if self._acc is not None:
+            for a in self._acc.values():
+                a[:] = 0.0
 
     def take_hang_changes(self) -> list[tuple[str, Flag]]:
         """Hang flags opened and cleared since the last call."""

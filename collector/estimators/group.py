@@ -76,7 +76,7 @@ class GroupEstimator:
         matrices = _PEER_MATRICES * world_size**2 * 8
         self._peer_budget = min(cfg.buffer_bytes // 4, matrices + (1 << 20))
         self._peer_bytes = 0
-        self.memory_bytes = self.buffer.max_bytes + self._peer_budget
+        self._assembly_bytes = self.buffer.max_bytes + self._peer_budget
         self.nodes = np.array([""] * world_size, dtype=object)
         self.local_device = np.full(world_size, -1, dtype=np.int64)
         self._known = np.zeros(world_size, dtype=bool)
@@ -226,6 +226,19 @@ class GroupEstimator:
                     )
                 )
 
+    @property
+    def memory_bytes(self) -> int:
+        """What this group may hold: step assembly and per-peer rows (a hard bound from
+        the start) and, once its counters report, counter mode's matrices."""
+        counters = self.counter_mode.bytes if self.counter_mode is not None else 0
+        return self._assembly_bytes + counters
+
+    def counter_bytes_needed(self, local_experts: int) -> int:
+        """What starting counter mode would add (0 once it runs)."""
+        if self.counter_mode is not None and self.counter_mode.bytes:
+            return 0
+        return CounterMode.bytes_needed(self.P, local_experts)
+
     def ingest_intervals(
         self, rows: IntervalColumns, node: str | None = None, now_s: float | None = None
     ) -> None:
@@ -283,6 +296,8 @@ class GroupEstimator:
             tracker.reset()
         for rank in list(self.hangs):
             self._close_hang(rank)
+        if self.counter_mode is not None:
+            self.counter_mode.reset()
         self._last_progress = self._clock()
 
     # -- finalising steps ----------------------------------------------------------------

@@ -104,6 +104,7 @@ class StragglerReport:
             "opened_step": self.opened_step,
             "last_step": self.last_step,
             "active": self.active,
+            "local_device": self.local_device,
             "source": self.source,
             "evidence": list(self.evidence),
         }
@@ -118,6 +119,7 @@ class StragglerReport:
             first_step=int(d["first_step"]),
             last_step=int(d["last_step"]),
             active=bool(d["active"]),
+            local_device=int(d.get("local_device", -1)),
             evidence=tuple(str(e) for e in d.get("evidence") or ()),
             slowdown_low=_float(d.get("slowdown_low")),
             slowdown_high=_float(d.get("slowdown_high")),
@@ -269,6 +271,7 @@ class GroupReport:
             compute_slowdown=floats("compute_slowdown"),
             load_ratio=floats("load_ratio"),
             arrival_lag_s=floats("arrival_lag_s"),
+            batch_ratio=floats("batch_ratio"),
             incomplete_steps=int(d.get("incomplete_steps") or 0),
             late_records=int(d.get("late_records") or 0),
             ignored_records=int(d.get("ignored_records") or 0),
