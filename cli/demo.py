@@ -34,7 +34,7 @@ from epwatch.cli.demo_view import HEADER, AlertWatch, table_row
 from epwatch.cliargs import parse_hostport, stop_on_signals
 from epwatch.collector.estimators.text import format_report
 from epwatch.collector.offline import diagnosis_json
-from epwatch.collector.recorder import RecorderConfig
+from epwatch.collector.recorder import RecorderConfig, RecorderError
 from epwatch.collector.service import CollectorConfig, CollectorService
 from epwatch.simulator.scenario import Scenario, ScenarioError, load_scenario
 
@@ -245,14 +245,18 @@ def write_report(directory: Path, since_ns: int) -> None:
     from epwatch.collector.replay import ReplayError
 
     out = directory / "report.html"
+    skipped: list[tuple[Path, str]] = []
     try:
-        make_report([directory], out=out, start_ns=since_ns)
+        make_report([directory], out=out, start_ns=since_ns, skipped=skipped)
     except (ReplayError, OSError) as err:
         print(f"epwatch demo: no report: {err}", file=sys.stderr)
         return
     except ImportError:
         print(f"epwatch demo: no report: {INSTALL}", file=sys.stderr)
         return
+    finally:
+        for path, why in skipped:
+            print(f"epwatch demo: report: skipped {path}: {why}", file=sys.stderr)
     print(f"report: {out}")
 
 
@@ -268,13 +272,17 @@ def run(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     disable_created_metrics()  # as `epwatch collector`: no *_created twin per counter
     started_ns = time.time_ns()
-    service = CollectorService(
-        CollectorConfig(
-            grpc_listen="127.0.0.1:0",
-            metrics_listen=args.metrics_listen,
-            record=RecorderConfig(str(args.record)) if args.record else None,
+    try:
+        service = CollectorService(
+            CollectorConfig(
+                grpc_listen="127.0.0.1:0",
+                metrics_listen=args.metrics_listen,
+                record=RecorderConfig(str(args.record)) if args.record else None,
+            )
         )
-    )
+    except RecorderError as err:  # an unwritable --record folder
+        print(f"epwatch demo: {err}", file=sys.stderr)
+        return 2
     try:
         service.start()
     except OSError as err:

@@ -121,9 +121,12 @@ def make_report(
     end_ns: int | None = None,
     ep_group: str | None = None,
     progress: Progress | None = None,
+    skipped: list[tuple[Path, str]] | None = None,
 ) -> dict | None:
     """Everything ``epwatch report`` does; returns the figures' data when asked for.
-    Raises ReplayError (bad recording, empty selection) or OSError (unwritable file)."""
+    Raises ReplayError (bad recording, empty selection) or OSError (unwritable file).
+    Recording files that cannot be read are left out, named in the page and the JSON
+    (``skipped``: path and why), and appended to ``skipped`` for the caller to say."""
     # pandas and matplotlib load here, never on the collector's live path.
     from epwatch.collector.postmortem.figures import figure_data
     from epwatch.collector.postmortem.load import Selection, diagnose, load
@@ -134,8 +137,9 @@ def make_report(
         if progress is not None:
             progress(what, fraction)
 
+    skipped = [] if skipped is None else skipped
     say("reading the recording")
-    groups = load(paths, Selection(start_ns, end_ns, ep_group))
+    groups = load(paths, Selection(start_ns, end_ns, ep_group), skipped)
     runs = [diagnose(g, say) for g in groups]
     data = None
     if out is not None or want_json:
@@ -153,9 +157,12 @@ def make_report(
         figures = [figure_data(run) for run in analysed]
         if out is not None:
             say("drawing the figures")
-            _write_atomically(out, render([group_section(f) for f in figures]))
+            _write_atomically(out, render([group_section(f) for f in figures], skipped))
         if want_json:
-            data = {"groups": [f.to_json() for f in figures]}
+            data = {
+                "groups": [f.to_json() for f in figures],
+                "skipped": [{"path": str(path), "why": why} for path, why in skipped],
+            }
     if perfetto is not None:
         say("writing the Perfetto trace")
         tmp = perfetto.with_name(f".{perfetto.name}.{os.getpid()}.tmp")
@@ -172,6 +179,13 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     if out is None and not (args.json or args.perfetto):
         out = Path("report.html")
+    skipped: list[tuple[Path, str]] = []
+
+    def say_skipped(error: str = "") -> None:
+        for path, why in skipped:
+            if f"{path}: " not in error:  # "no readable recording" lists them already
+                print(f"epwatch report: skipped {path}: {why}", file=sys.stderr)
+
     try:
         files = recording_files(args.paths) + peer_files(args.paths)
         size = sum(f.stat().st_size for f in files)
@@ -184,16 +198,20 @@ def run(args: argparse.Namespace) -> int:
             end_ns=args.end,
             ep_group=args.ep_group,
             progress=Progress(sys.stderr, big=size >= BIG_RECORDING_BYTES),
+            skipped=skipped,
         )
     except ReplayError as err:
+        say_skipped(str(err))
         print(f"epwatch report: {err}", file=sys.stderr)
         return 2
     except ImportError as err:
         print(f"epwatch report: {err.name or err} is missing: {INSTALL}", file=sys.stderr)
         return 2
     except OSError as err:
+        say_skipped()
         print(f"epwatch report: cannot write: {err}", file=sys.stderr)
         return 2
+    say_skipped()
     said = sys.stderr if args.json else sys.stdout
     if out is not None:
         print(f"report: {out}", file=said)

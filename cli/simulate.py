@@ -150,8 +150,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.record is not None:
         from epwatch.cli.simrecord import record_scenario
+        from epwatch.collector.recorder import RecorderError
 
-        written = record_scenario(scenario, args.record)
+        try:
+            written = record_scenario(scenario, args.record)
+        except RecorderError as err:
+            print(f"epwatch simulate: {err}", file=sys.stderr)
+            return 2
         print(f"recorded {written:,} records in {args.record}", file=sys.stderr)
     report, _ = run_scenario(scenario, progress=_progress if show else None)
     if args.json:

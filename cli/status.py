@@ -3,23 +3,36 @@
 Reads ``GET /api/v1/diagnosis`` on the collector's metrics address (the JSON of
 ``epwatch simulate --json``) and prints the same report ``simulate`` and ``replay``
 print; ``--watch`` redraws a compact view in place every few seconds until Ctrl-C.
+
+A collector whose HTTP side is protected with ``--web-config`` (docs/security.md) is
+read over https:// with ``--ca-file`` (the CA that signed its certificate, when not
+a system one), ``--cert-file``/``--key-file`` (a client certificate, when it requires
+one) and ``--user`` with ``--password-file`` (basic auth; the password is read from
+the file, never taken on the command line).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import http.client
 import json
 import math
+import os
+import ssl
+import stat
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from epwatch.collector.estimators.report import GroupReport, PhaseReport
 from epwatch.collector.estimators.text import format_report
 from epwatch.collector.service import DIAGNOSIS_PATH
+from epwatch.webserver import is_loopback
 
 DEFAULT_URL = "http://127.0.0.1:9401"
 MAX_RESPONSE_BYTES = 64 << 20  # a diagnosis of 64 groups of 1024 ranks is far below
@@ -41,6 +54,8 @@ def _seconds(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # No abbreviations: `--password SECRET` must not pass for --password-file.
+    p.allow_abbrev = False
     p.add_argument(
         "--collector-url",
         default=DEFAULT_URL,
@@ -61,6 +76,117 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--timeout", type=_seconds, default=5.0, metavar="SECONDS",
         help="how long to wait for the collector (default %(default)s)",
     )  # fmt: skip
+    tls = p.add_argument_group(
+        "a collector protected with --web-config (TLS, client certificates, basic auth)"
+    )
+    tls.add_argument(
+        "--ca-file", metavar="FILE",
+        help="CA bundle (PEM) to verify the collector's HTTPS certificate with, instead of "
+        "the system's (an https:// --collector-url)",
+    )  # fmt: skip
+    tls.add_argument(
+        "--cert-file", metavar="FILE",
+        help="client certificate (PEM) to present, when the collector's web config "
+        "requires one; with --key-file",
+    )  # fmt: skip
+    tls.add_argument("--key-file", metavar="FILE", help="the client certificate's key (PEM)")
+    tls.add_argument(
+        "--user", metavar="NAME", help="basic auth user (one of basic_auth_users); with "
+        "--password-file",
+    )  # fmt: skip
+    tls.add_argument(
+        "--password-file", metavar="FILE",
+        help="file whose first line is --user's password (never given on the command line)",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Access:
+    """How to reach a protected collector: the TLS context for https:// and the
+    basic auth header, both optional."""
+
+    context: ssl.SSLContext | None = None
+    authorization: str | None = None
+    client_cert: bool = False
+
+
+def read_password(path: str) -> str:
+    """The password file's first line (without its line end); a file others may read
+    works, with a warning."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(64 << 10).split(b"\n", 1)[0].removesuffix(b"\r")
+            mode = os.fstat(f.fileno()).st_mode
+    except OSError as err:
+        raise StatusError(f"cannot read --password-file {path}: {err.strerror or err}") from None
+    if not first:
+        raise StatusError(f"--password-file {path}: its first line is empty")
+    try:
+        password = first.decode()
+    except UnicodeDecodeError:
+        raise StatusError(f"--password-file {path}: the password is not UTF-8") from None
+    if mode & stat.S_IROTH:
+        print(
+            f"epwatch status: warning: --password-file {path} is readable by every user; "
+            "chmod 600 it",
+            file=sys.stderr,
+        )
+    return password
+
+
+def access(args: argparse.Namespace, url: str) -> Access:
+    """The TLS context and credentials the flags ask for, checked against the URL."""
+    ca, cert, key = (getattr(args, n, None) for n in ("ca_file", "cert_file", "key_file"))
+    user, password_file = getattr(args, "user", None), getattr(args, "password_file", None)
+    if (cert is None) != (key is None):
+        raise StatusError("--cert-file and --key-file go together (a client certificate)")
+    if (user is None) != (password_file is None):
+        raise StatusError("--user and --password-file go together (basic auth)")
+    if user is not None and ":" in user:
+        raise StatusError("--user cannot contain ':' (basic auth)")
+    parsed = urllib.parse.urlsplit(url)
+    https = parsed.scheme == "https"
+    if not https and (ca or cert):
+        flag = "--ca-file" if ca else "--cert-file"
+        raise StatusError(
+            f"{flag} is for TLS: give an https:// --collector-url (the collector serves "
+            "https when its --web-config has tls_server_config)"
+        )
+    context = None
+    if https:
+        try:
+            context = ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as err:
+            raise StatusError(f"cannot load --ca-file {ca}: {_ssl_reason(err)}") from None
+        if cert is not None:
+            try:
+                context.load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as err:
+                raise StatusError(
+                    f"cannot load the client certificate --cert-file {cert} with --key-file "
+                    f"{key}: {_ssl_reason(err)} (a PEM certificate and its own PEM key?)"
+                ) from None
+    authorization = None
+    if user is not None:
+        assert password_file is not None
+        password = read_password(password_file)
+        if not https and not is_loopback(parsed.hostname or ""):
+            print(
+                f"epwatch status: warning: sending the password for {user!r} over plain "
+                "http to another machine; use https://",
+                file=sys.stderr,
+            )
+        token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        authorization = f"Basic {token}"
+    return Access(context, authorization, cert is not None)
+
+
+def _ssl_reason(err: BaseException) -> str:
+    if isinstance(err, ssl.SSLError):
+        return err.reason or str(err)
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err)
 
 
 def diagnosis_url(base: str, ep_group: str | None) -> str:
@@ -75,10 +201,15 @@ def diagnosis_url(base: str, ep_group: str | None) -> str:
     return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, query, ""))
 
 
-def fetch(url: str, timeout: float) -> dict[str, Any]:
+def fetch(url: str, timeout: float, how: Access | None = None) -> dict[str, Any]:
     """The diagnosis document, or a :class:`StatusError` saying what went wrong."""
+    how = how or Access()
+    req = urllib.request.Request(url)
+    if how.authorization is not None:
+        # not forwarded if the collector redirects elsewhere
+        req.add_unredirected_header("Authorization", how.authorization)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=how.context) as resp:
             body = resp.read(MAX_RESPONSE_BYTES + 1)
     except urllib.error.HTTPError as err:
         detail = _error_text(err)
@@ -89,13 +220,18 @@ def fetch(url: str, timeout: float) -> dict[str, Any]:
                 f"{url}: 404, no diagnosis API there (an epwatch collector's metrics address "
                 "is what --collector-url wants; older collectors have no live diagnosis)"
             ) from None
+        if err.code == 401:
+            raise StatusError(
+                f"{url}: 401, the user or password was refused (--user, --password-file)"
+                if how.authorization is not None
+                else f"{url}: 401, the collector requires basic auth (its --web-config has "
+                "basic_auth_users): pass --user and --password-file"
+            ) from None
         raise StatusError(f"{url}: HTTP {err.code} {detail}".rstrip()) from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise StatusError(
-            f"cannot reach the collector at {url}: {reason} (is `epwatch collector` running, "
-            "and is this its --metrics-listen address?)"
-        ) from None
+    except urllib.error.URLError as err:
+        raise StatusError(_unreachable(url, err.reason, how)) from None
+    except (OSError, http.client.HTTPException) as err:  # raised while reading the answer
+        raise StatusError(_unreachable(url, err, how)) from None
     if len(body) > MAX_RESPONSE_BYTES:
         raise StatusError(f"{url}: answer larger than {MAX_RESPONSE_BYTES >> 20} MiB; refused")
     try:
@@ -105,6 +241,39 @@ def fetch(url: str, timeout: float) -> dict[str, Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("groups"), list):
         raise StatusError(f"{url}: the answer is not an epwatch diagnosis")
     return doc
+
+
+def _unreachable(url: str, reason: Any, how: Access) -> str:
+    """Why the collector could not be read, with the flag that would help."""
+    https = url.startswith("https:")
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return (
+            f"cannot verify the collector's certificate at {url}: "
+            f"{reason.verify_message or reason.reason} (pass the CA that signed it with "
+            "--ca-file)"
+        )
+    if https and isinstance(reason, ssl.SSLError | ConnectionResetError | EOFError):
+        hint = (
+            "the collector refused the client certificate (--cert-file, --key-file)"
+            if how.client_cert
+            else "if the collector's --web-config requires client certificates, pass "
+            "--cert-file and --key-file"
+        )
+        return f"TLS with the collector at {url} failed: {_ssl_reason(reason)} ({hint})"
+    if not https and isinstance(reason, ConnectionResetError | EOFError):
+        return (
+            f"the collector at {url} hung up: {str(reason) or type(reason).__name__} (if "
+            "its --web-config serves TLS, use an https:// --collector-url)"
+        )
+    if isinstance(reason, http.client.HTTPException):
+        return (
+            f"the collector at {url} did not answer in HTTP: {type(reason).__name__} (if its "
+            "--web-config serves TLS, use an https:// --collector-url)"
+        )
+    return (
+        f"cannot reach the collector at {url}: {reason} (is `epwatch collector` running, "
+        "and is this its --metrics-listen address?)"
+    )
 
 
 def _error_text(err: urllib.error.HTTPError) -> str:
@@ -165,8 +334,8 @@ def watch_view(url: str, reports: list[GroupReport], now: str) -> str:
     return "\n".join(lines)
 
 
-def show_once(args: argparse.Namespace, url: str, out: TextIO) -> None:
-    doc = fetch(url, args.timeout)
+def show_once(args: argparse.Namespace, url: str, out: TextIO, how: Access | None = None) -> None:
+    doc = fetch(url, args.timeout, how)
     if args.json:
         print(json.dumps(doc), file=out)
         return
@@ -176,12 +345,12 @@ def show_once(args: argparse.Namespace, url: str, out: TextIO) -> None:
     print("\n\n".join(format_report(r) for r in reports), file=out)
 
 
-def watch(args: argparse.Namespace, url: str, out: TextIO) -> None:
+def watch(args: argparse.Namespace, url: str, out: TextIO, how: Access | None = None) -> None:
     """Redraw until Ctrl-C; an unreachable collector is shown, not fatal."""
     while True:
         now = time.strftime("%H:%M:%S")
         try:
-            view = watch_view(url, reports_of(fetch(url, args.timeout)), now)
+            view = watch_view(url, reports_of(fetch(url, args.timeout, how)), now)
         except StatusError as err:
             view = f"epwatch status  {url}  {now}\n\n{err}\n(retrying every {args.watch:g} s)"
         out.write(CLEAR + view + "\n")
@@ -192,9 +361,10 @@ def watch(args: argparse.Namespace, url: str, out: TextIO) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         url = diagnosis_url(args.collector_url, args.ep_group)
+        how = access(args, url)
         if args.watch:
-            watch(args, url, sys.stdout)
-        show_once(args, url, sys.stdout)
+            watch(args, url, sys.stdout, how)
+        show_once(args, url, sys.stdout, how)
     except StatusError as err:
         print(f"epwatch status: {err}", file=sys.stderr)
         return 1

@@ -323,7 +323,9 @@ class Recorder:
     def _close(self) -> None:
         """Finish the file: footer, fsync, then its final name. If that fails the file
         is deleted and its records are counted as dropped (never a final name on a
-        file without a footer)."""
+        file without a footer). Once renamed, the file is finished and counted in
+        ``files``; a failing fsync of the folder after that is only logged (the rename
+        may not survive a power loss, but no row is lost to a reader now)."""
         import pyarrow as pa
 
         if self._writer is None:
@@ -335,7 +337,6 @@ class Recorder:
             writer.close()
             fsync_path(self._path)
             os.replace(self._path, final)
-            fsync_path(self.config.directory)
         except (OSError, pa.ArrowException) as exc:
             log.error(
                 "cannot finish recording %s (%s): deleted, %d records lost", self._path, exc, rows
@@ -346,7 +347,16 @@ class Recorder:
             return
         self.files.append(final)
         log.info("recorded %s", final)
-        self._writer = None
+        try:
+            fsync_path(self.config.directory)
+        except OSError as exc:
+            log.warning(
+                "recorded %s, but syncing the folder %s failed (%s): the file's name may "
+                "not survive a power loss",
+                final,
+                self.config.directory,
+                exc,
+            )
 
 
 class Recording:

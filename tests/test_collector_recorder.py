@@ -113,3 +113,30 @@ def test_peer_rows_count_against_the_queue_by_their_size(tmp_path: Path) -> None
     rec.stop()
     assert pq.read_table(sorted(tmp_path.glob("records-*.parquet"))).num_rows == 20
     assert pq.read_table(sorted(tmp_path.glob("peers-*.parquet"))).num_rows == 10
+
+
+def test_a_failed_folder_sync_after_the_rename_keeps_the_file_and_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file has its final name once renamed: a failing fsync of the folder after
+    that is logged, but the rows are not counted as dropped and the file is listed."""
+    from epwatch.collector import recorder as recorder_module
+
+    real = recorder_module.fsync_path
+
+    def no_folder_sync(path: str) -> None:
+        if Path(path) == tmp_path:
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    dropped: list[int] = []
+    rec = Recorder(RecorderConfig(str(tmp_path), flush_seconds=0.01), dropped.append)
+    monkeypatch.setattr(recorder_module, "fsync_path", no_folder_sync)
+    rec.start()
+    rec.put("g", "n", 16, make_records(50))
+    rec.stop()
+    (final,) = tmp_path.glob("records-*.parquet")
+    assert not list(tmp_path.glob("*.partial"))
+    assert dropped == [] and rec.files == [str(final)]
+    assert pq.read_table(final).num_rows == 50
+    assert "syncing the folder" in caplog.text

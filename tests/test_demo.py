@@ -81,3 +81,20 @@ def test_demo_finds_the_slow_gpu_and_the_hot_expert(tmp_path: Path) -> None:
     page = (tmp_path / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 5
     assert '<td class="compute">13</td><td>node-1</td>' in page
+
+
+def test_an_unwritable_record_folder_is_a_clear_error(tmp_path: Path) -> None:
+    """--record under a regular file: one line naming the folder, exit 2, no traceback,
+    before any agent starts."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = subprocess.run(
+        [sys.executable, "-m", "epwatch.cli", "demo", "--ranks=4", "--ranks-per-node=2",
+         "--layers=2", "--duration=1", "--metrics-listen=127.0.0.1:0",
+         f"--record={blocker / 'rec'}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("epwatch demo: --record folder ")
+    assert f"{blocker / 'rec'} is not writable" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""

@@ -377,3 +377,42 @@ def test_progress_lines_name_each_stage_once_and_stay_quiet_on_small_work() -> N
     quiet("reading the recording")
     quiet("EP group ep0: estimators", 0.5)
     assert small.getvalue() == ""
+
+
+def test_unreadable_files_are_left_out_and_named_on_stderr_in_the_page_and_json(
+    tmp_path: Path,
+) -> None:
+    """A records file and a per-peer file cut short by a crash, beside good ones: the
+    report is made from the good files, and says which were left out and why, on
+    stderr (as `epwatch replay` does), in the HTML and in the JSON."""
+    written = record_scenario(load_scenario(TINY), tmp_path)
+    (good_records,) = tmp_path.glob("records-*.parquet")
+    (good_peers,) = tmp_path.glob("peers-*.parquet")
+    cut_records = tmp_path / "records-29990101T000000Z-1-0001.parquet"
+    cut_peers = tmp_path / "peers-29990101T000000Z-1-0001.parquet"
+    for good, cut in ((good_records, cut_records), (good_peers, cut_peers)):
+        data = good.read_bytes()
+        cut.write_bytes(data[: len(data) // 2])  # no footer
+    html = tmp_path / "r.html"
+    out = report_cli(str(tmp_path), "--json", "--out", str(html))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    (group,) = doc["groups"]
+    assert group["records"] == written and group["peer_rows"] > 0  # the good files, once
+    assert sorted(s["path"] for s in doc["skipped"]) == sorted(map(str, (cut_peers, cut_records)))
+    assert all(s["why"] for s in doc["skipped"])
+    for cut in (cut_records, cut_peers):
+        assert f"epwatch report: skipped {cut}: " in out.stderr
+    page = html.read_text()
+    assert "2 unreadable recording files left out of this report" in page
+    assert str(cut_records) in page and str(cut_peers) in page
+    # a clean recording: an empty list in the JSON, no note in the page
+    good_only = report_cli(str(good_records), str(good_peers), "--json", "--out", str(html))
+    assert good_only.returncode == 0, good_only.stderr
+    assert json.loads(good_only.stdout)["skipped"] == []
+    assert "skipped" not in good_only.stderr and "unreadable" not in html.read_text()
+    # nothing readable: one clear error naming the file, not said twice
+    alone = report_cli(str(cut_records), "--json")
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    assert "skipped" not in alone.stderr and len(alone.stderr.splitlines()) == 1
+    assert f"no readable recording: {cut_records}: " in alone.stderr

@@ -216,6 +216,18 @@ def test_simulate_cli_rejects_a_bad_scenario(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_simulate_record_into_an_unwritable_folder_is_a_clear_error(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text("steps = 20\n[cluster]\nranks = 4\n[model]\nlayers = 2\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = simulate_cli(scenario, "--json", "--record", str(blocker / "rec"))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("epwatch simulate: --record folder ")
+    assert f"{blocker / 'rec'} is not writable" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "simulator" / "scenarios").glob("*.toml")))
 def test_shipped_example_scenarios_load(path: Path) -> None:
     assert load_scenario(path).faults

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from epwatch.cli import main
 from epwatch.cliargs import free_port
 from epwatch.webserver import WebServer
+from tests.helpers import start_collector
 
 SLOW, HOT = (13, "node-1", "compute"), (29, "node-3", "routing")
 
@@ -111,3 +113,99 @@ def test_live_api_and_status_while_the_demo_runs() -> None:
             if demo.poll() is None:
                 demo.kill()
     assert demo.returncode == 0
+
+
+def test_status_reads_a_collector_behind_web_config_and_says_what_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real collector whose --web-config asks for TLS (a private CA), a client
+    certificate and bcrypt basic auth: status reads the diagnosis with --ca-file,
+    --cert-file/--key-file, --user and --password-file, and each missing piece is a
+    clear error naming the flag that supplies it."""
+    bcrypt = pytest.importorskip("bcrypt")
+    pytest.importorskip("cryptography")
+    from epwatch.webconfig import load_web_config
+    from tests.certs import TestPKI
+
+    pki = TestPKI(tmp_path / "pki")
+    server, client = pki.server(), pki.client("ops")
+    hashed = bcrypt.hashpw(b"s3cret pass", bcrypt.gensalt(4)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(
+        f"tls_server_config:\n  cert_file: {server.cert}\n  key_file: {server.key}\n"
+        f"  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {pki.ca}\n"
+        f"basic_auth_users:\n  ops: '{hashed}'\n"
+    )
+    password, wrong = tmp_path / "password", tmp_path / "wrong"
+    password.write_text("s3cret pass\n")
+    wrong.write_text("s3cret\n")
+    password.chmod(0o600)
+    wrong.chmod(0o600)
+    svc = start_collector(metrics=True, web=load_web_config(config))
+    url = f"https://localhost:{svc.metrics_port}"
+    ca = ["--ca-file", str(pki.ca)]
+    cert = ["--cert-file", str(client.cert), "--key-file", str(client.key)]
+    user = ["--user", "ops", "--password-file", str(password)]
+
+    def status_of(*args: str) -> tuple[int, str, str]:
+        code = main(["status", "--collector-url", url, "--timeout", "5", *args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    try:
+        code, out, _ = status_of(*ca, *cert, *user, "--json")
+        assert code == 0 and json.loads(out) == {"groups": []}
+        code, out, _ = status_of(*ca, *cert, *user)
+        assert code == 0 and "no EP group yet" in out
+
+        failures = {
+            "pass the CA that signed it with --ca-file": (*cert, *user),
+            "pass --cert-file and --key-file": (*ca, *user),
+            "requires basic auth (its --web-config has basic_auth_users): pass --user and "
+            "--password-file": (*ca, *cert),
+            "401, the user or password was refused": (
+                *ca, *cert, "--user", "ops", "--password-file", str(wrong)
+            ),
+        }  # fmt: skip
+        for message, args in failures.items():
+            code, out, err = status_of(*args)
+            assert code == 1 and out == "", err
+            assert err.startswith("epwatch status: ") and message in err, err
+            assert "s3cret" not in err
+        # plain http on the TLS port: a hang-up, with the hint to use https://
+        plain = main(["status", "--collector-url", f"http://127.0.0.1:{svc.metrics_port}"])
+        assert plain == 1 and "use an https:// --collector-url" in capsys.readouterr().err
+    finally:
+        svc.stop(grace_s=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cert-file", "c.pem"], "--cert-file and --key-file go together"),
+        (["--user", "ops"], "--user and --password-file go together"),
+        (["--password-file", "p"], "--user and --password-file go together"),
+        (["--ca-file", "ca.pem"], "--ca-file is for TLS: give an https:// --collector-url"),
+        (["--user", "ops", "--password-file", "/nonexistent/p"], "cannot read --password-file"),
+    ],
+)
+def test_status_credential_flags_are_checked_before_asking(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()  # nothing listens: the flags fail first, not the connection
+    assert main(["status", "--collector-url", f"127.0.0.1:{port}", *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "cannot reach" not in err
+
+
+def test_status_takes_no_password_on_the_command_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Not even as an abbreviation of --password-file: a password typed there is
+    refused, never read as a file name."""
+    for args in (["--password=x"], ["--password", "x"], ["--pass", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["status", "--user", "ops", *args])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" in err and "cannot read" not in err

@@ -63,11 +63,14 @@ def _window(table: Any, sel: Selection) -> Any:
     return table if keep is None else table.filter(keep)
 
 
-def load(paths: list[Path], sel: Selection) -> list[GroupRecording]:
+def load(
+    paths: list[Path], sel: Selection, skipped: list[tuple[Path, str]] | None = None
+) -> list[GroupRecording]:
     """The selected records and per-peer rows, split by EP group; clear errors when
-    nothing is left."""
-    table = read_recording(recording_files(paths))
-    peers = read_peers(peer_files(paths))
+    nothing is left. Files that cannot be read (cut short by a crash, not a recording)
+    are left out and appended to ``skipped`` as (path, why), as ``replay`` does."""
+    table = read_recording(recording_files(paths), skipped)
+    peers = read_peers(peer_files(paths), skipped)
     total = table.num_rows
     table, peers = _window(table, sel), _window(peers, sel)
     if table.num_rows == 0:

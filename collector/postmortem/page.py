@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from epwatch.collector.estimators.text import format_report
@@ -23,6 +24,7 @@ td.compute { border-left: 6px solid #d62728; } td.routing { border-left: 6px sol
 td.network { border-left: 6px solid #1f77b4; } td.hang { border-left: 6px solid #7f7f7f; }
 img { max-width: 100%; } .note { color: #555; font-size: 0.9em; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
+.skipped { border-left: 6px solid #d62728; padding-left: 0.6em; }
 """
 
 
@@ -155,8 +157,20 @@ def group_section(data: FigureData) -> str:
     return "\n".join(parts)
 
 
-def render(sections: list[str]) -> str:
-    body = "\n<hr>\n".join(sections)
+def skipped_note(skipped: Sequence[tuple[Any, str]]) -> str:
+    """The files the report leaves out because they could not be read, or nothing."""
+    if not skipped:
+        return ""
+    items = "".join(f"<li><code>{_e(path)}</code>: {_e(why)}</li>" for path, why in skipped)
+    return (
+        f'<p class="skipped"><strong>{len(skipped)} unreadable recording '
+        f"file{'s' if len(skipped) != 1 else ''} left out of this report</strong> "
+        f"(cut short by a crash, or not an epwatch recording):</p><ul>{items}</ul>"
+    )
+
+
+def render(sections: list[str], skipped: Sequence[tuple[Any, str]] = ()) -> str:
+    body = skipped_note(skipped) + "\n<hr>\n".join(sections)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<title>epwatch report</title><link rel="icon" href="data:,">'
