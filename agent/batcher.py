@@ -15,13 +15,36 @@ import numpy as np
 from epwatch import wire
 from epwatch.agent.spool import Spool
 from epwatch.protos import epwatch_pb2 as pb
-from epwatch.schema import RECORD_DTYPES, Entered, IntervalColumns, PeerRows, RecordColumns
+from epwatch.schema import (
+    INTERVAL_KEY_DTYPES,
+    INTERVAL_TOKENS_DTYPE,
+    INTERVAL_WAIT_DTYPE,
+    RECORD_DTYPES,
+    Entered,
+    IntervalColumns,
+    PeerRows,
+    RecordColumns,
+)
 
 # A message must stay well below the collector's size limit whatever the peer rows add.
 MAX_PENDING_BYTES = 8 << 20
 RECORD_BYTES = sum(np.dtype(d).itemsize for d in RECORD_DTYPES.values())
-# Counter-mode interval records per message (a few per rank per second arrive).
+INTERVAL_KEY_BYTES = sum(np.dtype(d).itemsize for d in INTERVAL_KEY_DTYPES.values())
+# Counter-mode interval records per message (a few per rank per second arrive), and
+# fewer where their rows are wide: a message's interval rows stay within the same byte
+# bound as records (``max_bytes``; a row is 16 bytes per rank of the group, so at 4096
+# ranks 1024 rows would be 64 MiB).
 MAX_PENDING_INTERVALS = 1024
+
+
+def _interval_row_bytes(rows: IntervalColumns) -> int:
+    """Encoded bytes of one interval row (every column is fixed-width on the wire)."""
+    world_size = rows.dispatch_wait_s.shape[1] if rows.dispatch_wait_s.ndim == 2 else 0
+    return (
+        INTERVAL_KEY_BYTES
+        + 2 * world_size * np.dtype(INTERVAL_WAIT_DTYPE).itemsize
+        + rows.local_experts * np.dtype(INTERVAL_TOKENS_DTYPE).itemsize
+    )
 
 
 @dataclass
@@ -110,17 +133,31 @@ class Batcher:
                 self._has_pending.set()
 
     def add_intervals(self, ep_group: str, world_size: int, rows: IntervalColumns) -> None:
-        """Counter-mode interval records of one rank (validated by the receiver)."""
+        """Counter-mode interval records of one rank (validated by the receiver).
+        Pending rows of a group stay under :meth:`intervals_per_message`: full
+        messages go to the spool at once, the rest waits for :meth:`flush`."""
         if not len(rows):
             return
         with self._lock:
             key = (ep_group, world_size, rows.local_experts)
+            per_msg = self.intervals_per_message(rows)
             parts = self._intervals.setdefault(key, [])
             parts.append(rows)
-            if sum(len(r) for r in parts) >= MAX_PENDING_INTERVALS:
-                self._emit_intervals(key, self._intervals.pop(key))
-            else:
+            if sum(len(r) for r in parts) >= per_msg:
+                merged = IntervalColumns.concat(self._intervals.pop(key))
+                full = len(merged) // per_msg
+                for i in range(full):
+                    self._emit_intervals(key, [merged.take(slice(i * per_msg, (i + 1) * per_msg))])
+                rest = merged.take(slice(full * per_msg, None))
+                if len(rest):
+                    self._intervals[key] = [rest]
+            if self._intervals.get(key):
                 self._has_pending.set()
+
+    def intervals_per_message(self, rows: IntervalColumns) -> int:
+        """Interval rows one message carries: :data:`MAX_PENDING_INTERVALS`, fewer
+        where that many rows of this width would pass ``max_bytes`` (at least one)."""
+        return max(1, min(MAX_PENDING_INTERVALS, self._max_bytes // _interval_row_bytes(rows)))
 
     def flush(self) -> None:
         """Ship everything pending (a flush interval after data came, and at shutdown)."""

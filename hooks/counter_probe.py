@@ -15,8 +15,10 @@ synchronised: a snapshot taken during a replay is torn, but every counter only g
 so the deltas stay right over many intervals.
 
 Never sample while the engine captures a graph (CUDA's global capture mode forbids
-other threads' copies and event queries): create or :meth:`~CounterProbe.resume` the
-probe after capture, and :meth:`~CounterProbe.pause` it around a re-capture.
+other threads' copies and event queries): create the probe with ``start=False`` and
+:meth:`~CounterProbe.resume` it after capture, and :meth:`~CounterProbe.pause` it
+before a re-capture (once ``pause()`` returns the flusher makes no CUDA call for the
+probe until ``resume()``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from epwatch.counters import CounterSnapshot
 from epwatch.hooks.counters import IntervalMaker
 from epwatch.hooks.registry import flusher_of, get_probe
 from epwatch.hooks.tensors import SmClock
+from epwatch.schema import MAX_LOCAL_EXPERTS
 
 log = logging.getLogger("epwatch.hooks")
 
@@ -41,6 +44,7 @@ DISPATCH_WAIT = "dispatch_wait_recv_cost_stats"
 COMBINE_WAIT = "combine_wait_recv_cost_stats"
 EXPERT_TOKENS = "cumulative_local_expert_recv_stats"
 FALLBACK_SM_CLOCK_HZ = 1e9
+PAUSE_WAIT_S = 0.05  # how long pause() waits for the copy in flight before abandoning it
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,12 @@ class _Snapshotter:
         d, c, e = (h.numpy().copy() for h in self._host)
         return CounterSnapshot(now, d, c, e, step)
 
+    def abandon(self) -> None:
+        """Forget the snapshot in flight without touching CUDA. Safe: the copy runs on
+        the probe's own stream, which orders the next copy into the same host buffers
+        after it, and the next :meth:`start` records the event again."""
+        self._pending = None
+
 
 class CounterProbe:
     """Interval records from DeepEP's cumulative statistics, for decode under graphs.
@@ -146,6 +156,8 @@ class CounterProbe:
         self._closed = False
         self._lock = threading.Lock()
         self._next_due = 0.0
+        self._last_hz: float | None = None
+        self._lost_reported = 0
         self.interval_s = float(interval_ms) / 1e3
         self.errors = 0
         try:
@@ -191,8 +203,7 @@ class CounterProbe:
         self.tensors = source
         self.probe = probe
         self._snap = _Snapshotter(source)
-        device_index = probe.local_device if probe.local_device >= 0 else None
-        self.sm_clock = SmClock(device_index, sm_clock_hz)
+        self.sm_clock = SmClock(_sm_clock_device(source, probe.local_device), sm_clock_hz)
         self.maker = IntervalMaker(
             probe.ep_group,
             probe.rank,
@@ -218,6 +229,12 @@ class CounterProbe:
                 raise ValueError(f"{name} must be a contiguous 1-D {dtype}")
             if size is not None and tensor.numel() != size:
                 raise ValueError(f"{name} has {tensor.numel()} entries, world size is {size}")
+        experts = t.expert_tokens.numel()
+        if not 1 <= experts <= MAX_LOCAL_EXPERTS:
+            raise ValueError(
+                f"{EXPERT_TOKENS} has {experts} entries: one per local expert is needed, "
+                f"1..{MAX_LOCAL_EXPERTS} (a rank without local experts has nothing to count)"
+            )
 
     # ---- what the engine calls ------------------------------------------------------
 
@@ -246,46 +263,111 @@ class CounterProbe:
         if not self._engine_steps and step + 1 > self._steps:
             self._steps = step + 1
 
-    def pause(self) -> None:
-        """Stop sampling (around a CUDA-graph capture)."""
-        self._paused = True
+    def pause(self, wait_s: float = PAUSE_WAIT_S) -> None:
+        """Stop sampling, before a CUDA-graph capture. Takes the probe's lock, so a
+        poll already under way finishes first, and once this returns the flusher makes
+        no CUDA call for the probe until :meth:`resume`. A copy in flight is waited for
+        (event queries from this thread, at most ``wait_s``; the engine's stream is
+        never synchronised) and its snapshot kept; if it is not done by then, or the
+        calling thread is already capturing (too late to query an event), it is
+        abandoned, which is safe (see ``_Snapshotter.abandon``)."""
+        if not self.enabled:
+            self._paused = True
+            return
+        with self._lock:
+            self._paused = True
+            if self._snap.in_flight:
+                try:
+                    self._settle(wait_s)
+                except Exception:
+                    self.errors += 1
+                    self._snap.abandon()
 
     def resume(self) -> None:
-        self._paused = False
-        self._next_due = 0.0
+        """Start (again) sampling, after capture. The first snapshot after a pause is a
+        new baseline: no interval spans the pause (during which the counters may have
+        moved in warm-up runs, and which may last past the schema's bounds)."""
+        with self._lock:
+            if self._closed or not self._paused:
+                return
+            self._paused = False
+            self._next_due = 0.0
+            if self.enabled:
+                self.maker.rebaseline()
 
     def close(self) -> None:
         """Stop sampling for good; what was measured is still shipped, then the
         flusher lets go of the probe."""
-        self._paused = True
-        self._closed = True
+        with self._lock:
+            self._paused = True
+            self._closed = True
+            if self.enabled:
+                self._snap.abandon()
+
+    def _settle(self, wait_s: float) -> None:
+        """The copy in flight, finished within ``wait_s`` or abandoned (lock held)."""
+        deadline = time.monotonic() + wait_s
+        while not _capturing():
+            snap = self._snap.finish()
+            if snap is not None:
+                # Pushed with the clock rate the flusher last used: the engine's thread
+                # never asks NVML. No rate yet means no snapshot yet: this one is the
+                # baseline and the rate is not used.
+                self.maker.push(snap, self._last_hz or FALLBACK_SM_CLOCK_HZ)
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.001)
+        self._snap.abandon()
 
     # ---- the flusher's side -----------------------------------------------------------
 
     def poll(self) -> None:
-        """Finish a snapshot in flight, or start one when an interval has passed."""
-        if not self.enabled or self._closed:
+        """Finish a snapshot in flight, or start one when an interval has passed;
+        nothing at all (no CUDA call) while paused."""
+        if not self.enabled:
             return
         with self._lock:
+            if self._paused or self._closed:
+                return
             snap = self._snap.finish() if self._snap.in_flight else None
             now = time.monotonic()
-            idle = snap is None and not self._snap.in_flight and not self._paused
-            if idle and now >= self._next_due:
+            if snap is None and not self._snap.in_flight and now >= self._next_due:
                 self._next_due = now + self.interval_s
                 snap = self._snap.start(self._known_steps())
             if snap is not None:
-                self.maker.push(snap, self._sm_hz())
+                self._last_hz = self._sm_hz()
+                self.maker.push(snap, self._last_hz)
+            self._report_lost()
 
     def frames(self) -> list[tuple[bytes, Any]]:
         if not self.enabled:
             return []
-        if self._closed and not len(self.maker):
-            self._flusher.remove_source(self)
-            return []
-        return self.maker.frames()
+        with self._lock:
+            if self._closed and not len(self.maker):
+                self._report_lost()
+                self._flusher.remove_source(self)
+                return []
+            return self.maker.frames(self._dropped_total)
 
     def put_back(self, carried: Any) -> None:
-        self.maker.put_back(carried)
+        with self._lock:
+            self.maker.put_back(carried)
+            self._report_lost()
+
+    def _report_lost(self) -> None:
+        """Interval records lost so far go into the rank probe's ``dropped_unsent``,
+        the count the flusher reports as ``stats.hook_records_dropped`` (on the
+        flusher's thread, the only one that writes it)."""
+        lost = self.maker.lost
+        if lost > self._lost_reported:
+            self.probe.dropped_unsent += lost - self._lost_reported
+            self._lost_reported = lost
+
+    def _dropped_total(self) -> int:
+        """The process's running drop count (every probe's, interval records too)."""
+        self._report_lost()
+        return int(self._flusher.records_dropped)
 
     def _known_steps(self) -> int:
         return self._steps if self._steps > 0 or self._engine_steps else -1
@@ -301,3 +383,21 @@ class CounterProbe:
                 )
             self.errors += 1
             return FALLBACK_SM_CLOCK_HZ
+
+
+def _capturing() -> bool:
+    """Whether this thread's current CUDA stream is capturing a graph."""
+    try:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except Exception:
+        return True  # unsure: treat as capturing, so no event is queried
+
+
+def _sm_clock_device(t: CounterTensors, local_device: int) -> int | None:
+    """The GPU whose SM clock converts the wait cycles: the one the stats tensors are
+    on (the kernels that add to them run there), else the rank's local device, else
+    None (the flusher thread's current device)."""
+    dev = t.dispatch_wait.device
+    if t.dispatch_wait.is_cuda and dev.index is not None:
+        return int(dev.index)
+    return local_device if local_device >= 0 else None

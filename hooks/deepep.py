@@ -20,6 +20,9 @@ come from what DeepEP already returns, never from an extra kernel or a host sync
 With ``counters=True`` the wrapper also runs a :class:`CounterProbe` (decode under
 CUDA graphs): it hands the probe's cumulative-statistics tensors to every low-latency
 call the engine makes without its own, so the counters advance even inside replays.
+It samples at once unless ``counters_start=False``: an engine that captures graphs
+passes that and calls ``buf.counters.resume()`` after capture (and
+``buf.counters.pause()`` before a re-capture).
 
 Step and layer come from a :class:`LayerCursor` unless the caller passes
 ``epwatch_step=`` / ``epwatch_layer=`` (removed before DeepEP sees the call). With
@@ -130,7 +133,11 @@ class _RecvHook:
 
 
 class InstrumentedBuffer:
-    """Drop-in for a ``deep_ep.Buffer`` (or anything with its four methods)."""
+    """Drop-in for a ``deep_ep.Buffer`` (or anything with its four methods).
+
+    ``counters=True`` (or a :class:`CounterProbe`) adds counter mode;
+    ``counters_start=False`` creates that probe paused, for engines that capture CUDA
+    graphs: call ``buf.counters.resume()`` once capture is done."""
 
     def __init__(
         self,
@@ -143,6 +150,7 @@ class InstrumentedBuffer:
         counters: bool | CounterProbe = False,
         num_local_experts: int | None = None,
         counter_interval_ms: float = 250.0,
+        counters_start: bool = True,
     ) -> None:
         self._buffer = buffer
         if probe is None:
@@ -164,6 +172,7 @@ class InstrumentedBuffer:
                 probe=probe,
                 num_local_experts=num_local_experts,
                 sm_clock_hz=sm_clock_hz,
+                start=counters_start,
             )
 
     _shared: ClassVar[dict[int, tuple[Any, InstrumentedBuffer]]] = {}
