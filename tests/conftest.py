@@ -46,3 +46,9 @@ def hook_sink(tmp_path: Path) -> Iterator[FrameSink]:
     with FrameSink(str(tmp_path / "agent.sock")) as s:
         yield s
     shutdown()
+
+
+@pytest.fixture
+def sink(hook_sink: FrameSink) -> FrameSink:
+    """The same stand-in agent socket, under the name the hook tests use."""
+    return hook_sink

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 
 from epwatch import wire
 from epwatch.agent.batcher import MAX_PENDING_BYTES, Batcher
 from epwatch.agent.spool import Spool
 from epwatch.counters import CounterSnapshot
-from epwatch.hooks import get_probe, shutdown
+from epwatch.hooks import get_probe
 from epwatch.hooks.counter_probe import _sm_clock_device
 from epwatch.hooks.counters import IntervalMaker
 from epwatch.hooks.deepep import CounterProbe, CounterTensors, InstrumentedBuffer
@@ -33,13 +30,6 @@ from tests.test_hooks_deepep import LL_RECV_COUNT, SM_HZ, StandInBuffer
 
 FAST = {"flush_interval_s": 0.02, "heartbeat_interval_s": 0.05, "reconnect_interval_s": 0.1}
 P, E_LOCAL = 8, 4
-
-
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[FrameSink]:
-    with FrameSink(str(tmp_path / "agent.sock")) as s:
-        yield s
-    shutdown()
 
 
 def intervals(sink: FrameSink) -> IntervalColumns | None:

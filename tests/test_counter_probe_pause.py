@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from epwatch.counters import CounterSnapshot
-from epwatch.hooks import flusher_of, get_probe, shutdown
+from epwatch.hooks import flusher_of, get_probe
 from epwatch.hooks.deepep import CounterProbe, CounterTensors
 from epwatch.schema import IntervalColumns
 from tests.hook_sink import FrameSink
@@ -29,13 +27,6 @@ from tests.test_hooks_deepep import SM_HZ
 P, E_LOCAL = 8, 4
 # The flusher thread never ticks on its own during a test: the test drives polls.
 QUIET = {"flush_interval_s": 3600.0, "heartbeat_interval_s": 3600.0, "reconnect_interval_s": 0.1}
-
-
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[FrameSink]:
-    with FrameSink(str(tmp_path / "agent.sock")) as s:
-        yield s
-    shutdown()
 
 
 class StandInCopy:

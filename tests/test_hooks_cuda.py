@@ -8,14 +8,12 @@ and the caller's thread never waits for the device.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from epwatch.hooks import DISPATCH, get_probe, shutdown
+from epwatch.hooks import DISPATCH, get_probe
 from tests.hook_sink import FrameSink
 
 pytestmark = pytest.mark.skipif(
@@ -27,13 +25,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 FAST = {"flush_interval_s": 0.02, "heartbeat_interval_s": 0.05, "reconnect_interval_s": 0.1}
-
-
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[FrameSink]:
-    with FrameSink(str(tmp_path / "agent.sock")) as s:
-        yield s
-    shutdown()
 
 
 def _spin_cycles(seconds: float) -> int:

@@ -11,8 +11,6 @@ example seen from rank 1 of a 4-rank group; its wait-stat counters grow like Dee
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from epwatch.hooks import COMBINE, DISPATCH, get_probe, shutdown
+from epwatch.hooks import COMBINE, DISPATCH, get_probe
 from epwatch.hooks.deepep import InstrumentedBuffer
 from tests.hook_sink import FrameSink
 
@@ -185,13 +183,6 @@ class StandInBuffer:
                 2 * WAIT_CYCLES.to(combine_wait_recv_cost_stats.device)
             )
         return torch.zeros(topk_idx.shape[0], H, dtype=torch.bfloat16), None, None
-
-
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[FrameSink]:
-    with FrameSink(str(tmp_path / "agent.sock")) as s:
-        yield s
-    shutdown()
 
 
 def wrap(sink: FrameSink, **kw: Any) -> tuple[InstrumentedBuffer, StandInBuffer]:
