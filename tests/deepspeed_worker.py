@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from epwatch.hooks import get_probe
 from epwatch.hooks.patch import patch_all_to_all
 from tests.deepspeed_patch_worker import TOKENS, autoep_layer, init_deepspeed
-from tests.moe_worker import Scenario, join_gloo
+from tests.moe_worker import Scenario, announce_done, join_gloo, stay_up
 
 # Wider than the patch test's layers: expert compute of a few milliseconds, so that a
 # slow rank's extra time stands out of four processes' scheduling on two cores.
@@ -93,12 +92,8 @@ def main() -> int:
                     x = torch.layer_norm(x + (out[0] if isinstance(out, tuple) else out),
                                          (D_MODEL,))  # fmt: skip
         patch.unpatch()
-        print(f"DONE {sc.group} {time.monotonic():.3f} dropped={probe.records_dropped}",
-              flush=True)  # fmt: skip
-    dist.barrier()
-    print("FINISHED", flush=True)
-    sys.stdout.flush()
-    time.sleep(3600)
+        announce_done(sc, probe)
+    stay_up()
     return 0
 
 

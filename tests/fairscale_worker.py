@@ -15,7 +15,6 @@ logit. Needs fairscale (``pip install --no-deps fairscale``).
 from __future__ import annotations
 
 import json
-import sys
 import time
 import types
 from typing import Any
@@ -25,7 +24,7 @@ import torch.distributed as dist
 
 from epwatch.hooks import COMBINE, DISPATCH, get_probe
 from epwatch.hooks.torch_a2a import A2ASpan
-from tests.moe_worker import Scenario, join_gloo
+from tests.moe_worker import Scenario, announce_done, join_gloo, stay_up
 
 D_MODEL = 64
 TOKENS = 256  # per rank
@@ -122,12 +121,8 @@ def main() -> int:
                 for layer, moe in enumerate(moes):
                     proxy.layer = layer
                     x = torch.layer_norm(x + moe(x), (D_MODEL,))
-        print(f"DONE {sc.group} {time.monotonic():.3f} dropped={probe.records_dropped}",
-              flush=True)  # fmt: skip
-    dist.barrier()
-    print("FINISHED", flush=True)
-    sys.stdout.flush()
-    time.sleep(3600)
+        announce_done(sc, probe)
+    stay_up()
     return 0
 
 

@@ -219,12 +219,23 @@ def main() -> int:
         dist.barrier()
         print(f"START {sc.group} {time.monotonic():.3f}", flush=True)
         run_steps(model, sc, EPAllToAll(probe=probe))
-        print(f"DONE {sc.group} {time.monotonic():.3f} dropped={probe.records_dropped}", flush=True)
+        announce_done(sc, probe)
+    stay_up()
+    return 0
+
+
+def announce_done(sc: Scenario, probe: Any) -> None:
+    """The line the cluster waits for: a scenario's steps are all issued."""
+    print(f"DONE {sc.group} {time.monotonic():.3f} dropped={probe.records_dropped}", flush=True)
+
+
+def stay_up() -> None:
+    """Every rank done: say so, then stay up (heartbeats flowing) until the test ends
+    the group."""
     dist.barrier()
     print("FINISHED", flush=True)
     sys.stdout.flush()
-    time.sleep(3600)  # stay up (heartbeats flowing) until the test ends the group
-    return 0
+    time.sleep(3600)
 
 
 if __name__ == "__main__":
