@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from functools import partial
 from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -26,35 +27,19 @@ import torch.distributed as dist
 from epwatch.hooks import get_probe
 from epwatch.hooks.patch import patch_all_to_all
 from tests.deepspeed_patch_worker import TOKENS, autoep_layer, init_deepspeed
-from tests.moe_worker import Scenario, announce_done, join_gloo, stay_up
+from tests.moe_worker import Scenario, Slow, announce_done, fault_steps, join_gloo, stay_up
 
 # Wider than the patch test's layers: expert compute of a few milliseconds, so that a
 # slow rank's extra time stands out of four processes' scheduling on two cores.
 D_MODEL, FFN = 128, 512
 
 
-class Slow:
-    """Makes a module's forward take ``1 + extra`` times as long: busy-spinning (a
-    rank whose host is busy) or sleeping (a slow GPU: the host only waits)."""
-
-    def __init__(self, module: torch.nn.Module, mode: str) -> None:
-        self.extra = 0.0
-        self.spin = mode == "spin"
-        self._forward = module.forward
-        module.forward = self  # type: ignore[method-assign]
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        out = self._forward(*args, **kwargs)
-        if self.extra > 0:
-            more = (time.perf_counter() - t0) * self.extra
-            if not self.spin:
-                time.sleep(more)
-                return out
-            end = time.perf_counter() + more
-            while time.perf_counter() < end:
-                pass
-        return out
+def start_fault(sc: Scenario, rank: int, slowed: list[Slow], layers: list[Any]) -> None:
+    """The slow rank's experts take longer; the hot expert's router logit rises."""
+    for slow in slowed:
+        slow.extra = sc.slow_factor - 1 if sc.slow_rank == rank else 0.0
+    for moe in layers if sc.hot_rank is not None else []:
+        moe.router.gate.bias[sc.hot_rank] = sc.hot_bias
 
 
 def main() -> int:
@@ -73,18 +58,13 @@ def main() -> int:
             for i in range(sc.layers)
         ]
         slowed = [Slow(moe.experts, sc.slow_mode) for moe in layers]
+
         dist.barrier()
         print(f"START {sc.group} {time.monotonic():.3f}", flush=True)
         with torch.no_grad():
-            for step in range(sc.steps):
-                if step == sc.fault_step and sc.fault_step > 0 and args.rank == 0:
-                    print(f"ONSET {sc.group} {step} {time.monotonic():.3f}", flush=True)
-                if step == sc.fault_step:
-                    for slow in slowed:
-                        slow.extra = sc.slow_factor - 1 if sc.slow_rank == args.rank else 0.0
-                    if hot is not None:
-                        for moe in layers:
-                            moe.router.gate.bias[hot] = sc.hot_bias
+            for step in fault_steps(
+                sc, args.rank, partial(start_fault, sc, args.rank, slowed, layers)
+            ):
                 g = torch.Generator().manual_seed(step * 1000 + args.rank)
                 x = torch.randn(TOKENS // 8, 8, D_MODEL, generator=g)
                 for moe in layers:

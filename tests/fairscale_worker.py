@@ -7,9 +7,10 @@ gate really filled, not the capacity padding).
 Same command line and plan as ``tests/moe_worker.py`` (``group``, ``steps``,
 ``layers``, ``fault_step``, ``slow_rank``/``slow_factor``/``slow_mode``,
 ``hot_rank``/``hot_bias``). Expert compute is real CPU work, nothing is slept: what
-four ranks on two shared cores really do. A slow rank busy-spins ``slow_factor - 1``
-times its expert's own time more; a hot expert gets ``hot_bias`` added to its gate
-logit. Needs fairscale (``pip install --no-deps fairscale``).
+four ranks on two shared cores really do. A slow rank busy-spins (``slow_mode``
+"spin", ``tests.moe_worker.Slow``) ``slow_factor - 1`` times its expert's own time
+more; a hot expert gets ``hot_bias`` added to its gate logit. Needs fairscale
+(``pip install --no-deps fairscale``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 import types
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ import torch.distributed as dist
 
 from epwatch.hooks import COMBINE, DISPATCH, get_probe
 from epwatch.hooks.torch_a2a import A2ASpan
-from tests.moe_worker import Scenario, announce_done, join_gloo, stay_up
+from tests.moe_worker import Scenario, Slow, announce_done, fault_steps, join_gloo, stay_up
 
 D_MODEL = 64
 TOKENS = 256  # per rank
@@ -54,29 +56,15 @@ class ProbedDist(types.ModuleType):
         return work
 
 
-class SlowExpert(torch.nn.Module):
-    """The expert MLP; on the slow rank, after onset, it spins a fraction longer."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.mlp = torch.nn.Sequential(
-            torch.nn.Linear(D_MODEL, 4 * D_MODEL), torch.nn.ReLU(),
-            torch.nn.Linear(4 * D_MODEL, D_MODEL),
-        )  # fmt: skip
-        self.extra = 0.0  # slow_factor - 1 while slow
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        y = self.mlp(x)
-        if self.extra > 0:
-            end = time.perf_counter() + (time.perf_counter() - t0) * self.extra
-            while time.perf_counter() < end:
-                pass
-        return y
+def expert_mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(D_MODEL, 4 * D_MODEL), torch.nn.ReLU(),
+        torch.nn.Linear(4 * D_MODEL, D_MODEL),
+    )  # fmt: skip
 
 
-def build(rank: int, world: int, layers: int, sc: Scenario) -> tuple[list[Any], list[SlowExpert]]:
+def build(rank: int, world: int, layers: int, sc: Scenario) -> tuple[list[Any], list[Slow]]:
     from fairscale.nn.moe import MOELayer, Top2Gate
 
     moes, experts = [], []
@@ -89,10 +77,18 @@ def build(rank: int, world: int, layers: int, sc: Scenario) -> tuple[list[Any], 
                 wg.weight.copy_(gate.wg.weight)
                 wg.bias.zero_()
             gate.wg = wg
-        expert = SlowExpert(seed=100 * layer + rank)
+        expert = expert_mlp(seed=100 * layer + rank)
         moes.append(MOELayer(gate, expert))
-        experts.append(expert)
+        experts.append(Slow(expert, sc.slow_mode))
     return moes, experts
+
+
+def start_fault(sc: Scenario, rank: int, experts: list[Slow], moes: list[Any]) -> None:
+    """The slow rank's experts take longer; the hot expert's gate logit rises."""
+    for slow in experts:
+        slow.extra = sc.slow_factor - 1 if sc.slow_rank == rank else 0.0
+    for m in moes if sc.hot_rank is not None else []:
+        m.gate.wg.bias[sc.hot_rank] = sc.hot_bias
 
 
 def main() -> int:
@@ -104,17 +100,13 @@ def main() -> int:
         proxy = ProbedDist(probe)
         moe_layer.dist = proxy
         moes, experts = build(args.rank, args.world_size, sc.layers, sc)
+
         dist.barrier()
         print(f"START {sc.group} {time.monotonic():.3f}", flush=True)
         with torch.no_grad():
-            for step in range(sc.steps):
-                if step == sc.fault_step and sc.fault_step > 0 and args.rank == 0:
-                    print(f"ONSET {sc.group} {step} {time.monotonic():.3f}", flush=True)
-                if step == sc.fault_step:
-                    for e in experts:
-                        e.extra = sc.slow_factor - 1 if sc.slow_rank == args.rank else 0.0
-                    for m in moes if sc.hot_rank is not None else []:
-                        m.gate.wg.bias[sc.hot_rank] = sc.hot_bias
+            for step in fault_steps(
+                sc, args.rank, partial(start_fault, sc, args.rank, experts, moes)
+            ):
                 g = torch.Generator().manual_seed(step * 1000 + args.rank)
                 x = torch.randn(TOKENS // 8, 8, D_MODEL, generator=g)
                 proxy.step = step

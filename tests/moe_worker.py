@@ -27,7 +27,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -147,9 +147,7 @@ class MoE:
         self.kernel_time(x.shape[0] * sc.attn_cost_per_token_s, sc, faulty)
         return torch.layer_norm(x + 0.1 * h, (HIDDEN,))
 
-    def experts(
-        self, recv: torch.Tensor, layer: int, sc: Scenario, faulty: bool
-    ) -> torch.Tensor:
+    def experts(self, recv: torch.Tensor, layer: int, sc: Scenario, faulty: bool) -> torch.Tensor:
         h, local = recv[:, :HIDDEN], recv[:, HIDDEN].long()
         out = torch.empty_like(h)
         for e in range(EXPERTS_PER_RANK):
@@ -172,12 +170,52 @@ class MoE:
             time.sleep(seconds * factor)
 
 
+class Slow:
+    """Makes a module's forward take ``1 + extra`` times as long: busy-spinning (a
+    rank whose host is busy) or sleeping (a slow GPU: the host only waits)."""
+
+    def __init__(self, module: torch.nn.Module, mode: str) -> None:
+        self.extra = 0.0
+        self.spin = mode == "spin"
+        self._forward = module.forward
+        module.forward = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = self._forward(*args, **kwargs)
+        if self.extra > 0:
+            more = (time.perf_counter() - t0) * self.extra
+            if not self.spin:
+                time.sleep(more)
+                return out
+            end = time.perf_counter() + more
+            while time.perf_counter() < end:
+                pass
+        return out
+
+
+def announce_onset(sc: Scenario, step: int, rank: int) -> None:
+    """The line the cluster times detection from (rank 0, a fault after step 0)."""
+    if step == sc.fault_step and sc.fault_step > 0 and rank == 0:
+        print(f"ONSET {sc.group} {step} {time.monotonic():.3f}", flush=True)
+
+
+def fault_steps(sc: Scenario, rank: int, start_fault: Callable[[], None]) -> Iterator[int]:
+    """The scenario's steps; at its fault step the onset is announced and
+    ``start_fault()`` turns the fault on."""
+    for step in range(sc.steps):
+        if step == sc.fault_step:
+            announce_onset(sc, step, rank)
+            start_fault()
+        yield step
+
+
 def run_steps(model: MoE, sc: Scenario, a2a: Any, first_step: int = 0) -> None:
     for step in range(first_step, first_step + sc.steps):
         g = torch.Generator().manual_seed(step * 1000 + model.rank)
         faulty = step >= sc.fault_step
-        if faulty and step == sc.fault_step and sc.fault_step > 0 and model.rank == 0:
-            print(f"ONSET {sc.group} {step} {time.monotonic():.3f}", flush=True)
+        if faulty:
+            announce_onset(sc, step, model.rank)
         tokens = TOKENS
         if faulty and sc.batch_rank == model.rank:
             tokens = round(TOKENS * sc.batch_factor)
